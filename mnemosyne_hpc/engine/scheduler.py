@@ -1,0 +1,61 @@
+"""Continuous batching with fixed-size prefill chunks: decodes first, then prefill chunks."""
+from __future__ import annotations
+
+from collections import deque
+
+from mnemosyne_hpc.config import SchedulerConfig
+from mnemosyne_hpc.engine.kv_cache import BlockAllocator
+from mnemosyne_hpc.engine.plan import Chunk, StepPlan
+from mnemosyne_hpc.engine.request import Request, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator):
+        self.cfg, self.allocator = cfg, allocator
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        budget = self.cfg.max_num_batched_tokens
+        chunks = []
+        decodes = [r for r in self.running if not r.in_prefill]
+        prefills = [r for r in self.running if r.in_prefill]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            chunks.append(self._chunk(request, budget))
+            budget -= len(chunks[-1].token_ids)
+        while budget > 0 and self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            request = self.waiting[0]
+            if not self.allocator.can_reserve(request.max_len):
+                break  # FCFS: wait for blocks rather than overtake
+            self.waiting.popleft()
+            request.block_ids = self.allocator.reserve(request.max_len)
+            request.status = Status.RUNNING
+            self.running.append(request)
+            chunks.append(self._chunk(request, budget))
+            budget -= len(chunks[-1].token_ids)
+        return StepPlan(chunks=chunks)
+
+    def _chunk(self, request: Request, budget: int) -> Chunk:
+        size = min(request.num_pending, budget)
+        if request.in_prefill and self.cfg.chunk_size:
+            size = min(size, self.cfg.chunk_size)
+        start = request.num_computed
+        end = start + size
+        return Chunk(request_id=request.id, token_ids=request.all_token_ids[start:end], start_pos=start,
+                     block_table=request.block_ids[: self.allocator.blocks_for(end)],
+                     sampling=request.sampling if end == start + request.num_pending else None)
+
+    def finish(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+        request.status = Status.FINISHED

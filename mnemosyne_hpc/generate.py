@@ -1,0 +1,88 @@
+"""Offline batch generation: JSONL prompts in, JSONL results out.
+
+    mpirun -n 3 python -m mnemosyne_hpc.generate parallel.tp=3 generate.input=prompts.jsonl
+
+Each input line: {"prompt": "..."} or {"prompt_token_ids": [...]}, plus any sampling field
+(temperature, top_k, top_p, max_tokens, seed, stop, stop_token_ids, ignore_eos). Each output line,
+in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s", ...} or
+{"index", "error"} for a request that was rejected; the others still run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from tqdm import tqdm
+
+from mnemosyne_hpc.config import Config, ConfigError, compose
+from mnemosyne_hpc.engine.engine import Engine
+from mnemosyne_hpc.engine.request import RequestError
+from mnemosyne_hpc.runtime import run
+
+REQUEST_FIELDS = ("prompt", "prompt_token_ids")
+
+
+def read_requests(path: str) -> list[dict | str]:
+    """Each line parsed to a dict, or an error message for that line."""
+    entries = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entries.append(entry if isinstance(entry, dict) else f"line {number}: not a JSON object")
+            except json.JSONDecodeError as e:
+                entries.append(f"line {number}: malformed JSON: {e}")
+    return entries
+
+
+def generate(engine: Engine, entries: list, progress: bool = True) -> list[dict]:
+    results: list[dict] = [{} for _ in entries]
+    index_of = {}
+    for index, entry in enumerate(entries):
+        try:
+            if isinstance(entry, str):
+                raise RequestError(entry)
+            sampling = {k: v for k, v in entry.items() if k not in REQUEST_FIELDS}
+            request_id = engine.add_request(entry.get("prompt"), entry.get("prompt_token_ids"), sampling)
+            index_of[request_id] = index
+        except RequestError as e:
+            results[index] = {"index": index, "error": str(e)}
+    with tqdm(total=len(index_of), desc="requests", unit="req", disable=not progress, file=sys.stderr) as bar:
+        while engine.has_unfinished:
+            for request in engine.step():
+                results[index_of[request.id]] = {
+                    "index": index_of[request.id],
+                    "prompt_tokens": len(request.prompt_token_ids),
+                    "token_ids": request.output_token_ids,
+                    "text": request.text,
+                    "finish_reason": request.finish_reason,
+                    "ttft_s": request.ttft_s,
+                    "tbt_s": request.tbt_s,
+                }
+                bar.update(1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg: Config = compose(sys.argv[1:] if argv is None else argv)
+        entries = read_requests(cfg.generate.input)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    def leader(engine: Engine) -> None:
+        results = generate(engine, entries, cfg.generate.progress)
+        with open(cfg.generate.output, "w") as f:
+            for result in results:
+                f.write(json.dumps(result) + "\n")
+        failed = sum("error" in r for r in results)
+        print(f"wrote {len(results)} results to {cfg.generate.output} ({failed} rejected)", file=sys.stderr)
+
+    run(cfg, leader)
+
+
+if __name__ == "__main__":
+    main()

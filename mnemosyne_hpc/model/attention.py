@@ -1,0 +1,69 @@
+"""Attention that returns the log-sum-exp, and the one exact merge of partial attentions.
+
+Shapes: queries `[Hq, Lq, D]`, keys and values `[Hkv, Lk, D]` with `Hq = g · Hkv` (GQA);
+results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # GPU kernel; the math path below serves devices without it
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q over k, v; `causal` aligns query i with key i (requires Lq == Lk)."""
+    if q.device.type == "cpu":
+        return _cpu_attention(q, k, v, causal)
+    if flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse, _ = flash_attn_func(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                      causal=causal, return_attn_probs=True)
+        return out[0].transpose(0, 1), lse[0]
+    return math_attention(q, k, v, causal)
+
+
+def _cpu_attention(q, k, v, causal):
+    hq, lq, d = q.shape
+    hkv = k.shape[0]
+    if not causal:  # fold the query heads of each KV head into one longer query: no K/V copies
+        q = q.reshape(hkv, (hq // hkv) * lq, d)
+    else:
+        k = k.repeat_interleave(hq // hkv, dim=0)
+        v = v.repeat_interleave(hq // hkv, dim=0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
+    return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
+
+
+def math_attention(q, k, v, causal):
+    """Plain matmul attention in float32: the portable reference path."""
+    g = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(g, dim=0).float()
+    v = v.repeat_interleave(g, dim=0).float()
+    scores = (q.float() @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+    if causal:
+        scores.masked_fill_(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ v
+    return out.to(q.dtype), lse
+
+
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over the union of key sets: lse = logsumexp_j lse_j, out = Σ_j exp(lse_j − lse)·out_j."""
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    lse_stack = torch.stack(lses)
+    lse = torch.logsumexp(lse_stack, dim=0)
+    weights = torch.exp(lse_stack - lse)[..., None]
+    out = (weights * torch.stack(outs).float()).sum(dim=0)
+    return out.to(outs[0].dtype), lse
+
+
+def chunk_attention(q, k_chunk, v_chunk, k_prefix, v_prefix):
+    """A prefill chunk (or decode token): attention to the cached prefix merged with causal self-attention."""
+    self_out, self_lse = attention(q, k_chunk, v_chunk, causal=True)
+    if k_prefix is None or k_prefix.shape[1] == 0:
+        return self_out
+    prefix_out, prefix_lse = attention(q, k_prefix, v_prefix, causal=False)
+    return merge_attention([prefix_out, self_out], [prefix_lse, self_lse])[0]

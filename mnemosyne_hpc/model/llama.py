@@ -1,0 +1,112 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a packed batch of variable-length chunks.
+
+A rank builds only its pipeline stage: the layers `layer_ids`, the embedding on the first
+stage, the final norm and LM head on the last. Every linear is sharded over the TP group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnemosyne_hpc.model.args import ModelArgs
+from mnemosyne_hpc.model.attention import chunk_attention
+from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
+                                        TensorParallel, VocabParallelEmbedding, apply_rope, split_evenly)
+
+
+@dataclass
+class SequenceSlice:
+    """One sequence's query tokens in the packed batch, and where its cached prefix lives."""
+
+    start: int  # first row in the packed batch
+    end: int
+    prefix_slots: torch.Tensor | None  # KV-cache slots of the tokens before this chunk
+
+
+@dataclass
+class BatchMetadata:
+    cos: torch.Tensor  # [T, head_dim] rotary tables at each token's position
+    sin: torch.Tensor
+    write_slots: torch.Tensor  # [T] KV-cache slot each new token's K/V is stored in
+    sequences: list[SequenceSlice]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
+        super().__init__()
+        self.num_heads = split_evenly(args.num_heads, tp, "num_attention_heads")
+        self.num_kv_heads = split_evenly(args.num_kv_heads, tp, "num_key_value_heads")
+        self.head_dim = args.head_dim
+        local_qkv = (self.num_heads + 2 * self.num_kv_heads) * args.head_dim
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, local_qkv, bias=args.qkv_bias)
+        self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp)
+
+    def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        tokens, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q = apply_rope(q.view(tokens, self.num_heads, d), meta.cos, meta.sin).transpose(0, 1)
+        k = apply_rope(k.view(tokens, self.num_kv_heads, d), meta.cos, meta.sin).transpose(0, 1)
+        v = v.view(tokens, self.num_kv_heads, d).transpose(0, 1)
+        k_cache[:, meta.write_slots] = k
+        v_cache[:, meta.write_slots] = v
+        outs = []
+        for seq in meta.sequences:
+            rows = slice(seq.start, seq.end)
+            prefix = seq.prefix_slots
+            k_prefix, v_prefix = (None, None) if prefix is None else (k_cache[:, prefix], v_cache[:, prefix])
+            outs.append(chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_prefix, v_prefix))
+        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(tokens, self.num_heads * d)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
+        super().__init__()
+        self.local_intermediate = split_evenly(args.intermediate_size, tp, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, 2 * self.local_intermediate, bias=False)
+        self.down_proj = RowParallelLinear(self.local_intermediate, args.hidden_size, tp)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.local_intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, tp)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args, tp)
+
+    def forward(self, x, meta, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, tp: TensorParallel, layer_ids: range, first_stage: bool, last_stage: bool):
+        super().__init__()
+        self.args, self.layer_ids = args, layer_ids
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp) if first_stage else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, tp) for i in layer_ids})
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if last_stage else None
+        self.lm_head = None
+        if last_stage:
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp)
+            if args.tie_word_embeddings and first_stage:
+                self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, x: torch.Tensor, meta: BatchMetadata, kv_cache) -> torch.Tensor:
+        """Token ids [T] on the first stage, hidden states [T, hidden] elsewhere → hidden states."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+        for local_index, layer in enumerate(self.layers.values()):
+            x = layer(x, meta, kv_cache.k[local_index], kv_cache.v[local_index])
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()

@@ -1,0 +1,99 @@
+"""Start-up shared by every entry point: join the ranks, check they agree, load the model, run.
+
+Rank 0 calls `leader(engine)`; every other rank follows rank 0's step plans. Any failure ends
+every rank with a non-zero exit and a message, never a hang: peers see a closed connection or
+hit `parallel.timeout_s`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
+from mnemosyne_hpc.distributed.launch import fail, init_distributed
+from mnemosyne_hpc.distributed.mesh import build_mesh
+from mnemosyne_hpc.engine.engine import Engine, follow
+from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.model.args import ModelArgs
+from mnemosyne_hpc.model.gguf import convert_gguf, converted_dir
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+def check_model_path(cfg: Config) -> Path:
+    """Fail before any rank joins when the model path cannot work."""
+    path = Path(os.path.expanduser(cfg.model.path))
+    if not path.exists():
+        raise ModelDirError(f"model.path {path} does not exist")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelDirError(f"model.path {path} is a file but not .gguf; give a Hugging Face directory or a GGUF file")
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.exists():
+            raise ModelDirError(f"model directory {path} has no config.json")
+        try:
+            ModelArgs.from_hf_config(json.loads(config.read_text()))
+        except (ValueError, KeyError) as e:
+            raise ModelDirError(f"model directory {path}: bad config.json: {e!r}") from None
+    return path
+
+
+def _model_dir(cfg: Config, path: Path, rank: int) -> Path:
+    if path.is_dir():
+        return path
+    cache_dir = resolve_cache_dir(cfg)
+    if rank == 0:
+        convert_gguf(path, cache_dir)
+    dist.barrier()
+    return converted_dir(path, cache_dir)
+
+
+def _check_same_config(cfg: Config, group) -> None:
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, config_digest(cfg), group=group)
+    if len(set(digests)) != 1:
+        differing = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"ranks {differing} composed a different config from rank 0; "
+                           "pass the same overrides to every rank")
+
+
+def load_tokenizer(model_dir: Path):
+    if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer.model").exists():
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def run(cfg: Config, leader: Callable[[Engine], None], **engine_options) -> None:
+    try:
+        path = check_model_path(cfg)
+        info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        ctx = build_mesh(cfg.parallel, device)
+        _check_same_config(cfg, ctx.cpu_group)
+        model_dir = _model_dir(cfg, path, info.rank)
+        args = ModelArgs.from_dir(model_dir)
+        if cfg.cache.max_model_len > args.max_position_embeddings:
+            raise ValueError(f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
+                             f"max_position_embeddings = {args.max_position_embeddings}")
+        runner = ModelRunner(cfg, ctx, model_dir, args)
+        if info.rank == 0:
+            engine = Engine(cfg, runner, load_tokenizer(model_dir), **engine_options)
+            leader(engine)
+            engine.shutdown()
+        else:
+            follow(runner)
+    except KeyboardInterrupt:
+        fail("interrupted")
+    except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
+        fail(f"{type(e).__name__}: {e}")
+    dist.destroy_process_group()
