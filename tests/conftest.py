@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import TINY_CONFIGS, load_reference, make_tiny_model  # noqa: E402
+
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+
+
+def tiny_overrides(model_dir: Path, **extra) -> list[str]:
+    values = {"model": "hf", "model.path": str(model_dir), "cache.block_size": 16, "cache.num_blocks": 128,
+              "cache.max_model_len": 512, "scheduler.max_num_batched_tokens": 1024, "parallel.timeout_s": 60,
+              **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_ranks(n: int, args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mpirun -n n python ARGS...` from the repository root."""
+    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_engine(tmp_path: Path, n: int, overrides: list[str], cases: list[dict]) -> dict:
+    spec = tmp_path / "spec.json"
+    out = tmp_path / "out.pt"
+    spec.write_text(json.dumps({"overrides": overrides, "cases": cases}))
+    result = run_ranks(n, [str(ROOT / "tests" / "engine_worker.py"), str(spec), str(out)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny_model(name, root / name) for name in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def reference():
+    cache = {}
+
+    def get(model_dir: Path):
+        if model_dir not in cache:
+            cache[model_dir] = load_reference(model_dir)
+        return cache[model_dir]
+
+    return get

@@ -1,0 +1,53 @@
+"""Runs under mpirun: one engine, a list of cases, rank 0 saves tokens, logits and step shapes.
+
+    mpirun -n N python tests/engine_worker.py SPEC.json OUT.pt
+
+SPEC: {"overrides": [...hydra overrides...], "cases": [{"name", "chunk_size", "requests":
+[{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from mnemosyne_hpc.config import compose
+from mnemosyne_hpc.engine.engine import Engine
+from mnemosyne_hpc.runtime import run
+
+
+def run_case(engine: Engine, case: dict) -> dict:
+    engine.scheduler.cfg.chunk_size = case.get("chunk_size", 0)  # a rank-0 decision: followers never see it
+    engine.logits.clear()
+    pending = sorted(enumerate(case["requests"]), key=lambda item: item[1].get("arrival_step", 0))
+    index_of, outputs, step_phases, step = {}, {}, [], 0
+    while pending or engine.has_unfinished:
+        while pending and pending[0][1].get("arrival_step", 0) <= step:
+            index, spec = pending.pop(0)
+            sampling = {k: v for k, v in spec.items() if k not in ("prompt_token_ids", "arrival_step")}
+            index_of[engine.add_request(prompt_token_ids=spec["prompt_token_ids"], sampling=sampling)] = index
+        if engine.has_unfinished:
+            phases = {}
+            for request in engine.scheduler.running + list(engine.scheduler.waiting):
+                phases[index_of[request.id]] = "prefill" if request.in_prefill else "decode"
+            for request in engine.step():
+                outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
+                                                 "logits": torch.stack(engine.logits.pop(request.id))}
+            step_phases.append(phases)
+        step += 1
+    return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases}
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    cfg = compose(spec["overrides"])
+
+    def leader(engine: Engine) -> None:
+        torch.save({case["name"]: run_case(engine, case) for case in spec["cases"]}, sys.argv[2])
+
+    run(cfg, leader, record_logits=True)
+
+
+if __name__ == "__main__":
+    main()

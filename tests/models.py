@@ -1,0 +1,40 @@
+"""Tiny random-weight Hugging Face checkpoints for exactness tests (made locally, no download)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
+              initializer_range=0.15, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, vocab_size=256)),
+}
+
+
+def make_tiny_model(name: str, directory: Path, seed: int = 0) -> Path:
+    import transformers
+
+    config_class, model_class, extra = TINY_CONFIGS[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():  # biases start at zero: make them matter (Qwen2's QKV bias)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def load_reference(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
