@@ -17,6 +17,12 @@ from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.runtime import run
 
 
+def phase(chunk, prompt_len: int) -> str:
+    if chunk.start_pos >= prompt_len:
+        return "decode"
+    return "first-chunk" if chunk.start_pos == 0 else "next-chunk"
+
+
 def run_case(engine: Engine, case: dict) -> dict:
     engine.scheduler.cfg.chunk_size = case.get("chunk_size", 0)  # a rank-0 decision: followers never see it
     engine.logits.clear()
@@ -28,13 +34,12 @@ def run_case(engine: Engine, case: dict) -> dict:
             sampling = {k: v for k, v in spec.items() if k not in ("prompt_token_ids", "arrival_step")}
             index_of[engine.add_request(prompt_token_ids=spec["prompt_token_ids"], sampling=sampling)] = index
         if engine.has_unfinished:
-            phases = {}
-            for request in engine.scheduler.running + list(engine.scheduler.waiting):
-                phases[index_of[request.id]] = "prefill" if request.in_prefill else "decode"
+            prompt_len = {r.id: len(r.prompt_token_ids) for r in engine.scheduler.running + list(engine.scheduler.waiting)}
             for request in engine.step():
                 outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
                                                  "logits": torch.stack(engine.logits.pop(request.id))}
-            step_phases.append(phases)
+            step_phases.append({index_of[c.request_id]: phase(c, prompt_len[c.request_id])
+                                for c in engine.last_plan.chunks})
         step += 1
     return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases}
 

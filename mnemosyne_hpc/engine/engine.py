@@ -39,6 +39,7 @@ class Engine:
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
         self._released: list[int] = []
+        self.last_plan: StepPlan | None = None
 
     def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                     sampling: dict | None = None, arrival: float | None = None) -> int:
@@ -86,6 +87,7 @@ class Engine:
         plan = self.scheduler.schedule()
         plan.released, self._released = self._released, []
         broadcast_plan(plan, self.runner.ctx.cpu_group)
+        self.last_plan = plan
         tokens, logits = self.runner.execute(plan)
         now = time.perf_counter()
         finished = []
