@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,10 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def _raised_in_collective(e: BaseException) -> bool:
+    return any(f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
+
+
 def run(cfg: Config, leader: Callable[[Engine], None], **engine_options) -> None:
     try:
         path = check_model_path(cfg)
@@ -95,5 +100,8 @@ def run(cfg: Config, leader: Callable[[Engine], None], **engine_options) -> None
     except KeyboardInterrupt:
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
+        if _raised_in_collective(e) and dist.is_initialized():
+            fail(f"lost contact with a peer rank (it exited, or was silent for parallel.timeout_s = "
+                 f"{cfg.parallel.timeout_s:g}s): {type(e).__name__}: {e}")
         fail(f"{type(e).__name__}: {e}")
     dist.destroy_process_group()
