@@ -39,7 +39,7 @@ def assert_matches_reference(output: dict, ref_tokens: list[int], ref_logits: to
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2"])
 def test_matches_transformers(family, tp, tiny_models, reference, tmp_path):
     model_dir = tiny_models[family]
     hf = reference(model_dir)

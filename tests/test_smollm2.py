@@ -36,13 +36,21 @@ def reference_tokens() -> list[list[int]]:
 @pytest.mark.parametrize("tp", [1, 3])
 def test_generate_matches_transformers(tp, reference_tokens, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "max_tokens": MAX_TOKENS}) + "\n" for p in PROMPTS))
+    lines = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
+    stop_token = reference_tokens[0][3]
+    lines += [{"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "stop": ["."]},
+              {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "stop_token_ids": [stop_token]}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out.jsonl"
     result = run_ranks(tp, ["-m", "mnemosyne_hpc.generate", f"parallel.tp={tp}", f"generate.input={prompts}",
                             f"generate.output={out}", "generate.progress=false", "cache.max_model_len=2048"])
     assert result.returncode == 0, result.stderr[-4000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["token_ids"] for r in results] == reference_tokens
+    assert [r["token_ids"] for r in results[:3]] == reference_tokens
     assert "Paris" in results[0]["text"]
+    stop_string, stop_token = results[3], results[4]
+    assert stop_string["text"] == results[0]["text"].split(".")[0] and stop_string["finish_reason"] == "stop"
+    first_stop = reference_tokens[0].index(reference_tokens[0][3])
+    assert stop_token["token_ids"] == reference_tokens[0][:first_stop + 1] and stop_token["finish_reason"] == "stop"
     for r in results:
         assert r["ttft_s"] > 0 and len(r["tbt_s"]) == len(r["token_ids"]) - 1
