@@ -51,6 +51,9 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     policy: str = "fixed"  # prefill chunking policy; only fixed-size chunks so far
+    # With parallel.spp > 1: "spp" lets a request's next prefill chunk enter stage 0 as soon as the
+    # previous one left it; "plain" waits until it left the last stage (classic pipeline parallelism).
+    pipeline: str = "spp"
     chunk_size: int = 512  # prefill tokens per request per step (0: whole prompt in one chunk)
     max_num_seqs: int = 16  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step
@@ -133,6 +136,7 @@ def validate(cfg: Config) -> None:
          "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0"),
         (c.max_model_len >= 2, "cache.max_model_len must be >= 2"),
         (s.policy == "fixed", "scheduler.policy must be 'fixed'"),
+        (s.pipeline in ("spp", "plain"), "scheduler.pipeline must be 'spp' or 'plain'"),
         (s.chunk_size >= 0, "scheduler.chunk_size must be >= 0"),
         (s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,
          "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1"),
@@ -140,8 +144,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if p.spp > 1 or p.kvp > 1:
-        raise ConfigError("parallel.spp and parallel.kvp > 1 are not supported yet; use parallel.tp")
+    if p.kvp > 1:
+        raise ConfigError("parallel.kvp > 1 is not supported yet")
 
 
 def config_digest(cfg: Config) -> str:

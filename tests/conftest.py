@@ -47,6 +47,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def deep_tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """5 layers: pipeline splits of 2 and 3 stages that do not divide the layer count."""
+    root = tmp_path_factory.mktemp("deep")
+    return {name: make_tiny_model(name, root / name, num_hidden_layers=5) for name in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
 def reference():
     cache = {}
 

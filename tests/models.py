@@ -20,11 +20,11 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(name: str, directory: Path, seed: int = 0) -> Path:
+def make_tiny_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
     import transformers
 
     config_class, model_class, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config)
     with torch.no_grad():  # biases start at zero: make them matter (Qwen2's QKV bias)

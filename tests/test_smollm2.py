@@ -33,8 +33,8 @@ def reference_tokens() -> list[list[int]]:
     return outputs
 
 
-@pytest.mark.parametrize("tp", [1, 3])
-def test_generate_matches_transformers(tp, reference_tokens, tmp_path):
+@pytest.mark.parametrize("tp, spp", [(1, 1), (3, 1), (1, 2), (1, 3)])
+def test_generate_matches_transformers(tp, spp, reference_tokens, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     lines = [{"prompt": p, "max_tokens": MAX_TOKENS} for p in PROMPTS]
     stop_token = reference_tokens[0][3]
@@ -42,7 +42,8 @@ def test_generate_matches_transformers(tp, reference_tokens, tmp_path):
               {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "stop_token_ids": [stop_token]}]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out.jsonl"
-    result = run_ranks(tp, ["-m", "mnemosyne_hpc.generate", f"parallel.tp={tp}", f"generate.input={prompts}",
+    result = run_ranks(tp * spp, ["-m", "mnemosyne_hpc.generate", f"parallel.tp={tp}", f"parallel.spp={spp}",
+                                  "scheduler.chunk_size=4", f"generate.input={prompts}",
                             f"generate.output={out}", "generate.progress=false", "cache.max_model_len=2048"])
     assert result.returncode == 0, result.stderr[-4000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""The named (spp, kvp, tp) device mesh and the groups every module uses."""
+"""The named (spp, kvp, tp) device mesh and the groups and peers every module uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,19 @@ class ParallelContext:
     tp_size: int
     tp_group: dist.ProcessGroup
     cpu_group: dist.ProcessGroup  # world group on gloo: step plans and sampled tokens
+    stage: int  # this rank's pipeline stage
+    num_stages: int
+    prev_rank: int | None  # same TP position, previous stage: sends us hidden states
+    next_rank: int | None
+    sampler_rank: int  # last stage, TP rank 0: sends sampled tokens to rank 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stage == self.num_stages - 1
 
 
 def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
@@ -37,8 +50,23 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
                             backend_override={name: (backend, options) for name in MESH_DIMS})
     cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     tp = mesh["tp"]
-    return ParallelContext(mesh=mesh, device=device, rank=dist.get_rank(), tp_rank=tp.get_local_rank(),
-                           tp_size=tp.size(), tp_group=tp.get_group(), cpu_group=cpu_group)
+    stage, kvp_index, tp_index = mesh.get_coordinate()
+    ranks = mesh.mesh  # [spp, kvp, tp] → global rank
+    return ParallelContext(
+        mesh=mesh, device=device, rank=dist.get_rank(), tp_rank=tp.get_local_rank(), tp_size=tp.size(),
+        tp_group=tp.get_group(), cpu_group=cpu_group, stage=stage, num_stages=cfg.spp,
+        prev_rank=int(ranks[stage - 1, kvp_index, tp_index]) if stage > 0 else None,
+        next_rank=int(ranks[stage + 1, kvp_index, tp_index]) if stage < cfg.spp - 1 else None,
+        sampler_rank=int(ranks[cfg.spp - 1, 0, 0]))
+
+
+def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
+    """Balanced contiguous split; earlier stages take the extra layers (the last one holds the LM head)."""
+    if num_stages > num_layers:
+        raise ValueError(f"parallel.spp = {num_stages} exceeds the model's {num_layers} layers")
+    base, extra = divmod(num_layers, num_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
 
 
 def _group_options(backend: str, timeout: timedelta):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config
 from mnemosyne_hpc.engine.kv_cache import BlockAllocator
-from mnemosyne_hpc.engine.plan import StepPlan
+from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.scheduler import Scheduler
@@ -40,6 +40,8 @@ class Engine:
         self._ids = itertools.count()
         self._released: list[int] = []
         self.last_plan: StepPlan | None = None
+        # micro-batches now in stages 1 … P−1, newest first
+        self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
 
     def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                     sampling: dict | None = None, arrival: float | None = None) -> int:
@@ -83,16 +85,18 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[Request]:
-        """Run one iteration on every rank; return the requests that finished in it."""
-        plan = self.scheduler.schedule()
-        plan.released, self._released = self._released, []
+        """Run one pipeline tick on every rank; return the requests that finished in it."""
+        stages = [self.scheduler.schedule()] + self.in_flight
+        plan = StepPlan(stages=stages, released=self._released, return_logits=self.record_logits)
+        self._released = []
         broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
         tokens, logits = self.runner.execute(plan)
+        self.in_flight = stages[:-1]
         now = time.perf_counter()
         finished = []
-        sampled_chunks = [c for c in plan.chunks if c.sampling is not None]
-        for chunk in plan.chunks:
+        sampled_chunks = [c for c in plan.leaving if c.sampling is not None]
+        for chunk in plan.leaving:
             self.requests[chunk.request_id].num_computed += len(chunk.token_ids)
         for row, (chunk, token) in enumerate(zip(sampled_chunks, tokens)):
             request = self.requests[chunk.request_id]

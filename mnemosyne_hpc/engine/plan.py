@@ -18,8 +18,26 @@ class Chunk:
     sampling: Optional[SamplingParams]  # set when the chunk ends the known tokens: sample the next one
 
 
+MicroBatch = list[Chunk]
+
+
 @dataclass
 class StepPlan:
-    chunks: list[Chunk] = field(default_factory=list)
+    """One lock-step pipeline tick: `stages[s]` is the micro-batch pipeline stage s runs.
+
+    `stages[0]` enters the pipeline now; `stages[s]` entered s ticks ago, and stage s receives
+    its hidden states from what stage s − 1 computed on the previous tick.
+    """
+
+    stages: list[MicroBatch] = field(default_factory=list)
     released: list[int] = field(default_factory=list)  # finished requests: drop their sampler state
+    return_logits: bool = False  # the last stage also sends the sampled rows' logits to rank 0
     shutdown: bool = False
+
+    @property
+    def entering(self) -> MicroBatch:
+        return self.stages[0]
+
+    @property
+    def leaving(self) -> MicroBatch:
+        return self.stages[-1]

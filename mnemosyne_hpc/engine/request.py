@@ -88,7 +88,8 @@ class Request:
     arrival: float
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_scheduled: int = 0  # tokens that entered the pipeline (left stage 0 once this tick ends)
+    num_computed: int = 0  # tokens that left the last stage: their K/V are in every stage's cache
     block_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     text: str = ""
@@ -99,13 +100,17 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def num_pending(self) -> int:
-        """Tokens to feed the model before the next token can be sampled."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed
+    def num_unscheduled(self) -> int:
+        """Known tokens not yet fed to the model: prompt left to prefill, or the last sampled token."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_scheduled
+
+    @property
+    def in_flight(self) -> bool:
+        return self.num_scheduled > self.num_computed
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_token_ids)
+        return self.num_scheduled < len(self.prompt_token_ids)
 
     @property
     def ttft_s(self) -> Optional[float]:

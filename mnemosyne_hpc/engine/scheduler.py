@@ -1,11 +1,16 @@
-"""Continuous batching with fixed-size prefill chunks: decodes first, then prefill chunks."""
+"""Continuous batching with fixed-size prefill chunks: decodes first, then prefill chunks.
+
+Each call forms the micro-batch that enters pipeline stage 0 this tick. Under SPP a request's next
+prefill chunk may enter while earlier chunks are still in later stages; a decode always waits
+for its previous token to come back from the last stage.
+"""
 from __future__ import annotations
 
 from collections import deque
 
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import BlockAllocator
-from mnemosyne_hpc.engine.plan import Chunk, StepPlan
+from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
 from mnemosyne_hpc.engine.request import Request, Status
 
 
@@ -22,11 +27,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> MicroBatch:
         budget = self.cfg.max_num_batched_tokens
         chunks = []
-        decodes = [r for r in self.running if not r.in_prefill]
-        prefills = [r for r in self.running if r.in_prefill]
+        ready = [r for r in self.running if r.num_unscheduled and not (self.cfg.pipeline == "plain" and r.in_flight)]
+        decodes = [r for r in ready if not r.in_prefill]
+        prefills = [r for r in ready if r.in_prefill]
         for request in decodes + prefills:
             if budget == 0:
                 break
@@ -42,17 +48,19 @@ class Scheduler:
             self.running.append(request)
             chunks.append(self._chunk(request, budget))
             budget -= len(chunks[-1].token_ids)
-        return StepPlan(chunks=chunks)
+        return chunks
 
     def _chunk(self, request: Request, budget: int) -> Chunk:
-        size = min(request.num_pending, budget)
+        size = min(request.num_unscheduled, budget)
         if request.in_prefill and self.cfg.chunk_size:
             size = min(size, self.cfg.chunk_size)
-        start = request.num_computed
+        start = request.num_scheduled
         end = start + size
+        sample = size == request.num_unscheduled
+        request.num_scheduled = end
         return Chunk(request_id=request.id, token_ids=request.all_token_ids[start:end], start_pos=start,
                      block_table=request.block_ids[: self.allocator.blocks_for(end)],
-                     sampling=request.sampling if end == start + request.num_pending else None)
+                     sampling=request.sampling if sample else None)
 
     def finish(self, request: Request) -> None:
         self.running.remove(request)
