@@ -1,0 +1,64 @@
+"""TTFT of one long prompt: SPP=2 vs SPP=1 vs plain PP=2 (one core per rank), and one 2-core process.
+
+    .venv/bin/python bench/spp.py --tokens 16384
+
+Writes bench/results/spp_<tokens>tok_chunk<chunk>.json. All runs use the same random-weight Llama (bf16), prompt and chunk size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+from common import RESULTS, random_llama, run_generate
+
+MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536, tie_word_embeddings=False)
+
+RUNS = [  # name, ranks, threads per rank, pin one core per rank, overrides
+    ("spp1_1core", 1, 1, True, ["parallel.spp=1"]),
+    ("spp2_2x1core", 2, 1, True, ["parallel.spp=2", "scheduler.pipeline=spp"]),
+    ("plain_pp2_2x1core", 2, 1, True, ["parallel.spp=2", "scheduler.pipeline=plain"]),
+    ("spp1_2cores", 1, 2, False, ["parallel.spp=1"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
+    args = parser.parse_args()
+
+    model_dir = random_llama(args.workdir / "llama-8x1024", **MODEL)
+    prompt = [random.Random(0).randrange(3, MODEL["vocab_size"]) for _ in range(args.tokens)]
+    request = {"prompt_token_ids": prompt, "max_tokens": 1, "ignore_eos": True}
+    common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={args.tokens + 16}",
+              f"scheduler.chunk_size={args.chunk}", f"scheduler.max_num_batched_tokens={args.chunk}",
+              "parallel.timeout_s=1800"]
+    results = {}
+    for name, ranks, threads, bind, overrides in RUNS:
+        started = time.perf_counter()
+        output = run_generate(ranks, common + overrides, [request], args.workdir / name, threads, bind)[0]
+        results[name] = {"ttft_s": output["ttft_s"], "ranks": ranks, "threads_per_rank": threads,
+                         "wall_s": time.perf_counter() - started}
+        print(f"{name:20s} TTFT {output['ttft_s']:8.2f} s", flush=True)
+    base = results["spp1_1core"]["ttft_s"]
+    ratios = {f"{name}/spp1_1core": r["ttft_s"] / base for name, r in results.items()}
+    ratios["spp2_2x1core/spp1_2cores"] = results["spp2_2x1core"]["ttft_s"] / results["spp1_2cores"]["ttft_s"]
+    ratios["spp2_2x1core/plain_pp2_2x1core"] = (results["spp2_2x1core"]["ttft_s"]
+                                                / results["plain_pp2_2x1core"]["ttft_s"])
+    record = {"benchmark": "spp_ttft", "prompt_tokens": args.tokens, "chunk_size": args.chunk, "model": MODEL,
+              "dtype": "bfloat16", "machine": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "runs": results, "ratios": ratios}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"spp_{args.tokens}tok_chunk{args.chunk}.json").write_text(json.dumps(record, indent=2) + "\n")
+    for key, value in ratios.items():
+        print(f"{key:36s} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
