@@ -65,3 +65,6 @@ def test_long_prefill_beside_decodes_equals_solo_runs(pipeline, deep_tiny_models
         assert overlaps >= 8, "the long prompt's chunks never filled both stages at once"
     else:
         assert overlaps == 0
+    # the three short requests decode in two interleaved micro-batches, not all in one
+    decodes_per_tick = [sum(p == "decode" for p in phases.values()) for phases in together["step_phases"]]
+    assert max(decodes_per_tick) == 2

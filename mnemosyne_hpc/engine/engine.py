@@ -33,7 +33,7 @@ class Engine:
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
         self.allocator = BlockAllocator(runner.num_blocks, cfg.cache.block_size)
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator)
+        self.scheduler = Scheduler(cfg.scheduler, self.allocator, runner.ctx.num_stages)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)

@@ -6,6 +6,7 @@ for its previous token to come back from the last stage.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from mnemosyne_hpc.config import SchedulerConfig
@@ -15,8 +16,8 @@ from mnemosyne_hpc.engine.request import Request, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator):
-        self.cfg, self.allocator = cfg, allocator
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, num_stages: int = 1):
+        self.cfg, self.allocator, self.num_stages = cfg, allocator, num_stages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -31,7 +32,9 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         chunks = []
         ready = [r for r in self.running if r.num_unscheduled and not (self.cfg.pipeline == "plain" and r.in_flight)]
-        decodes = [r for r in ready if not r.in_prefill]
+        # Spread decodes over the P micro-batches in flight so every pipeline stage has work.
+        decoding = sum(not r.in_prefill for r in self.running)
+        decodes = [r for r in ready if not r.in_prefill][: math.ceil(decoding / self.num_stages)]
         prefills = [r for r in ready if r.in_prefill]
         for request in decodes + prefills:
             if budget == 0:
