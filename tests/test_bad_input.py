@@ -6,9 +6,8 @@ import json
 import pytest
 
 from conftest import MPIRUN, ROOT, run_ranks, tiny_overrides
-from mnemosyne_hpc.config import ConfigError, compose
+from mnemosyne_hpc.config import ConfigError, SamplingConfig, compose
 from mnemosyne_hpc.engine.request import RequestError, SamplingParams
-from mnemosyne_hpc.config import SamplingConfig
 
 GOOD = {"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 5}
 
