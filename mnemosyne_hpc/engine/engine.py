@@ -112,17 +112,25 @@ class Engine:
 
     def _check_finished(self, request: Request, token: int) -> bool:
         params = request.sampling
-        if self.tokenizer is not None:
-            request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-            hits = [i for i in (request.text.find(s) for s in params.stop) if i >= 0]
+        text = None
+        if self.tokenizer is not None and params.stop:  # stop strings need the text after every token
+            text = self._detokenize(request)
+            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
             if hits:
-                request.text = request.text[: min(hits)]
+                text = text[: min(hits)]
                 request.finish_reason = "stop"
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.args.eos_token_ids):
             request.finish_reason = "stop"
-        if request.finish_reason is None and len(request.all_token_ids) >= request.max_len:
+        if request.finish_reason is None and request.num_tokens >= request.max_len:
             request.finish_reason = "length"
-        return request.finish_reason is not None
+        if request.finish_reason is None:
+            return False
+        if self.tokenizer is not None:
+            request.text = self._detokenize(request) if text is None else text
+        return True
+
+    def _detokenize(self, request: Request) -> str:
+        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
 
     def shutdown(self) -> None:
         broadcast_plan(StepPlan(shutdown=True), self.runner.ctx.cpu_group)

@@ -1,7 +1,6 @@
 """Requests as rank 0 tracks them, and their sampling parameters."""
 from __future__ import annotations
 
-import enum
 import random
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
@@ -73,12 +72,6 @@ def _as_tuple(value, name: str) -> tuple:
     return tuple(value)
 
 
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass
 class Request:
     id: int
@@ -86,23 +79,27 @@ class Request:
     sampling: SamplingParams
     max_len: int  # prompt + output tokens this request may reach (its KV reservation)
     arrival: float
-    status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_scheduled: int = 0  # tokens that entered the pipeline (left stage 0 once this tick ends)
     num_computed: int = 0  # tokens that left the last stage: their K/V are in every stage's cache
     block_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # set when the request finishes
     finish_reason: Optional[str] = None  # "stop" | "length"
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[start:end] + self.output_token_ids[max(start - n, 0):max(end - n, 0)]
 
     @property
     def num_unscheduled(self) -> int:
         """Known tokens not yet fed to the model: prompt left to prefill, or the last sampled token."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_scheduled
+        return self.num_tokens - self.num_scheduled
 
     @property
     def in_flight(self) -> bool:

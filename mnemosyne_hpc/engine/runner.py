@@ -33,11 +33,12 @@ class ModelRunner:
                                 last_stage=ctx.last_stage, dtype=self.dtype, device=ctx.device)
         kv_heads = args.num_kv_heads // ctx.tp_size
         block_size = cfg.cache.block_size
-        # Every stage gets the same block count, so one block table serves all of them.
+        # Every stage gets the same block count (sized for stage 0, the largest), so one block table
+        # serves all of them.
+        largest_stage = len(stage_layers(args.num_layers, ctx.num_stages, 0))
         self.num_blocks = cfg.cache.num_blocks or int(
             cfg.cache.kv_memory_gib * 2**30
-            // KVCache.bytes_per_block(-(-args.num_layers // ctx.num_stages), kv_heads, args.head_dim, block_size,
-                                       self.dtype))
+            // KVCache.bytes_per_block(largest_stage, kv_heads, args.head_dim, block_size, self.dtype))
         self.kv_cache = KVCache(len(layer_ids), kv_heads, args.head_dim, self.num_blocks, block_size,
                                 self.dtype, ctx.device)
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(ctx.device)

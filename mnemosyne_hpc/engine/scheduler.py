@@ -12,7 +12,7 @@ from collections import deque
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import BlockAllocator
 from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
-from mnemosyne_hpc.engine.request import Request, Status
+from mnemosyne_hpc.engine.request import Request
 
 
 class Scheduler:
@@ -47,7 +47,6 @@ class Scheduler:
                 break  # FCFS: wait for blocks rather than overtake
             self.waiting.popleft()
             request.block_ids = self.allocator.reserve(request.max_len)
-            request.status = Status.RUNNING
             self.running.append(request)
             chunks.append(self._chunk(request, budget))
             budget -= len(chunks[-1].token_ids)
@@ -61,7 +60,7 @@ class Scheduler:
         end = start + size
         sample = size == request.num_unscheduled
         request.num_scheduled = end
-        return Chunk(request_id=request.id, token_ids=request.all_token_ids[start:end], start_pos=start,
+        return Chunk(request_id=request.id, token_ids=request.token_ids(start, end), start_pos=start,
                      block_table=request.block_ids[: self.allocator.blocks_for(end)],
                      sampling=request.sampling if sample else None)
 
@@ -69,4 +68,3 @@ class Scheduler:
         self.running.remove(request)
         self.allocator.free(request.block_ids)
         request.block_ids = []
-        request.status = Status.FINISHED
