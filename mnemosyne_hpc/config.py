@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
     spp: int = 1  # sequence-pipeline-parallel stages (outermost)
-    kvp: int = 1  # KV-cache-parallel groups
+    kvp: int = 1  # KV-cache-parallel groups: replicas of the TP × SPP model that split long requests' KV
+    # L: group j of a request holds its tokens [j·L, (j+1)·L). 0 splits cache.max_model_len evenly over
+    # the groups (rounded up to whole KV blocks); must satisfy kvp × L >= cache.max_model_len.
+    max_tokens_per_kvp_group: int = 0
     # Seconds any rank waits for a peer (rendezvous and every collective) before failing.
     timeout_s: float = 120.0
     # Collective backend: auto picks nccl on GPU, gloo on CPU.
@@ -144,8 +148,17 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if p.kvp > 1:
-        raise ConfigError("parallel.kvp > 1 is not supported yet")
+    if p.max_tokens_per_kvp_group < 0 or p.kvp * kvp_group_tokens(cfg) < c.max_model_len:
+        raise ConfigError(f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
+                          f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)")
+
+
+def kvp_group_tokens(cfg: Config) -> int:
+    """L, the tokens of one request that one KVP group holds."""
+    if cfg.parallel.max_tokens_per_kvp_group:
+        return cfg.parallel.max_tokens_per_kvp_group
+    blocks = math.ceil(math.ceil(cfg.cache.max_model_len / cfg.parallel.kvp) / cfg.cache.block_size)
+    return blocks * cfg.cache.block_size
 
 
 def config_digest(cfg: Config) -> str:

@@ -32,6 +32,7 @@ def run_ranks(n: int, args: list[str], timeout: float = 600, env: dict | None = 
 
 
 def run_engine(tmp_path: Path, n: int, overrides: list[str], cases: list[dict]) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "spec.json"
     out = tmp_path / "out.pt"
     spec.write_text(json.dumps({"overrides": overrides, "cases": cases}))

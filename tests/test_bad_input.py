@@ -59,6 +59,9 @@ def test_invalid_sampling_values(fields, message):
     (["parallel.tp=two"], "parallel.tp"),
     (["scheduler.chunk_size=-1"], "chunk_size"),
     (["model=nope"], "Could not find 'model/nope'"),
+    (["parallel.kvp=2", "parallel.max_tokens_per_kvp_group=1000", "cache.max_model_len=4096"],
+     "max_tokens_per_kvp_group = 1000 is too small"),
+    (["parallel.max_tokens_per_kvp_group=-1"], "max_tokens_per_kvp_group"),
 ])
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -24,9 +24,14 @@ class ParallelContext:
     cpu_group: dist.ProcessGroup  # world group on gloo: step plans and sampled tokens
     stage: int  # this rank's pipeline stage
     num_stages: int
-    prev_rank: int | None  # same TP position, previous stage: sends us hidden states
+    prev_rank: int | None  # same KVP group and TP position, previous stage: sends us hidden states
     next_rank: int | None
-    sampler_rank: int  # last stage, TP rank 0: sends sampled tokens to rank 0
+    kvp_rank: int  # this rank's KVP group
+    kvp_size: int
+    # (first, last) → the group of this rank's (stage, TP position) in KVP groups first … last, for
+    # every such range holding this rank: the partial attentions of a request spanning them meet there.
+    kvp_groups: dict[tuple[int, int], dist.ProcessGroup]
+    sampler_ranks: list[int]  # per KVP group: last stage, TP rank 0, sends sampled tokens to rank 0
 
     @property
     def first_stage(self) -> bool:
@@ -35,6 +40,10 @@ class ParallelContext:
     @property
     def last_stage(self) -> bool:
         return self.stage == self.num_stages - 1
+
+    @property
+    def is_sampler(self) -> bool:
+        return self.rank == self.sampler_ranks[self.kvp_rank]
 
 
 def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
@@ -57,7 +66,24 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
         tp_group=tp.get_group(), cpu_group=cpu_group, stage=stage, num_stages=cfg.spp,
         prev_rank=int(ranks[stage - 1, kvp_index, tp_index]) if stage > 0 else None,
         next_rank=int(ranks[stage + 1, kvp_index, tp_index]) if stage < cfg.spp - 1 else None,
-        sampler_rank=int(ranks[cfg.spp - 1, 0, 0]))
+        kvp_rank=kvp_index, kvp_size=cfg.kvp, kvp_groups=_kvp_range_groups(ranks, (stage, kvp_index, tp_index), timeout),
+        sampler_ranks=[int(ranks[cfg.spp - 1, g, 0]) for g in range(cfg.kvp)])
+
+
+def _kvp_range_groups(ranks: torch.Tensor, coordinate: tuple[int, int, int], timeout: timedelta):
+    """A request always spans a contiguous range of KVP groups; make a process group for every range
+    of two or more groups at every (stage, TP position). Every rank creates every group, in one order."""
+    stage, kvp_index, tp_index = coordinate
+    spp, kvp, tp = ranks.shape
+    mine = {}
+    for first in range(kvp):
+        for last in range(first + 1, kvp):
+            for s in range(spp):
+                for t in range(tp):
+                    group = dist.new_group([int(r) for r in ranks[s, first:last + 1, t]], timeout=timeout)
+                    if (s, t) == (stage, tp_index) and first <= kvp_index <= last:
+                        mine[first, last] = group
+    return mine
 
 
 def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:

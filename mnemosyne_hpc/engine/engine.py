@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from mnemosyne_hpc.config import Config
-from mnemosyne_hpc.engine.kv_cache import BlockAllocator
+from mnemosyne_hpc.config import Config, kvp_group_tokens
+from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
@@ -32,13 +32,13 @@ class Engine:
         self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
-        self.allocator = BlockAllocator(runner.num_blocks, cfg.cache.block_size)
-        self.scheduler = Scheduler(cfg.scheduler, self.allocator, runner.ctx.num_stages)
+        self.placement = KVPlacement(runner.ctx.kvp_size, runner.num_blocks, cfg.cache.block_size,
+                                     kvp_group_tokens(cfg))
+        self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
-        self._released: list[int] = []
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -52,9 +52,10 @@ class Engine:
             raise RequestError(f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
                                "leaves no room to generate")
         max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        if self.allocator.blocks_for(max_len) > self.allocator.num_blocks:
-            raise RequestError(f"request needs {self.allocator.blocks_for(max_len)} KV blocks, the cache holds "
-                               f"{self.allocator.num_blocks}; shorten it or enlarge cache.kv_memory_gib")
+        blocks = self.placement.blocks_needed(max_len)
+        if blocks > self.placement.blocks_per_group:
+            raise RequestError(f"request needs {blocks} KV blocks in one KVP group, a group holds "
+                               f"{self.placement.blocks_per_group}; shorten it or enlarge cache.kv_memory_gib")
         request = Request(id=next(self._ids), prompt_token_ids=token_ids, sampling=params, max_len=max_len,
                           arrival=time.perf_counter() if arrival is None else arrival)
         self.requests[request.id] = request
@@ -87,8 +88,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one pipeline tick on every rank; return the requests that finished in it."""
         stages = [self.scheduler.schedule()] + self.in_flight
-        plan = StepPlan(stages=stages, released=self._released, return_logits=self.record_logits)
-        self._released = []
+        plan = StepPlan(stages=stages, return_logits=self.record_logits)
         broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
         tokens, logits = self.runner.execute(plan)
@@ -106,7 +106,6 @@ class Engine:
                 self.logits.setdefault(request.id, []).append(logits[row])
             if self._check_finished(request, token):
                 self.scheduler.finish(request)
-                self._released.append(request.id)
                 finished.append(self.requests.pop(request.id))
         return finished
 

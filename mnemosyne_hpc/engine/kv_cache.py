@@ -33,6 +33,50 @@ class BlockAllocator:
         self._free.extend(reversed(block_ids))
 
 
+class KVPlacement:
+    """Rank 0's book of the blocks of every KVP group, and of where a request's KV goes.
+
+    A request of up to `max_len` tokens spans consecutive groups; the i-th holds its positions
+    [i·L, (i+1)·L) with L = `group_tokens`. All of its blocks, in every group, are reserved at once.
+    """
+
+    def __init__(self, num_groups: int, num_blocks: int, block_size: int, group_tokens: int):
+        self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(num_groups)]
+        self.group_tokens = group_tokens
+        self.blocks_per_group = num_blocks
+
+    def shard_tokens(self, max_len: int) -> list[int]:
+        """Tokens each spanned group holds of a request of `max_len` tokens."""
+        L = self.group_tokens
+        return [min(L, max_len - start) for start in range(0, max_len, L)]
+
+    def blocks_needed(self, max_len: int) -> int:
+        """Blocks the request's largest shard needs from one group."""
+        return self.allocators[0].blocks_for(self.shard_tokens(max_len)[0])
+
+    def reserve(self, max_len: int) -> tuple[int, list[list[int]]] | None:
+        """(first group, block table per spanned group), or None while no run of groups has room.
+        Picks the run with the most free blocks, which spreads short requests over the groups."""
+        shards = self.shard_tokens(max_len)
+        runs = [first for first in range(len(self.allocators) - len(shards) + 1)
+                if all(self.allocators[first + i].can_reserve(n) for i, n in enumerate(shards))]
+        if not runs:
+            return None
+        first = max(runs, key=lambda f: min(self.allocators[f + i].num_free for i in range(len(shards))))
+        return first, [self.allocators[first + i].reserve(n) for i, n in enumerate(shards)]
+
+    def free(self, first_group: int, tables: list[list[int]]) -> None:
+        for i, table in enumerate(tables):
+            self.allocators[first_group + i].free(table)
+
+    def tables_through(self, tables: list[list[int]], start: int, end: int) -> list[list[int]]:
+        """The block tables a chunk of positions [start, end) reads and writes: the whole shards of
+        the groups before the one holding `start`, and that group's blocks up to `end`."""
+        owner = start // self.group_tokens
+        blocks = self.allocators[0].blocks_for(end - owner * self.group_tokens)
+        return tables[:owner] + [tables[owner][:blocks]]
+
+
 class KVCache:
     """K and V of this rank's layers and KV heads: `[layers, kv_heads, num_blocks × block_size, head_dim]`.
 

@@ -9,13 +9,32 @@ from mnemosyne_hpc.engine.request import SamplingParams
 
 @dataclass
 class Chunk:
-    """Tokens of one request to run this step: a prefill chunk or a single decode token."""
+    """Tokens of one request to run this step: a prefill chunk or a single decode token.
+
+    The request's KV is split over consecutive KVP groups `first_group`, `first_group + 1`, …, the
+    i-th of them holding positions [i·L, (i+1)·L). Every group in `groups` holds part of the KV
+    before this chunk and runs the chunk; the last of them, `owner`, also holds the chunk's own KV.
+    """
 
     request_id: int
     token_ids: list[int]
     start_pos: int  # position of token_ids[0]; tokens before it are in the KV cache
-    block_table: list[int]  # the request's KV blocks up to the end of this chunk
+    first_group: int
+    block_tables: list[list[int]]  # per group in `groups`: its KV blocks of the request up to this chunk
     sampling: Optional[SamplingParams]  # set when the chunk ends the known tokens: sample the next one
+
+    @property
+    def groups(self) -> range:
+        return range(self.first_group, self.first_group + len(self.block_tables))
+
+    @property
+    def owner(self) -> int:
+        return self.groups[-1]
+
+    @property
+    def sample_position(self) -> int:
+        """Position of the token this chunk samples."""
+        return self.start_pos + len(self.token_ids)
 
 
 MicroBatch = list[Chunk]
@@ -30,7 +49,6 @@ class StepPlan:
     """
 
     stages: list[MicroBatch] = field(default_factory=list)
-    released: list[int] = field(default_factory=list)  # finished requests: drop their sampler state
     return_logits: bool = False  # the last stage also sends the sampled rows' logits to rank 0
     shutdown: bool = False
 

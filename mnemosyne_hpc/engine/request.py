@@ -82,7 +82,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_scheduled: int = 0  # tokens that entered the pipeline (left stage 0 once this tick ends)
     num_computed: int = 0  # tokens that left the last stage: their K/V are in every stage's cache
-    block_ids: list[int] = field(default_factory=list)
+    first_group: int = 0  # KVP group holding the first positions
+    block_tables: list[list[int]] = field(default_factory=list)  # reserved KV blocks, per spanned KVP group
     token_times: list[float] = field(default_factory=list)
     text: str = ""  # set when the request finishes
     finish_reason: Optional[str] = None  # "stop" | "length"

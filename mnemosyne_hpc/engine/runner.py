@@ -4,6 +4,10 @@ Pipeline stages pass hidden states point to point. Each tick, a stage first send
 computed last tick (the next stage runs that micro-batch now), then receives its own input from
 the previous stage, computes, and keeps the output for the next tick. The last stage samples and
 sends the tokens to rank 0.
+
+Each KVP group runs the chunks of the plan that read its KV. A chunk of a request spanning several
+groups runs on all of them; they merge their attention per layer, and the chunk's owner (the
+group holding its positions) stores its K/V and samples.
 """
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.config import Config, kvp_group_tokens
 from mnemosyne_hpc.distributed.mesh import ParallelContext, stage_layers
 from mnemosyne_hpc.engine.kv_cache import KVCache
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
-from mnemosyne_hpc.engine.sampler import Sampler
+from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq
 from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
@@ -42,7 +46,7 @@ class ModelRunner:
         self.kv_cache = KVCache(len(layer_ids), kv_heads, args.head_dim, self.num_blocks, block_size,
                                 self.dtype, ctx.device)
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(ctx.device)
-        self.sampler = Sampler()
+        self.group_tokens = kvp_group_tokens(cfg)
         self._output: torch.Tensor | None = None  # hidden states computed last tick, for the next stage
 
     @torch.inference_mode()
@@ -50,12 +54,11 @@ class ModelRunner:
         """Run this rank's stage of one tick. On rank 0: the tokens sampled for `plan.leaving`
         (one per chunk with sampling set) and, if `plan.return_logits`, their logits."""
         ctx = self.ctx
-        self.sampler.release(plan.released)
         send = None
         if self._output is not None:
             send = dist.isend(self._output, dst=ctx.next_rank)
             self._output = None
-        batch = plan.stages[ctx.stage]
+        batch = [c for c in plan.stages[ctx.stage] if ctx.kvp_rank in c.groups]
         tokens, logits = [], torch.empty(0)
         if batch:
             if ctx.first_stage:
@@ -75,42 +78,68 @@ class ModelRunner:
         return self._tokens_to_rank0(plan, tokens, logits)
 
     def _metadata(self, batch: MicroBatch) -> BatchMetadata:
-        device = self.ctx.device
+        device, group = self.ctx.device, self.ctx.kvp_rank
         positions = torch.cat([torch.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in batch])
-        write_slots, sequences, start = [], [], 0
+        write_slots, write_rows, sequences, merges, start = [], [], [], {}, 0
         for chunk in batch:
             end = start + len(chunk.token_ids)
-            slots = self.kv_cache.slots(chunk.block_table, 0, chunk.start_pos + len(chunk.token_ids))
-            write_slots.append(slots[chunk.start_pos:])
-            prefix = slots[: chunk.start_pos].to(device) if chunk.start_pos else None
-            sequences.append(SequenceSlice(start, end, prefix))
+            shard = group - chunk.first_group  # positions [shard·L, (shard+1)·L) live here
+            table = chunk.block_tables[shard]
+            holds_chunk = group == chunk.owner
+            if holds_chunk:
+                local_start = chunk.start_pos - shard * self.group_tokens
+                slots = self.kv_cache.slots(table, 0, local_start + len(chunk.token_ids))
+                write_slots.append(slots[local_start:])
+                write_rows.append(torch.arange(start, end))
+                prefix = slots[:local_start]
+            else:
+                prefix = self.kv_cache.slots(table, 0, self.group_tokens)
+            sequences.append(SequenceSlice(start, end, prefix.to(device) if len(prefix) else None, holds_chunk))
+            if len(chunk.groups) > 1:
+                merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
         angles = positions.to(device)[:, None].float() * self.inv_freq[None]
         angles = torch.cat((angles, angles), dim=-1)
-        return BatchMetadata(cos=angles.cos().to(self.dtype), sin=angles.sin().to(self.dtype),
-                             write_slots=torch.cat(write_slots).to(device), sequences=sequences)
+        write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
+        return BatchMetadata(
+            cos=angles.cos().to(self.dtype), sin=angles.sin().to(self.dtype),
+            write_slots=torch.cat(write_slots).to(device) if write_slots else torch.empty(0, dtype=torch.long),
+            write_rows=None if len(write_rows) == start else write_rows.to(device), sequences=sequences,
+            merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
 
     def _sample(self, batch: MicroBatch, meta: BatchMetadata, hidden: torch.Tensor):
-        rows = [(s.end - 1, c) for s, c in zip(meta.sequences, batch) if c.sampling is not None]
+        rows = [(s.end - 1, c) for s, c in zip(meta.sequences, batch) if c.sampling is not None and s.holds_chunk]
         if not rows:
             return [], torch.empty(0)
         logits = self.model.logits(hidden[[row for row, _ in rows]])
-        tokens = self.sampler.sample(logits, [c.request_id for _, c in rows], [c.sampling for _, c in rows])
+        tokens = sample(logits, [c.sampling for _, c in rows], [c.sample_position for _, c in rows])
         return tokens, logits
 
     def _tokens_to_rank0(self, plan: StepPlan, tokens: list[int], logits: torch.Tensor):
+        """Each KVP group's sampler sends rank 0 the tokens of the chunks it owns; rank 0 returns all
+        of them in the order of `plan.leaving`."""
         ctx = self.ctx
-        n = sum(c.sampling is not None for c in plan.leaving)
-        if ctx.sampler_rank == 0 or n == 0 or ctx.rank not in (0, ctx.sampler_rank):
-            return tokens, logits
-        if ctx.rank == ctx.sampler_rank:
-            dist.send(torch.tensor(tokens), dst=0, group=ctx.cpu_group)
-            if plan.return_logits:
-                dist.send(logits.cpu(), dst=0, group=ctx.cpu_group)
+        sampled = [c for c in plan.leaving if c.sampling is not None]
+        if ctx.rank != 0:
+            if ctx.is_sampler and tokens:
+                dist.send(torch.tensor(tokens), dst=0, group=ctx.cpu_group)
+                if plan.return_logits:
+                    dist.send(logits.cpu(), dst=0, group=ctx.cpu_group)
             return [], torch.empty(0)
-        received = torch.empty(n, dtype=torch.long)
-        dist.recv(received, src=ctx.sampler_rank, group=ctx.cpu_group)
-        if plan.return_logits:
-            logits = torch.empty(n, self.args.vocab_size)
-            dist.recv(logits, src=ctx.sampler_rank, group=ctx.cpu_group)
-        return received.tolist(), logits
+        token_rows, logit_rows = {}, {}  # KVP group → iterators over its rows
+        for group, sampler in enumerate(ctx.sampler_ranks):
+            n = sum(c.owner == group for c in sampled)
+            if n and sampler == 0:
+                token_rows[group], logit_rows[group] = iter(tokens), iter(logits)
+            elif n:
+                received = torch.empty(n, dtype=torch.long)
+                dist.recv(received, src=sampler, group=ctx.cpu_group)
+                token_rows[group] = iter(received.tolist())
+                if plan.return_logits:
+                    logit_rows[group] = torch.empty(n, self.args.vocab_size)
+                    dist.recv(logit_rows[group], src=sampler, group=ctx.cpu_group)
+                    logit_rows[group] = iter(logit_rows[group])
+        tokens = [next(token_rows[c.owner]) for c in sampled]
+        if not (plan.return_logits and sampled):
+            return tokens, torch.empty(0)
+        return tokens, torch.stack([next(logit_rows[c.owner]) for c in sampled])

@@ -1,32 +1,29 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, with a seeded generator per request."""
+"""Next-token sampling: greedy, temperature, top-k, top-p.
+
+Randomness is a pure function of the request's seed and the position being sampled, so any rank
+can sample any request (a request changes KVP group as it grows) and a recomputed token is
+sampled again exactly as before.
+"""
 from __future__ import annotations
 
 import torch
 
 from mnemosyne_hpc.engine.request import SamplingParams
 
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
 
-class Sampler:
-    def __init__(self):
-        self._generators: dict[int, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, request_ids: list[int], params: list[SamplingParams]) -> list[int]:
-        """logits [n, vocab] float32 → one token id per row."""
-        tokens = []
-        for row, request_id, p in zip(logits, request_ids, params):
-            if p.greedy:
-                tokens.append(int(row.argmax()))
-                continue
-            generator = self._generators.get(request_id)
-            if generator is None:
-                generator = self._generators[request_id] = torch.Generator().manual_seed(p.seed)
-            probs = torch.softmax(_filter(row / p.temperature, p.top_k, p.top_p), dim=-1)
-            tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
-        return tokens
-
-    def release(self, request_ids: list[int]) -> None:
-        for request_id in request_ids:
-            self._generators.pop(request_id, None)
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """logits [n, vocab] float32 → one token id per row; row i samples position `positions[i]`."""
+    tokens = []
+    for row, p, position in zip(logits, params, positions):
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        generator = torch.Generator().manual_seed((p.seed ^ (position * _GOLDEN)) % 2**64)
+        probs = torch.softmax(_filter(row / p.temperature, p.top_k, p.top_p), dim=-1)
+        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
+    return tokens
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

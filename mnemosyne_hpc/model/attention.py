@@ -6,6 +6,7 @@ results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 try:  # GPU kernel; the math path below serves devices without it
     from flash_attn import flash_attn_func
@@ -64,6 +65,16 @@ def chunk_attention(q, k_chunk, v_chunk, k_prefix, v_prefix):
     """A prefill chunk (or decode token): attention to the cached prefix merged with causal self-attention."""
     self_out, self_lse = attention(q, k_chunk, v_chunk, causal=True)
     if k_prefix is None or k_prefix.shape[1] == 0:
-        return self_out
+        return self_out, self_lse
     prefix_out, prefix_lse = attention(q, k_prefix, v_prefix, causal=False)
-    return merge_attention([prefix_out, self_out], [prefix_lse, self_lse])[0]
+    return merge_attention([prefix_out, self_out], [prefix_lse, self_lse])
+
+
+def merge_over_group(out: torch.Tensor, lse: torch.Tensor, group) -> torch.Tensor:
+    """Every rank of `group` holds a partial attention of the same queries over its own keys: gather
+    them all (∝ queries × heads, not keys) and merge exactly, in group order on every rank."""
+    packed = torch.cat([out.float(), lse[..., None]], dim=-1)
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, packed, group=group)
+    merged, _ = merge_attention([g[..., :-1] for g in gathered], [g[..., -1] for g in gathered])
+    return merged.to(out.dtype)

@@ -5,14 +5,14 @@ stage, the final norm and LM head on the last. Every linear is sharded over the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.attention import chunk_attention
+from mnemosyne_hpc.model.attention import attention, chunk_attention, merge_over_group
 from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                         TensorParallel, VocabParallelEmbedding, apply_rope, split_evenly)
 
@@ -23,15 +23,21 @@ class SequenceSlice:
 
     start: int  # first row in the packed batch
     end: int
-    prefix_slots: torch.Tensor | None  # KV-cache slots of the tokens before this chunk
+    prefix_slots: torch.Tensor | None  # KV-cache slots of this rank's cached tokens before the chunk
+    # False on a KVP group that holds only earlier KV of the request: it attends to that KV alone and
+    # neither stores the chunk's K/V nor attends within the chunk.
+    holds_chunk: bool = True
 
 
 @dataclass
 class BatchMetadata:
     cos: torch.Tensor  # [T, head_dim] rotary tables at each token's position
     sin: torch.Tensor
-    write_slots: torch.Tensor  # [T] KV-cache slot each new token's K/V is stored in
+    write_slots: torch.Tensor  # KV-cache slot of each row in write_rows
     sequences: list[SequenceSlice]
+    write_rows: torch.Tensor | None = None  # rows whose K/V this rank stores; None: all of them
+    # (KVP group range, rows): partial attentions of these rows merged over the groups of that range
+    merges: list[tuple[object, torch.Tensor]] = field(default_factory=list)
 
 
 class Attention(nn.Module):
@@ -50,16 +56,26 @@ class Attention(nn.Module):
         q = apply_rope(q.view(tokens, self.num_heads, d), meta.cos, meta.sin).transpose(0, 1)
         k = apply_rope(k.view(tokens, self.num_kv_heads, d), meta.cos, meta.sin).transpose(0, 1)
         v = v.view(tokens, self.num_kv_heads, d).transpose(0, 1)
-        k_cache[:, meta.write_slots] = k
-        v_cache[:, meta.write_slots] = v
-        outs = []
+        written = slice(None) if meta.write_rows is None else meta.write_rows
+        k_cache[:, meta.write_slots] = k[:, written]
+        v_cache[:, meta.write_slots] = v[:, written]
+        outs, lses = [], []
         for seq in meta.sequences:
             rows = slice(seq.start, seq.end)
             prefix = seq.prefix_slots
             k_prefix, v_prefix = (None, None) if prefix is None else (k_cache[:, prefix], v_cache[:, prefix])
-            outs.append(chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_prefix, v_prefix))
-        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(tokens, self.num_heads * d)
-        return self.o_proj(out)
+            if seq.holds_chunk:
+                out, lse = chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_prefix, v_prefix)
+            else:
+                out, lse = attention(q[:, rows], k_prefix, v_prefix, causal=False)
+            outs.append(out)
+            lses.append(lse)
+        out = torch.cat(outs, dim=1)
+        if meta.merges:
+            lse = torch.cat(lses, dim=1)
+            for group, rows in meta.merges:
+                out[:, rows] = merge_over_group(out[:, rows], lse[:, rows], group)
+        return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * d))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,96 @@
+"""KV-cache parallelism: a request's KV split over KVP groups, merged exactly per layer."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import run_engine, tiny_overrides
+from mnemosyne_hpc.engine.kv_cache import KVPlacement
+from test_exactness import DECODE_STEPS, assert_matches_reference, reference_greedy
+
+GROUP_TOKENS = 80  # L: small, so short prompts cross several group boundaries
+
+
+def kvp_prompts(kvp: int, vocab_size: int) -> list[list[int]]:
+    """A 50-token prompt whose decode crosses the first boundary, and prompts crossing 1 … kvp−1
+    boundaries during prefill; every request fits the kvp · L positions."""
+    rng = random.Random(kvp)
+    lengths = [50] + [j * GROUP_TOKENS + 10 for j in range(1, kvp)]
+    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def kvp_overrides(model_dir, tp: int, spp: int, kvp: int, max_model_len: int) -> list[str]:
+    """With kvp == 1 the one group holds everything (L automatic)."""
+    return tiny_overrides(model_dir, **{"parallel.tp": tp, "parallel.spp": spp, "parallel.kvp": kvp,
+                                        "parallel.max_tokens_per_kvp_group": GROUP_TOKENS if kvp > 1 else 0,
+                                        "cache.max_model_len": max_model_len})
+
+
+@pytest.mark.parametrize("family, tp, spp, kvp", [
+    ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("qwen2", 1, 1, 4), ("llama", 2, 2, 2),
+])
+def test_kvp_matches_transformers_and_one_rank(family, tp, spp, kvp, tiny_models, reference, tmp_path):
+    model_dir = tiny_models[family]
+    hf = reference(model_dir)
+    batch = kvp_prompts(kvp, hf.config.vocab_size)
+    cases = [{"name": f"chunk{c}", "chunk_size": c,
+              "requests": [{"prompt_token_ids": p, "max_tokens": DECODE_STEPS, "ignore_eos": True} for p in batch]}
+             for c in (7, 0)]
+    max_model_len = kvp * GROUP_TOKENS
+    results = run_engine(tmp_path / "kvp", tp * spp * kvp, kvp_overrides(model_dir, tp, spp, kvp, max_model_len), cases)
+    one_rank = run_engine(tmp_path / "one", 1, kvp_overrides(model_dir, 1, 1, 1, max_model_len), cases)
+    for index, prompt in enumerate(batch):
+        ref_tokens, ref_logits = reference_greedy(hf, prompt, DECODE_STEPS)
+        for case in cases:
+            label = f"{family} tp×spp×kvp={tp}×{spp}×{kvp} {case['name']} prompt {index} ({len(prompt)} tokens)"
+            output = results[case["name"]]["outputs"][index]
+            assert_matches_reference(output, ref_tokens, ref_logits, label)
+            single = one_rank[case["name"]]["outputs"][index]
+            assert_matches_reference(output, single["token_ids"], single["logits"], label + " vs one rank")
+        # the request really spread: its last decode ran on every group its tokens reach
+        spans = [groups[index] for groups in results["chunk0"]["entering_groups"] if index in groups]
+        assert len(spans[-1]) == (len(prompt) + DECODE_STEPS - 1) // GROUP_TOKENS + 1, label
+
+
+def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_path):
+    rng = random.Random(7)
+    long = {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(150)], "max_tokens": 20,
+            "temperature": 0.8, "seed": 11}
+    short = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 24,
+              "arrival_step": 1 + i, **({"temperature": 0.9, "seed": i} if i % 2 else {})} for i in range(5)]
+    requests = [long] + short
+    cases = [{"name": "together", "chunk_size": 16, "requests": requests}]
+    cases += [{"name": f"solo{i}", "chunk_size": 16, "requests": [{**r, "arrival_step": 0}]}
+              for i, r in enumerate(requests)]
+    model_dir = tiny_models["llama"]
+    results = run_engine(tmp_path / "kvp", 3, kvp_overrides(model_dir, 1, 1, 3, 240), cases)
+    one_rank = run_engine(tmp_path / "one", 1, kvp_overrides(model_dir, 1, 1, 1, 240), cases[:1])
+    together = results["together"]
+    for i, output in enumerate(together["outputs"]):
+        assert output["token_ids"] == results[f"solo{i}"]["outputs"][0]["token_ids"], f"request {i} vs solo"
+        assert output["token_ids"] == one_rank["together"]["outputs"][i]["token_ids"], f"request {i} vs one rank"
+    groups_of_short = {g for step in together["entering_groups"] for i, gs in step.items() if i > 0 for g in gs}
+    assert groups_of_short == {0, 1, 2}, "short requests were not spread over the KVP groups"
+    # in one step the long request spans two groups while short requests run beside it, one of them
+    # on the group that holds nothing of the long request
+    assert any(len(step.get(0, [])) == 2 and any(gs == [2] for i, gs in step.items() if i > 0)
+               for step in together["entering_groups"])
+
+
+def test_placement_spans_consecutive_groups_and_spreads_short_requests():
+    placement = KVPlacement(num_groups=3, num_blocks=10, block_size=16, group_tokens=64)
+    assert placement.shard_tokens(150) == [64, 64, 22]
+    first, tables = placement.reserve(150)
+    assert first == 0 and [len(t) for t in tables] == [4, 4, 2]
+    assert placement.tables_through(tables, 64, 70) == [tables[0], tables[1][:1]]
+    assert placement.tables_through(tables, 0, 64) == [tables[0]]
+    assert placement.reserve(30)[0] == 2  # the group the long request leaves emptiest
+    second = placement.reserve(150)
+    assert [a.num_free for a in placement.allocators] == [2, 2, 4]
+    assert placement.reserve(150) is None  # the only run of three groups lacks room in group 0
+    assert placement.reserve(64)[0] == 2
+    placement.free(first, tables)
+    placement.free(*second)
+    assert [a.num_free for a in placement.allocators] == [10, 10, 4]
