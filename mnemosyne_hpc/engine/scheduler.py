@@ -71,5 +71,4 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         self.running.remove(request)
-        self.placement.free(request.first_group, request.block_tables)
-        request.block_tables = []
+        self.placement.free(request.first_group, request.block_tables)  # the tables stay, for reporting

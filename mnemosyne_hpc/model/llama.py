@@ -23,7 +23,7 @@ class SequenceSlice:
 
     start: int  # first row in the packed batch
     end: int
-    prefix_slots: torch.Tensor | None  # KV-cache slots of this rank's cached tokens before the chunk
+    prefix_slots: torch.Tensor | slice | None  # KV-cache slots of this rank's cached tokens before the chunk
     # False on a KVP group that holds only earlier KV of the request: it attends to that KV alone and
     # neither stores the chunk's K/V nor attends within the chunk.
     holds_chunk: bool = True
