@@ -67,3 +67,17 @@ def qwen_gguf(cache_dir: Path = Path.home() / ".cache" / "mnemosyne_hpc") -> Pat
         raise RuntimeError(f"joined GGUF has {partial.stat().st_size} bytes, expected {QWEN_GGUF_BYTES}")
     partial.rename(target)
     return target
+
+
+def write_results(filename: str, record: dict) -> Path:
+    """Save a benchmark record (stamped with machine and date) under bench/results/ and print its ratios."""
+    import platform
+    import time
+
+    record = {**record, "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / filename
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    for key, value in record.get("ratios", {}).items():
+        print(f"{key:36s} {value:.3f}")
+    return path

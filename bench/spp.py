@@ -7,13 +7,11 @@ Writes bench/results/spp_<tokens>tok_chunk<chunk>.json. All runs use the same ra
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import time
 from pathlib import Path
 
-from common import RESULTS, random_llama, run_generate
+from common import random_llama, run_generate, write_results
 
 MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536, tie_word_embeddings=False)
@@ -51,13 +49,9 @@ def main() -> None:
     ratios["spp2_2x1core/spp1_2cores"] = results["spp2_2x1core"]["ttft_s"] / results["spp1_2cores"]["ttft_s"]
     ratios["spp2_2x1core/plain_pp2_2x1core"] = (results["spp2_2x1core"]["ttft_s"]
                                                 / results["plain_pp2_2x1core"]["ttft_s"])
-    record = {"benchmark": "spp_ttft", "prompt_tokens": args.tokens, "chunk_size": args.chunk, "model": MODEL,
-              "dtype": "bfloat16", "machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "runs": results, "ratios": ratios}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"spp_{args.tokens}tok_chunk{args.chunk}.json").write_text(json.dumps(record, indent=2) + "\n")
-    for key, value in ratios.items():
-        print(f"{key:36s} {value:.3f}")
+    write_results(f"spp_{args.tokens}tok_chunk{args.chunk}.json", {
+        "benchmark": "spp_ttft", "prompt_tokens": args.tokens, "chunk_size": args.chunk, "model": MODEL,
+        "dtype": "bfloat16", "runs": results, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from conftest import run_engine, tiny_overrides
 from mnemosyne_hpc.engine.kv_cache import KVPlacement

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mnemosyne_hpc.distributed.launch import discover_rank
-from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache, as_index
+from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.model.attention import attention, chunk_attention, math_attention, merge_attention
@@ -82,7 +82,10 @@ def test_slots_follow_the_block_table():
     assert cache.slots([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
 
 
-def test_consecutive_slots_become_a_slice():
+def test_consecutive_blocks_give_a_slice():
     cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
-    assert as_index(cache.slots([2, 3, 4], 1, 10)) == slice(9, 18)
-    assert as_index(cache.slots([5, 2], 2, 7)).tolist() == [22, 23, 8, 9, 10]
+    assert cache.index([2, 3, 4], 1, 10) == slice(9, 18)
+    assert cache.index([7, 2, 3, 4], 5, 10) == slice(9, 14)
+    assert cache.index([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
+    for table, start, end in [([2, 3, 4], 1, 10), ([7, 2, 3, 4], 5, 10), ([6, 7], 0, 8)]:
+        assert list(range(8 * 4))[cache.index(table, start, end)] == cache.slots(table, start, end).tolist()

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 import time
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, kvp_group_tokens
@@ -15,10 +17,26 @@ from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.scheduler import Scheduler
 
 
+PLAN_BUFFER_BYTES = 1 << 14
+
+
 def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
-    box = [plan]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
+    """Rank 0's plan to every rank, pickled into one fixed-size broadcast (a second one only when the
+    plan is larger): the per-step cost is one collective's latency."""
+    buffer = torch.empty(PLAN_BUFFER_BYTES, dtype=torch.uint8)
+    if plan is not None:
+        data = pickle.dumps(plan)
+        head = len(data).to_bytes(8, "little") + data[: PLAN_BUFFER_BYTES - 8]
+        buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0, group=group)
+    size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
+    if size <= PLAN_BUFFER_BYTES - 8:
+        return pickle.loads(buffer[8: 8 + size].numpy().tobytes()) if plan is None else plan
+    rest = torch.empty(size - (PLAN_BUFFER_BYTES - 8), dtype=torch.uint8)
+    if plan is not None:
+        rest[:] = torch.frombuffer(bytearray(data[PLAN_BUFFER_BYTES - 8:]), dtype=torch.uint8)
+    dist.broadcast(rest, src=0, group=group)
+    return plan if plan is not None else pickle.loads(buffer[8:].numpy().tobytes() + rest.numpy().tobytes())
 
 
 def follow(runner: ModelRunner) -> None:

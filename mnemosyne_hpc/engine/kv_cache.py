@@ -101,9 +101,13 @@ class KVCache:
         table = torch.tensor(block_table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
+    def index(self, block_table: list[int], start: int, end: int) -> torch.Tensor | slice:
+        """Slots of positions [start, end) as a slice when their blocks are consecutive (attention then
+        reads the cache in place, and the cost does not grow with the context), else as a tensor."""
+        first = start // self.block_size
+        blocks = block_table[first: (end - 1) // self.block_size + 1]
+        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            offset = (blocks[0] - first) * self.block_size
+            return slice(offset + start, offset + end)
+        return self.slots(block_table, start, end)
 
-def as_index(slots: torch.Tensor) -> torch.Tensor | slice:
-    """Consecutive slots become a slice, so attention reads the cache in place instead of a gathered copy."""
-    if len(slots) and int(slots[-1] - slots[0]) == len(slots) - 1 and bool((slots.diff() == 1).all()):
-        return slice(int(slots[0]), int(slots[-1]) + 1)
-    return slots

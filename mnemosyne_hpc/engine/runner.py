@@ -6,8 +6,9 @@ the previous stage, computes, and keeps the output for the next tick. The last s
 sends the tokens to rank 0.
 
 Each KVP group runs the chunks of the plan that read its KV. A chunk of a request spanning several
-groups runs on all of them; they merge their attention per layer, and the chunk's owner (the
-group holding its positions) stores its K/V and samples.
+groups runs on all of them; they merge their attention per layer, so all of them compute the same
+hidden states. The chunk's owner (the group holding its positions) stores its K/V; the request's
+first group, which runs every chunk of it, samples.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, kvp_group_tokens
 from mnemosyne_hpc.distributed.mesh import ParallelContext, stage_layers
-from mnemosyne_hpc.engine.kv_cache import KVCache, as_index
+from mnemosyne_hpc.engine.kv_cache import KVCache
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
@@ -86,17 +87,15 @@ class ModelRunner:
             shard = group - chunk.first_group  # positions [shard·L, (shard+1)·L) live here
             table = chunk.block_tables[shard]
             holds_chunk = group == chunk.owner
+            # this group's KV of the request before the chunk: its whole shard, unless it holds the chunk
+            cached = chunk.start_pos - shard * self.group_tokens if holds_chunk else self.group_tokens
             if holds_chunk:
-                local_start = chunk.start_pos - shard * self.group_tokens
-                slots = self.kv_cache.slots(table, 0, local_start + len(chunk.token_ids))
-                write_slots.append(slots[local_start:])
+                write_slots.append(self.kv_cache.slots(table, cached, cached + len(chunk.token_ids)))
                 write_rows.append(torch.arange(start, end))
-                prefix = slots[:local_start]
-            else:
-                prefix = self.kv_cache.slots(table, 0, self.group_tokens)
-            prefix = as_index(prefix) if len(prefix) else None
-            sequences.append(SequenceSlice(start, end, prefix.to(device) if torch.is_tensor(prefix) else prefix,
-                                           holds_chunk))
+            prefix = self.kv_cache.index(table, 0, cached) if cached else None
+            if torch.is_tensor(prefix):
+                prefix = prefix.to(device)
+            sequences.append(SequenceSlice(start, end, prefix, holds_chunk))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
@@ -110,7 +109,8 @@ class ModelRunner:
             merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
 
     def _sample(self, batch: MicroBatch, meta: BatchMetadata, hidden: torch.Tensor):
-        rows = [(s.end - 1, c) for s, c in zip(meta.sequences, batch) if c.sampling is not None and s.holds_chunk]
+        group = self.ctx.kvp_rank
+        rows = [(s.end - 1, c) for s, c in zip(meta.sequences, batch) if c.sampling is not None and c.first_group == group]
         if not rows:
             return [], torch.empty(0)
         logits = self.model.logits(hidden[[row for row, _ in rows]])
@@ -118,8 +118,8 @@ class ModelRunner:
         return tokens, logits
 
     def _tokens_to_rank0(self, plan: StepPlan, tokens: list[int], logits: torch.Tensor):
-        """Each KVP group's sampler sends rank 0 the tokens of the chunks it owns; rank 0 returns all
-        of them in the order of `plan.leaving`."""
+        """Each KVP group's sampler sends rank 0 the tokens of the requests that start in that group;
+        rank 0 returns all of them in the order of `plan.leaving`."""
         ctx = self.ctx
         sampled = [c for c in plan.leaving if c.sampling is not None]
         if ctx.rank != 0:
@@ -130,7 +130,7 @@ class ModelRunner:
             return [], torch.empty(0)
         token_rows, logit_rows = {}, {}  # KVP group → iterators over its rows
         for group, sampler in enumerate(ctx.sampler_ranks):
-            n = sum(c.owner == group for c in sampled)
+            n = sum(c.first_group == group for c in sampled)
             if n and sampler == 0:
                 token_rows[group], logit_rows[group] = iter(tokens), iter(logits)
             elif n:
@@ -141,7 +141,7 @@ class ModelRunner:
                     logit_rows[group] = torch.empty(n, self.args.vocab_size)
                     dist.recv(logit_rows[group], src=sampler, group=ctx.cpu_group)
                     logit_rows[group] = iter(logit_rows[group])
-        tokens = [next(token_rows[c.owner]) for c in sampled]
+        tokens = [next(token_rows[c.first_group]) for c in sampled]
         if not (plan.return_logits and sampled):
             return tokens, torch.empty(0)
-        return tokens, torch.stack([next(logit_rows[c.owner]) for c in sampled])
+        return tokens, torch.stack([next(logit_rows[c.first_group]) for c in sampled])
