@@ -27,7 +27,7 @@ def run_case(engine: Engine, case: dict) -> dict:
     engine.scheduler.cfg.chunk_size = case.get("chunk_size", 0)  # a rank-0 decision: followers never see it
     engine.logits.clear()
     pending = sorted(enumerate(case["requests"]), key=lambda item: item[1].get("arrival_step", 0))
-    index_of, outputs, step_phases, stage_requests, entering_groups, step = {}, {}, [], [], [], 0
+    index_of, outputs, step_phases, stage_requests, stage_groups, step = {}, {}, [], [], [], 0
     while pending or engine.has_unfinished:
         while pending and pending[0][1].get("arrival_step", 0) <= step:
             index, spec = pending.pop(0)
@@ -41,10 +41,11 @@ def run_case(engine: Engine, case: dict) -> dict:
             step_phases.append({index_of[c.request_id]: phase(c, prompt_len[c.request_id])
                                 for c in engine.last_plan.entering})
             stage_requests.append([[index_of[c.request_id] for c in batch] for batch in engine.last_plan.stages])
-            entering_groups.append({index_of[c.request_id]: list(c.groups) for c in engine.last_plan.entering})
+            stage_groups.append([{index_of[c.request_id]: list(c.groups) for c in batch}
+                                 for batch in engine.last_plan.stages])
         step += 1
     return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases,
-            "stage_requests": stage_requests, "entering_groups": entering_groups}
+            "stage_requests": stage_requests, "stage_groups": stage_groups}
 
 
 def main() -> None:

@@ -49,8 +49,11 @@ def test_kvp_matches_transformers_and_one_rank(family, tp, spp, kvp, tiny_models
             single = one_rank[case["name"]]["outputs"][index]
             assert_matches_reference(output, single["token_ids"], single["logits"], label + " vs one rank")
         # the request really spread: its last decode ran on every group its tokens reach
-        spans = [groups[index] for groups in results["chunk0"]["entering_groups"] if index in groups]
+        spans = [stages[0][index] for stages in results["chunk0"]["stage_groups"] if index in stages[0]]
         assert len(spans[-1]) == (len(prompt) + DECODE_STEPS - 1) // GROUP_TOKENS + 1, label
+    # several requests spanning groups were in flight in the same tick
+    assert any(sum(len(groups) > 1 for stage in stages for groups in stage.values()) >= 2
+               for stages in results["chunk7"]["stage_groups"])
 
 
 def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_path):
@@ -70,12 +73,13 @@ def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_
     for i, output in enumerate(together["outputs"]):
         assert output["token_ids"] == results[f"solo{i}"]["outputs"][0]["token_ids"], f"request {i} vs solo"
         assert output["token_ids"] == one_rank["together"]["outputs"][i]["token_ids"], f"request {i} vs one rank"
-    groups_of_short = {g for step in together["entering_groups"] for i, gs in step.items() if i > 0 for g in gs}
+    entering = [stages[0] for stages in together["stage_groups"]]
+    groups_of_short = {g for step in entering for i, gs in step.items() if i > 0 for g in gs}
     assert groups_of_short == {0, 1, 2}, "short requests were not spread over the KVP groups"
     # in one step the long request spans two groups while short requests run beside it, one of them
     # on the group that holds nothing of the long request
     assert any(len(step.get(0, [])) == 2 and any(gs == [2] for i, gs in step.items() if i > 0)
-               for step in together["entering_groups"])
+               for step in entering)
 
 
 def test_placement_spans_consecutive_groups_and_spreads_short_requests():
