@@ -86,7 +86,8 @@ def main() -> None:
     group_tokens = -(-max_model_len // args.kvp)
     record = {"benchmark": "needle", "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, float32 compute)",
               "prompt_tokens": len(prompt), "kvp": args.kvp, "tokens_per_kvp_group_approx": group_tokens,
-              "pass_key": key, "depth": args.depth, "engine_text": engine["text"], "engine_token_ids": engine["token_ids"],
+              "pass_key": key, "depth": args.depth, "engine_text": engine["text"],
+              "engine_token_ids": engine["token_ids"],
               "reference_text": reference_text, "reference_token_ids": reference_ids, "identical": same,
               "key_found": str(key) in engine["text"], "engine_ttft_s": engine["ttft_s"], "engine_wall_s": engine_s,
               "reference_wall_s": reference_s, "machine": platform.processor() or platform.machine(),

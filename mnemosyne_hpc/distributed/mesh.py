@@ -66,7 +66,8 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
         tp_group=tp.get_group(), cpu_group=cpu_group, stage=stage, num_stages=cfg.spp,
         prev_rank=int(ranks[stage - 1, kvp_index, tp_index]) if stage > 0 else None,
         next_rank=int(ranks[stage + 1, kvp_index, tp_index]) if stage < cfg.spp - 1 else None,
-        kvp_rank=kvp_index, kvp_size=cfg.kvp, kvp_groups=_kvp_range_groups(ranks, (stage, kvp_index, tp_index), timeout),
+        kvp_rank=kvp_index, kvp_size=cfg.kvp,
+        kvp_groups=_kvp_range_groups(ranks, (stage, kvp_index, tp_index), timeout),
         sampler_ranks=[int(ranks[cfg.spp - 1, g, 0]) for g in range(cfg.kvp)])
 
 

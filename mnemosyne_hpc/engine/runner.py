@@ -109,8 +109,8 @@ class ModelRunner:
             merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
 
     def _sample(self, batch: MicroBatch, meta: BatchMetadata, hidden: torch.Tensor):
-        group = self.ctx.kvp_rank
-        rows = [(s.end - 1, c) for s, c in zip(meta.sequences, batch) if c.sampling is not None and c.first_group == group]
+        mine = [(s, c) for s, c in zip(meta.sequences, batch) if c.first_group == self.ctx.kvp_rank]
+        rows = [(s.end - 1, c) for s, c in mine if c.sampling is not None]
         if not rows:
             return [], torch.empty(0)
         logits = self.model.logits(hidden[[row for row, _ in rows]])
