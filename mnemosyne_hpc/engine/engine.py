@@ -57,6 +57,7 @@ class Engine:
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
+        self._released: list[int] = []
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -106,7 +107,9 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one pipeline tick on every rank; return the requests that finished in it."""
         stages = [self.scheduler.schedule()] + self.in_flight
-        plan = StepPlan(stages=stages, return_logits=self.record_logits)
+        admitted = {r.id: (r.first_group, r.block_tables) for r in self.scheduler.admitted}
+        plan = StepPlan(stages=stages, admitted=admitted, released=self._released, return_logits=self.record_logits)
+        self.scheduler.admitted, self._released = [], []
         broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
         tokens, logits = self.runner.execute(plan)
@@ -124,6 +127,7 @@ class Engine:
                 self.logits.setdefault(request.id, []).append(logits[row])
             if self._check_finished(request, token):
                 self.scheduler.finish(request)
+                self._released.append(request.id)
                 finished.append(self.requests.pop(request.id))
         return finished
 

@@ -69,13 +69,6 @@ class KVPlacement:
         for i, table in enumerate(tables):
             self.allocators[first_group + i].free(table)
 
-    def tables_through(self, tables: list[list[int]], start: int, end: int) -> list[list[int]]:
-        """The block tables a chunk of positions [start, end) reads and writes: the whole shards of
-        the groups before the one holding `start`, and that group's blocks up to `end`."""
-        owner = start // self.group_tokens
-        blocks = self.allocators[0].blocks_for(end - owner * self.group_tokens)
-        return tables[:owner] + [tables[owner][:blocks]]
-
 
 class KVCache:
     """K and V of this rank's layers and KV heads: `[layers, kv_heads, num_blocks × block_size, head_dim]`.

@@ -20,12 +20,12 @@ class Chunk:
     token_ids: list[int]
     start_pos: int  # position of token_ids[0]; tokens before it are in the KV cache
     first_group: int
-    block_tables: list[list[int]]  # per group in `groups`: its KV blocks of the request up to this chunk
+    num_groups: int  # groups holding the request's KV up to the end of this chunk
     sampling: Optional[SamplingParams]  # set when the chunk ends the known tokens: sample the next one
 
     @property
     def groups(self) -> range:
-        return range(self.first_group, self.first_group + len(self.block_tables))
+        return range(self.first_group, self.first_group + self.num_groups)
 
     @property
     def owner(self) -> int:
@@ -49,6 +49,10 @@ class StepPlan:
     """
 
     stages: list[MicroBatch] = field(default_factory=list)
+    # Requests admitted this tick: id → (first KVP group, block table per spanned group). Ranks keep
+    # their group's table until the id is released, so a plan's size does not grow with the context.
+    admitted: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)  # finished requests: drop their block tables
     return_logits: bool = False  # the last stage also sends the sampled rows' logits to rank 0
     shutdown: bool = False
 

@@ -48,6 +48,7 @@ class ModelRunner:
                                 self.dtype, ctx.device)
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(ctx.device)
         self.group_tokens = kvp_group_tokens(cfg)
+        self.block_tables: dict[int, list[int]] = {}  # request id → its blocks in this rank's KVP group
         self._output: torch.Tensor | None = None  # hidden states computed last tick, for the next stage
 
     @torch.inference_mode()
@@ -55,6 +56,11 @@ class ModelRunner:
         """Run this rank's stage of one tick. On rank 0: the tokens sampled for `plan.leaving`
         (one per chunk with sampling set) and, if `plan.return_logits`, their logits."""
         ctx = self.ctx
+        for request_id in plan.released:
+            self.block_tables.pop(request_id, None)
+        for request_id, (first_group, tables) in plan.admitted.items():
+            if first_group <= ctx.kvp_rank < first_group + len(tables):
+                self.block_tables[request_id] = tables[ctx.kvp_rank - first_group]
         send = None
         if self._output is not None:
             send = dist.isend(self._output, dst=ctx.next_rank)
@@ -85,7 +91,7 @@ class ModelRunner:
         for chunk in batch:
             end = start + len(chunk.token_ids)
             shard = group - chunk.first_group  # positions [shard·L, (shard+1)·L) live here
-            table = chunk.block_tables[shard]
+            table = self.block_tables[chunk.request_id]
             holds_chunk = group == chunk.owner
             # this group's KV of the request before the chunk: its whole shard, unless it holds the chunk
             cached = chunk.start_pos - shard * self.group_tokens if holds_chunk else self.group_tokens

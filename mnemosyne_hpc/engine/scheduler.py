@@ -21,6 +21,7 @@ class Scheduler:
         self.cfg, self.placement, self.num_stages = cfg, placement, num_stages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.admitted: list[Request] = []  # admitted since the engine last collected them
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -47,6 +48,7 @@ class Scheduler:
             self.waiting.popleft()
             request.first_group, request.block_tables = placed
             self.running.append(request)
+            self.admitted.append(request)
             self._add_chunk(chunks, request, budget)
         return chunks
 
@@ -65,8 +67,7 @@ class Scheduler:
         end = start + size
         request.num_scheduled = end
         chunks.append(Chunk(request_id=request.id, token_ids=request.token_ids(start, end), start_pos=start,
-                            first_group=request.first_group,
-                            block_tables=self.placement.tables_through(request.block_tables, start, end),
+                            first_group=request.first_group, num_groups=len(groups),
                             sampling=request.sampling if end == request.num_tokens else None))
 
     def finish(self, request: Request) -> None:
