@@ -18,25 +18,30 @@ from mnemosyne_hpc.engine.scheduler import Scheduler
 
 
 PLAN_BUFFER_BYTES = 1 << 14
+_LENGTH_BYTES = 8
 
 
 def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
-    """Rank 0's plan to every rank, pickled into one fixed-size broadcast (a second one only when the
-    plan is larger): the per-step cost is one collective's latency."""
-    buffer = torch.empty(PLAN_BUFFER_BYTES, dtype=torch.uint8)
+    """Rank 0's plan to every rank: its length and pickle in one fixed-size broadcast, and a second
+    broadcast only for the part of a larger plan that does not fit. Per step: one collective's latency."""
+    packed = b""
     if plan is not None:
         data = pickle.dumps(plan)
-        head = len(data).to_bytes(8, "little") + data[: PLAN_BUFFER_BYTES - 8]
+        packed = len(data).to_bytes(_LENGTH_BYTES, "little") + data
+    buffer = torch.empty(PLAN_BUFFER_BYTES, dtype=torch.uint8)
+    head = packed[:PLAN_BUFFER_BYTES]
+    if head:
         buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     dist.broadcast(buffer, src=0, group=group)
-    size = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
-    if size <= PLAN_BUFFER_BYTES - 8:
-        return pickle.loads(buffer[8: 8 + size].numpy().tobytes()) if plan is None else plan
-    rest = torch.empty(size - (PLAN_BUFFER_BYTES - 8), dtype=torch.uint8)
-    if plan is not None:
-        rest[:] = torch.frombuffer(bytearray(data[PLAN_BUFFER_BYTES - 8:]), dtype=torch.uint8)
-    dist.broadcast(rest, src=0, group=group)
-    return plan if plan is not None else pickle.loads(buffer[8:].numpy().tobytes() + rest.numpy().tobytes())
+    received = buffer.numpy().tobytes()
+    end = _LENGTH_BYTES + int.from_bytes(received[:_LENGTH_BYTES], "little")
+    if end > PLAN_BUFFER_BYTES:
+        rest = torch.empty(end - PLAN_BUFFER_BYTES, dtype=torch.uint8)
+        if plan is not None:
+            rest[:] = torch.frombuffer(bytearray(packed[PLAN_BUFFER_BYTES:]), dtype=torch.uint8)
+        dist.broadcast(rest, src=0, group=group)
+        received += rest.numpy().tobytes()
+    return plan if plan is not None else pickle.loads(received[_LENGTH_BYTES:end])
 
 
 def follow(runner: ModelRunner) -> None:
@@ -107,9 +112,10 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one pipeline tick on every rank; return the requests that finished in it."""
         stages = [self.scheduler.schedule()] + self.in_flight
-        admitted = {r.id: (r.first_group, r.block_tables) for r in self.scheduler.admitted}
+        admitted = {c.request_id: (c.first_group, self.requests[c.request_id].block_tables)
+                    for c in stages[0] if c.start_pos == 0}  # a request's first chunk brings its block tables
         plan = StepPlan(stages=stages, admitted=admitted, released=self._released, return_logits=self.record_logits)
-        self.scheduler.admitted, self._released = [], []
+        self._released = []
         broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
         tokens, logits = self.runner.execute(plan)

@@ -43,12 +43,15 @@ class KVPlacement:
     def __init__(self, num_groups: int, num_blocks: int, block_size: int, group_tokens: int):
         self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(num_groups)]
         self.group_tokens = group_tokens
-        self.blocks_per_group = num_blocks
 
     def shard_tokens(self, max_len: int) -> list[int]:
         """Tokens each spanned group holds of a request of `max_len` tokens."""
         L = self.group_tokens
         return [min(L, max_len - start) for start in range(0, max_len, L)]
+
+    @property
+    def blocks_per_group(self) -> int:
+        return self.allocators[0].num_blocks
 
     def blocks_needed(self, max_len: int) -> int:
         """Blocks the request's largest shard needs from one group."""
@@ -80,8 +83,9 @@ class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: attention reads only slots already written, and untouched pages cost nothing.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
     @staticmethod

@@ -134,19 +134,20 @@ class ModelRunner:
                 if plan.return_logits:
                     dist.send(logits.cpu(), dst=0, group=ctx.cpu_group)
             return [], torch.empty(0)
-        token_rows, logit_rows = {}, {}  # KVP group → iterators over its rows
+        token_rows, logit_rows = {}, {}  # KVP group → iterators over its rows, in plan order
         for group, sampler in enumerate(ctx.sampler_ranks):
             n = sum(c.first_group == group for c in sampled)
-            if n and sampler == 0:
-                token_rows[group], logit_rows[group] = iter(tokens), iter(logits)
-            elif n:
-                received = torch.empty(n, dtype=torch.long)
+            if n == 0:
+                continue
+            rows = tokens, logits
+            if sampler != 0:
+                received, received_logits = torch.empty(n, dtype=torch.long), torch.empty(0)
                 dist.recv(received, src=sampler, group=ctx.cpu_group)
-                token_rows[group] = iter(received.tolist())
                 if plan.return_logits:
-                    logit_rows[group] = torch.empty(n, self.args.vocab_size)
-                    dist.recv(logit_rows[group], src=sampler, group=ctx.cpu_group)
-                    logit_rows[group] = iter(logit_rows[group])
+                    received_logits = torch.empty(n, self.args.vocab_size)
+                    dist.recv(received_logits, src=sampler, group=ctx.cpu_group)
+                rows = received.tolist(), received_logits
+            token_rows[group], logit_rows[group] = iter(rows[0]), iter(rows[1])
         tokens = [next(token_rows[c.first_group]) for c in sampled]
         if not (plan.return_logits and sampled):
             return tokens, torch.empty(0)

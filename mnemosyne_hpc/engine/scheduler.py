@@ -21,7 +21,6 @@ class Scheduler:
         self.cfg, self.placement, self.num_stages = cfg, placement, num_stages
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.admitted: list[Request] = []  # admitted since the engine last collected them
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -48,7 +47,6 @@ class Scheduler:
             self.waiting.popleft()
             request.first_group, request.block_tables = placed
             self.running.append(request)
-            self.admitted.append(request)
             self._add_chunk(chunks, request, budget)
         return chunks
 
