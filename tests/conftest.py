@@ -31,6 +31,20 @@ def run_ranks(n: int, args: list[str], timeout: float = 600, env: dict | None = 
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def greedy_cases(prompts: list[list[int]], chunk_sizes, decode_steps: int) -> list[dict]:
+    """One case per chunk size, each running every prompt greedily for `decode_steps` tokens."""
+    return [{"name": f"chunk{c}", "chunk_size": c,
+             "requests": [{"prompt_token_ids": p, "max_tokens": decode_steps, "ignore_eos": True} for p in prompts]}
+            for c in chunk_sizes]
+
+
+def together_and_solo_cases(name: str, chunk_size: int, requests: list[dict]) -> list[dict]:
+    """The requests together as case `name`, and each alone from step 0 as case `solo<i>`."""
+    return [{"name": name, "chunk_size": chunk_size, "requests": requests}] + [
+        {"name": f"solo{i}", "chunk_size": chunk_size, "requests": [{**r, "arrival_step": 0}]}
+        for i, r in enumerate(requests)]
+
+
 def run_engine(tmp_path: Path, n: int, overrides: list[str], cases: list[dict]) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "spec.json"

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_engine, tiny_overrides
+from conftest import run_engine, together_and_solo_cases, tiny_overrides
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -19,9 +19,7 @@ def test_mixed_step_equals_solo_runs(tp, tiny_models, tmp_path):
         {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(25)], "max_tokens": 20, "arrival_step": 5,
          "temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 11},
     ]
-    cases = [{"name": "mixed", "chunk_size": 16, "requests": requests}]
-    cases += [{"name": f"solo{i}", "chunk_size": 16, "requests": [{**r, "arrival_step": 0}]}
-              for i, r in enumerate(requests)]
+    cases = together_and_solo_cases("mixed", 16, requests)
     results = run_engine(tmp_path, tp, tiny_overrides(tiny_models["llama"], **{"parallel.tp": tp}), cases)
 
     mixed = results["mixed"]

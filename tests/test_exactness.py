@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_engine, tiny_overrides
+from conftest import greedy_cases, run_engine, tiny_overrides
 
 PROMPT_LENGTHS = (97, 13, 130)
 DECODE_STEPS = 64
@@ -44,9 +44,7 @@ def test_matches_transformers(family, tp, tiny_models, reference, tmp_path):
     model_dir = tiny_models[family]
     hf = reference(model_dir)
     batch = prompts(hf.config.vocab_size)
-    cases = [{"name": f"chunk{c}", "chunk_size": c,
-              "requests": [{"prompt_token_ids": p, "max_tokens": DECODE_STEPS, "ignore_eos": True} for p in batch]}
-             for c in CHUNK_SIZES]
+    cases = greedy_cases(batch, CHUNK_SIZES, DECODE_STEPS)
     results = run_engine(tmp_path, tp, tiny_overrides(model_dir, **{"parallel.tp": tp}), cases)
     for index, prompt in enumerate(batch):
         ref_tokens, ref_logits = reference_greedy(hf, prompt, DECODE_STEPS)

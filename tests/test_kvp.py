@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import run_engine, tiny_overrides
+from conftest import greedy_cases, run_engine, together_and_solo_cases, tiny_overrides
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from test_exactness import DECODE_STEPS, assert_matches_reference, reference_greedy
 
@@ -34,9 +34,7 @@ def test_kvp_matches_transformers_and_one_rank(family, tp, spp, kvp, tiny_models
     model_dir = tiny_models[family]
     hf = reference(model_dir)
     batch = kvp_prompts(kvp, hf.config.vocab_size)
-    cases = [{"name": f"chunk{c}", "chunk_size": c,
-              "requests": [{"prompt_token_ids": p, "max_tokens": DECODE_STEPS, "ignore_eos": True} for p in batch]}
-             for c in (7, 0)]
+    cases = greedy_cases(batch, (7, 0), DECODE_STEPS)
     max_model_len = kvp * GROUP_TOKENS
     results = run_engine(tmp_path / "kvp", tp * spp * kvp, kvp_overrides(model_dir, tp, spp, kvp, max_model_len), cases)
     one_rank = run_engine(tmp_path / "one", 1, kvp_overrides(model_dir, 1, 1, 1, max_model_len), cases)
@@ -63,9 +61,7 @@ def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_
     short = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 24,
               "arrival_step": 1 + i, **({"temperature": 0.9, "seed": i} if i % 2 else {})} for i in range(5)]
     requests = [long] + short
-    cases = [{"name": "together", "chunk_size": 16, "requests": requests}]
-    cases += [{"name": f"solo{i}", "chunk_size": 16, "requests": [{**r, "arrival_step": 0}]}
-              for i, r in enumerate(requests)]
+    cases = together_and_solo_cases("together", 16, requests)
     model_dir = tiny_models["llama"]
     results = run_engine(tmp_path / "kvp", 3, kvp_overrides(model_dir, 1, 1, 3, 240), cases)
     one_rank = run_engine(tmp_path / "one", 1, kvp_overrides(model_dir, 1, 1, 1, 240), cases[:1])

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import run_engine, tiny_overrides
+from conftest import greedy_cases, run_engine, together_and_solo_cases, tiny_overrides
 from mnemosyne_hpc.distributed.mesh import stage_layers
 from test_exactness import DECODE_STEPS, assert_matches_reference, prompts, reference_greedy
 
@@ -27,9 +27,7 @@ def test_pipeline_matches_transformers(family, tp, spp, pipeline, deep_tiny_mode
     model_dir = deep_tiny_models[family]
     hf = reference(model_dir)
     batch = prompts(hf.config.vocab_size)
-    cases = [{"name": f"chunk{c}", "chunk_size": c,
-              "requests": [{"prompt_token_ids": p, "max_tokens": DECODE_STEPS, "ignore_eos": True} for p in batch]}
-             for c in (7, 0)]
+    cases = greedy_cases(batch, (7, 0), DECODE_STEPS)
     overrides = tiny_overrides(model_dir, **{"parallel.tp": tp, "parallel.spp": spp, "scheduler.pipeline": pipeline})
     results = run_engine(tmp_path, tp * spp, overrides, cases)
     for index, prompt in enumerate(batch):
@@ -52,9 +50,7 @@ def test_long_prefill_beside_decodes_equals_solo_runs(pipeline, deep_tiny_models
     short = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 40,
               "arrival_step": i} for i in range(3)]
     requests = short + [long]
-    cases = [{"name": "together", "chunk_size": 32, "requests": requests}]
-    cases += [{"name": f"solo{i}", "chunk_size": 32, "requests": [{**r, "arrival_step": 0}]}
-              for i, r in enumerate(requests)]
+    cases = together_and_solo_cases("together", 32, requests)
     overrides = tiny_overrides(deep_tiny_models["llama"], **{"parallel.spp": 2, "scheduler.pipeline": pipeline})
     results = run_engine(tmp_path, 2, overrides, cases)
     together = results["together"]
