@@ -54,13 +54,33 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    policy: str = "fixed"  # prefill chunking policy; only fixed-size chunks so far
+    # Prefill chunk sizes: "adaptive" picks, every step, the largest chunk whose predicted step time
+    # fits tbt_slo_ms (needs the performance model); "fixed" always uses chunk_size.
+    chunking: str = "adaptive"
+    tbt_slo_ms: float = 100.0  # time-between-tokens target; adaptive chunking keeps each step within it
+    min_chunk: int = 32  # adaptive chunk sizes: min_chunk + k × chunk_step, up to max_chunk
+    max_chunk: int = 8192
+    chunk_step: int = 32
+    chunk_size: int = 512  # fixed chunking: prefill tokens per request per step (0: whole prompt in one chunk)
+    # Order of prefills and admissions: "lars" (least relative slack to the prefill deadline), "edf"
+    # (earliest deadline) or "fcfs" (arrival order). The lowest priority is preempted first.
+    priority: str = "lars"
+    deadline_multiplier: float = 1.5  # prefill deadline: arrival + max(m × predicted prefill time, min_deadline_ms)
+    min_deadline_ms: float = 500.0
+    space_share: float = 0.5  # adaptive: share of a step a prefill with slack leaves to prefills behind it
     # With parallel.spp > 1: "spp" lets a request's next prefill chunk enter stage 0 as soon as the
     # previous one left it; "plain" waits until it left the last stage (classic pipeline parallelism).
     pipeline: str = "spp"
-    chunk_size: int = 512  # prefill tokens per request per step (0: whole prompt in one chunk)
     max_num_seqs: int = 16  # requests running at once
-    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step
+    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step, per KVP group
+    # Performance model file; empty: <model.cache_dir>/profiles/<model, dtype, hardware, layout>.json,
+    # taken at start-up when missing (see `python -m mnemosyne_hpc.profile`).
+    profile: str = ""
+    profile_quick: bool = True  # a profile taken at start-up uses a coarser grid (about a minute)
+
+    @property
+    def needs_perf_model(self) -> bool:
+        return self.chunking == "adaptive" or self.priority != "fcfs"
 
 
 @dataclass
@@ -81,6 +101,7 @@ class SamplingConfig:
 class GenerateConfig:
     input: str = "bench/data/prompts.jsonl"  # JSONL with {"prompt": ...} or {"prompt_token_ids": [...]}
     output: str = "outputs.jsonl"
+    metrics: str = "metrics.jsonl"  # per-request latency records (JSONL); empty: not written
     progress: bool = True
 
 
@@ -139,7 +160,14 @@ def validate(cfg: Config) -> None:
         (c.block_size >= 1 and c.num_blocks >= 0 and c.kv_memory_gib > 0,
          "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0"),
         (c.max_model_len >= 2, "cache.max_model_len must be >= 2"),
-        (s.policy == "fixed", "scheduler.policy must be 'fixed'"),
+        (s.chunking in ("adaptive", "fixed"), "scheduler.chunking must be 'adaptive' or 'fixed'"),
+        (s.priority in ("lars", "edf", "fcfs"), "scheduler.priority must be 'lars', 'edf' or 'fcfs'"),
+        (s.tbt_slo_ms > 0, "scheduler.tbt_slo_ms must be > 0"),
+        (1 <= s.min_chunk <= s.max_chunk and s.chunk_step >= 1,
+         "scheduler needs 1 <= min_chunk <= max_chunk and chunk_step >= 1"),
+        (0 <= s.space_share < 1, "scheduler.space_share must be in [0, 1)"),
+        (s.deadline_multiplier > 0 and s.min_deadline_ms >= 0,
+         "scheduler.deadline_multiplier must be > 0 and scheduler.min_deadline_ms >= 0"),
         (s.pipeline in ("spp", "plain"), "scheduler.pipeline must be 'spp' or 'plain'"),
         (s.chunk_size >= 0, "scheduler.chunk_size must be >= 0"),
         (s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,

@@ -5,18 +5,21 @@
 Each input line: {"prompt": "..."} or {"prompt_token_ids": [...]}, plus any sampling field
 (temperature, top_k, top_p, max_tokens, seed, stop, stop_token_ids, ignore_eos). Each output line,
 in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s", "kvp_groups",
-"kv_blocks" (per KVP group), ...} or {"index", "error"} for a request that was rejected; the others
-still run.
+"kv_blocks" (per KVP group), "preemptions", ...} or {"index", "error"} for a request that was
+rejected; the others still run. `generate.metrics` gets each request's latency record (arrival,
+TTFT, every TBT, finish, preemptions), and the run's aggregates are printed at the end.
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 from tqdm import tqdm
 
 from mnemosyne_hpc.config import Config, ConfigError, compose
 from mnemosyne_hpc.engine.engine import Engine
+from mnemosyne_hpc.engine.metrics import format_summary, request_record, summarize
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.runtime import run
 
@@ -38,9 +41,12 @@ def read_requests(path: str) -> list[dict | str]:
     return entries
 
 
-def generate(engine: Engine, entries: list, progress: bool = True) -> list[dict]:
+def generate(engine: Engine, entries: list, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Results in input order, and the latency record of every request that ran."""
     results: list[dict] = [{} for _ in entries]
+    records: list[dict] = []
     index_of = {}
+    start = time.perf_counter()
     for index, entry in enumerate(entries):
         try:
             if isinstance(entry, str):
@@ -63,9 +69,17 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> list[dict]
                     "tbt_s": request.tbt_s,
                     "kvp_groups": list(range(request.first_group, request.first_group + len(request.block_tables))),
                     "kv_blocks": [len(table) for table in request.block_tables],  # per KVP group
+                    "preemptions": request.preemptions,
                 }
+                records.append({"index": index_of[request.id], **request_record(request, start)})
                 bar.update(1)
-    return results
+    return results, records
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,12 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
     def leader(engine: Engine) -> None:
-        results = generate(engine, entries, cfg.generate.progress)
-        with open(cfg.generate.output, "w") as f:
-            for result in results:
-                f.write(json.dumps(result) + "\n")
+        results, records = generate(engine, entries, cfg.generate.progress)
+        write_jsonl(cfg.generate.output, results)
+        if cfg.generate.metrics:
+            write_jsonl(cfg.generate.metrics, records)
         failed = sum("error" in r for r in results)
         print(f"wrote {len(results)} results to {cfg.generate.output} ({failed} rejected)", file=sys.stderr)
+        print(format_summary(summarize(records, cfg.scheduler.tbt_slo_ms / 1000)), file=sys.stderr)
 
     run(cfg, leader)
 

@@ -22,6 +22,7 @@ from mnemosyne_hpc.engine.engine import Engine, follow
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.gguf import convert_gguf, converted_dir
+from mnemosyne_hpc.profile import load_or_profile
 
 
 class ModelDirError(ValueError):
@@ -78,7 +79,8 @@ def _raised_in_collective(e: BaseException) -> bool:
     return any(f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
-def run(cfg: Config, leader: Callable[[Engine], None], **engine_options) -> None:
+def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = False, **engine_options) -> None:
+    """Start this rank; rank 0 calls `leader(engine)`. `force_profile` re-takes the performance model."""
     try:
         path = check_model_path(cfg)
         info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -91,8 +93,11 @@ def run(cfg: Config, leader: Callable[[Engine], None], **engine_options) -> None
             raise ValueError(f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
                              f"max_position_embeddings = {args.max_position_embeddings}")
         runner = ModelRunner(cfg, ctx, model_dir, args)
+        perf_model = None
+        if force_profile or cfg.scheduler.needs_perf_model:
+            perf_model = load_or_profile(cfg, runner, force=force_profile)
         if info.rank == 0:
-            engine = Engine(cfg, runner, load_tokenizer(model_dir), **engine_options)
+            engine = Engine(cfg, runner, load_tokenizer(model_dir), perf_model, **engine_options)
             leader(engine)
             engine.shutdown()
         else:

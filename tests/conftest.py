@@ -21,7 +21,7 @@ MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil
 def tiny_overrides(model_dir: Path, **extra) -> list[str]:
     values = {"model": "hf", "model.path": str(model_dir), "cache.block_size": 16, "cache.num_blocks": 128,
               "cache.max_model_len": 512, "scheduler.max_num_batched_tokens": 1024, "parallel.timeout_s": 60,
-              **extra}
+              "scheduler.chunking": "fixed", "scheduler.priority": "fcfs", **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 

@@ -13,7 +13,7 @@ info = init_distributed("cpu", "gloo", 30)
 for tokens in (3, PLAN_BUFFER_BYTES):  # the second plan pickles to several buffers' worth
     chunk = Chunk(request_id=7, token_ids=list(range(tokens)), start_pos=5, first_group=0, num_groups=2,
                   sampling=None)
-    sent = StepPlan(stages=[[chunk], []], admitted={7: (0, [[1, 2], [9]])}, released=[3], return_logits=True)
+    sent = StepPlan(stages=[[chunk], []], block_tables={7: (0, [[1, 2], [9]])}, released=[3], return_logits=True)
     received = broadcast_plan(sent if info.rank == 0 else None, dist.group.WORLD)
     if received != sent:
         sys.exit(f"rank {info.rank}: plan of {tokens} tokens arrived changed")

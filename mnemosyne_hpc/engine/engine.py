@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, kvp_group_tokens
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
+from mnemosyne_hpc.engine.perf_model import PerfModel
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
@@ -51,18 +52,18 @@ def follow(runner: ModelRunner) -> None:
 
 
 class Engine:
-    def __init__(self, cfg: Config, runner: ModelRunner, tokenizer=None, record_logits: bool = False):
-        self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
+    def __init__(self, cfg: Config, runner: ModelRunner, tokenizer=None, perf_model: PerfModel | None = None,
+                 record_logits: bool = False):
+        self.cfg, self.runner, self.tokenizer, self.perf_model = cfg, runner, tokenizer, perf_model
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
         self.placement = KVPlacement(runner.ctx.kvp_size, runner.num_blocks, cfg.cache.block_size,
                                      kvp_group_tokens(cfg))
-        self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages)
+        self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages, perf_model)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
-        self._released: list[int] = []
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -112,10 +113,9 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one pipeline tick on every rank; return the requests that finished in it."""
         stages = [self.scheduler.schedule()] + self.in_flight
-        admitted = {c.request_id: (c.first_group, self.requests[c.request_id].block_tables)
-                    for c in stages[0] if c.start_pos == 0}  # a request's first chunk brings its block tables
-        plan = StepPlan(stages=stages, admitted=admitted, released=self._released, return_logits=self.record_logits)
-        self._released = []
+        released, changed = self.scheduler.take_changes()
+        tables = {r.id: (r.first_group, [list(t) for t in r.block_tables]) for r in changed}
+        plan = StepPlan(stages=stages, block_tables=tables, released=released, return_logits=self.record_logits)
         broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
         tokens, logits = self.runner.execute(plan)
@@ -132,8 +132,8 @@ class Engine:
             if self.record_logits:
                 self.logits.setdefault(request.id, []).append(logits[row])
             if self._check_finished(request, token):
+                request.finish_time = now
                 self.scheduler.finish(request)
-                self._released.append(request.id)
                 finished.append(self.requests.pop(request.id))
         return finished
 

@@ -37,38 +37,77 @@ class KVPlacement:
     """Rank 0's book of the blocks of every KVP group, and of where a request's KV goes.
 
     A request of up to `max_len` tokens spans consecutive groups; the i-th holds its positions
-    [i·L, (i+1)·L) with L = `group_tokens`. All of its blocks, in every group, are reserved at once.
+    [i·L, (i+1)·L) with L = `group_tokens`. Admission reserves the blocks of the prompt in every group
+    it spans; decoding takes one block at a time from the group its new position falls in.
     """
 
     def __init__(self, num_groups: int, num_blocks: int, block_size: int, group_tokens: int):
         self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(num_groups)]
         self.group_tokens = group_tokens
+        self.promised = [0] * num_groups  # blocks that placed requests may still take as they grow
 
-    def shard_tokens(self, max_len: int) -> list[int]:
-        """Tokens each spanned group holds of a request of `max_len` tokens."""
+    def shard_tokens(self, num_tokens: int) -> list[int]:
+        """Tokens each spanned group holds of a sequence of `num_tokens` tokens."""
         L = self.group_tokens
-        return [min(L, max_len - start) for start in range(0, max_len, L)]
+        return [min(L, num_tokens - start) for start in range(0, num_tokens, L)]
 
     @property
     def blocks_per_group(self) -> int:
         return self.allocators[0].num_blocks
 
+    @property
+    def block_size(self) -> int:
+        return self.allocators[0].block_size
+
     def blocks_needed(self, max_len: int) -> int:
         """Blocks the request's largest shard needs from one group."""
         return self.allocators[0].blocks_for(self.shard_tokens(max_len)[0])
 
-    def reserve(self, max_len: int) -> tuple[int, list[list[int]]] | None:
-        """(first group, block table per spanned group), or None while no run of groups has room.
+    def reserve(self, num_tokens: int, max_len: int) -> tuple[int, list[list[int]]] | None:
+        """Blocks for the first `num_tokens` positions of a request that may grow to `max_len`:
+        (first group, block table per spanned group), or None while no run of groups has room.
         Picks the run with the most free blocks, which spreads short requests over the groups."""
-        shards = self.shard_tokens(max_len)
-        runs = [first for first in range(len(self.allocators) - len(shards) + 1)
+        shards = self.shard_tokens(num_tokens)
+        span = len(self.shard_tokens(max_len))
+        runs = [first for first in range(len(self.allocators) - span + 1)
                 if all(self.allocators[first + i].can_reserve(n) for i, n in enumerate(shards))]
         if not runs:
             return None
-        first = max(runs, key=lambda f: min(self.allocators[f + i].num_free for i in range(len(shards))))
-        return first, [self.allocators[first + i].reserve(n) for i, n in enumerate(shards)]
+        first = max(runs, key=lambda f: min(self.headroom(f + i) for i in range(span)))
+        tables = [self.allocators[first + i].reserve(n) for i, n in enumerate(shards)]
+        self._promise(first, tables, max_len, +1)
+        return first, tables
 
-    def free(self, first_group: int, tables: list[list[int]]) -> None:
+    def headroom(self, group: int) -> int:
+        """Free blocks of a group that no placed request may still claim."""
+        return self.allocators[group].num_free - self.promised[group]
+
+    def _promise(self, first_group: int, tables: list[list[int]], max_len: int, sign: int) -> None:
+        for i, n in enumerate(self.shard_tokens(max_len)):
+            held = len(tables[i]) if i < len(tables) else 0
+            self.promised[first_group + i] += sign * (self.allocators[0].blocks_for(n) - held)
+
+    def group_of(self, first_group: int, position: int) -> int:
+        return first_group + position // self.group_tokens
+
+    def covers(self, tables: list[list[int]], position: int) -> bool:
+        shard = position // self.group_tokens
+        return shard < len(tables) and position % self.group_tokens < len(tables[shard]) * self.block_size
+
+    def extend(self, first_group: int, tables: list[list[int]], position: int) -> bool:
+        """Add the block holding `position` to the tables; False when its group has no free block."""
+        group = self.group_of(first_group, position)
+        if self.allocators[group].num_free == 0:
+            return False
+        while len(tables) <= position // self.group_tokens:
+            tables.append([])
+        tables[position // self.group_tokens].extend(self.allocators[group].reserve(1))
+        self.promised[group] -= 1
+        return True
+
+    def free(self, first_group: int, tables: list[list[int]], max_len: int) -> None:
+        """Return a request's blocks, and its claim on the blocks it did not take."""
+        self._promise(first_group, tables, max_len, -1)
         for i, table in enumerate(tables):
             self.allocators[first_group + i].free(table)
 

@@ -49,10 +49,10 @@ class StepPlan:
     """
 
     stages: list[MicroBatch] = field(default_factory=list)
-    # Requests admitted this tick: id → (first KVP group, block table per spanned group). Ranks keep
-    # their group's table until the id is released, so a plan's size does not grow with the context.
-    admitted: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
-    released: list[int] = field(default_factory=list)  # finished requests: drop their block tables
+    # Requests admitted or grown this tick: id → (first KVP group, block table per spanned group). Ranks
+    # keep their group's table until the id is released, so a plan's size does not grow with the context.
+    block_tables: dict[int, tuple[int, list[list[int]]]] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)  # finished or preempted requests: drop their tables
     return_logits: bool = False  # the last stage also sends the sampled rows' logits to rank 0
     shutdown: bool = False
 

@@ -84,9 +84,22 @@ class Request:
     num_computed: int = 0  # tokens that left the last stage: their K/V are in every stage's cache
     first_group: int = 0  # KVP group holding the first positions
     block_tables: list[list[int]] = field(default_factory=list)  # reserved KV blocks, per spanned KVP group
+    prefill_len: int = 0  # tokens to prefill before decoding: the prompt, or everything known after a preemption
     token_times: list[float] = field(default_factory=list)
+    preemptions: int = 0
+    finish_time: Optional[float] = None
     text: str = ""  # set when the request finishes
     finish_reason: Optional[str] = None  # "stop" | "length"
+
+    def __post_init__(self):
+        self.prefill_len = self.prefill_len or len(self.prompt_token_ids)
+
+    def preempt(self) -> None:
+        """Drop the KV (the caller frees its blocks): everything known is prefilled again later."""
+        self.num_scheduled = self.num_computed = 0
+        self.prefill_len = self.num_tokens
+        self.block_tables = []
+        self.preemptions += 1
 
     @property
     def num_tokens(self) -> int:
@@ -108,7 +121,7 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_scheduled < len(self.prompt_token_ids)
+        return self.num_scheduled < self.prefill_len
 
     @property
     def ttft_s(self) -> Optional[float]:

@@ -58,7 +58,7 @@ class ModelRunner:
         ctx = self.ctx
         for request_id in plan.released:
             self.block_tables.pop(request_id, None)
-        for request_id, (first_group, tables) in plan.admitted.items():
+        for request_id, (first_group, tables) in plan.block_tables.items():
             if first_group <= ctx.kvp_rank < first_group + len(tables):
                 self.block_tables[request_id] = tables[ctx.kvp_rank - first_group]
         send = None

@@ -1,26 +1,62 @@
-"""Continuous batching with fixed-size prefill chunks: decodes first, then prefill chunks.
+"""Continuous batching: decodes first, then prefill chunks in priority order.
 
 Each call forms the micro-batch that enters pipeline stage 0 this tick. Under SPP a request's next
 prefill chunk may enter while earlier chunks are still in later stages; a decode always waits
-for its previous token to come back from the last stage. Under KVP every group has its own token
-budget: a chunk costs its tokens in each group that runs it, and never crosses a group boundary.
+for its previous token to come back from the last stage. Under KVP every group has its own
+budget: a chunk costs its tokens (and time) in each group that runs it, and never crosses a group
+boundary.
+
+Chunking. `fixed` gives a prefill `chunk_size` tokens. `adaptive` gives it the largest size
+`min_chunk + k · chunk_step <= max_chunk` whose predicted micro-batch time, with everything already
+in the batch, fits the tick's share of the TBT SLO (`tbt_slo_ms / stages`), so the chunks of a long
+prompt shrink as its prefix grows. When the most urgent prefill has slack and others wait behind it,
+it leaves `space_share` of that time to them.
+
+Memory. Admission reserves every KV block of what is to be prefilled, in every group it spans; a
+decode takes a block when its position needs one. When that block's group has none free, the
+lowest-priority request holding blocks there (and with nothing in the pipeline) is preempted: its
+blocks are freed and it is prefilled again later. A request that can never fit is rejected before
+it gets here.
 """
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
+import time
+from dataclasses import dataclass, field
 
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
+from mnemosyne_hpc.engine.perf_model import PerfModel, SequenceShape
 from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
+from mnemosyne_hpc.engine.priority import Priority
 from mnemosyne_hpc.engine.request import Request
 
 
+@dataclass
+class GroupLoad:
+    """What one KVP group runs in the micro-batch being formed."""
+
+    tokens_left: int
+    sequences: list[SequenceShape] = field(default_factory=list)
+    sampled_rows: int = 0
+    merged_rows: int = 0
+    has_prefill: bool = False
+
+    def time_with(self, perf_model: PerfModel, shape: SequenceShape, sampled: int, merged: int) -> float:
+        return perf_model.batch_time(self.sequences + [shape], self.sampled_rows + sampled, self.merged_rows + merged)
+
+
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, placement: KVPlacement, num_stages: int = 1):
+    def __init__(self, cfg: SchedulerConfig, placement: KVPlacement, num_stages: int = 1,
+                 perf_model: PerfModel | None = None, clock=time.perf_counter):
         self.cfg, self.placement, self.num_stages = cfg, placement, num_stages
-        self.waiting: deque[Request] = deque()
+        self.perf_model, self.clock = perf_model, clock
+        self.priority = Priority(cfg, perf_model)
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.released: list[int] = []  # requests whose blocks were freed since the last plan
+        self.tables_changed: dict[int, Request] = {}  # requests admitted or grown since the last plan
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -29,45 +65,137 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def take_changes(self) -> tuple[list[int], list[Request]]:
+        """Released request ids and requests with new block tables, for the next step plan."""
+        released, changed = self.released, list(self.tables_changed.values())
+        self.released, self.tables_changed = [], {}
+        return released, changed
+
     def schedule(self) -> MicroBatch:
-        budget = [self.cfg.max_num_batched_tokens] * len(self.placement.allocators)  # per KVP group
-        chunks = []
+        now = self.clock()
+        loads = [GroupLoad(self.cfg.max_num_batched_tokens) for _ in self.placement.allocators]
+        chunks: MicroBatch = []
         ready = [r for r in self.running if r.num_unscheduled and not (self.cfg.pipeline == "plain" and r.in_flight)]
         # Spread decodes over the P micro-batches in flight so every pipeline stage has work.
         decoding = sum(not r.in_prefill for r in self.running)
-        decodes = [r for r in ready if not r.in_prefill][: math.ceil(decoding / self.num_stages)]
-        prefills = [r for r in ready if r.in_prefill]
-        for request in decodes + prefills:
-            self._add_chunk(chunks, request, budget)
-        while any(budget) and self.waiting and len(self.running) < self.cfg.max_num_seqs:
-            request = self.waiting[0]
-            placed = self.placement.reserve(request.max_len)
+        for request in [r for r in ready if not r.in_prefill][: math.ceil(decoding / self.num_stages)]:
+            if request in self.running and self._make_room(request, now):
+                self._add_chunk(chunks, loads, request, 1)
+        candidates = self.priority.order([r for r in ready if r.in_prefill and r in self.running] + self.waiting, now)
+        admitting = True
+        for i, request in enumerate(candidates):
+            leave_share = i + 1 < len(candidates) and self._has_slack(request, now)
+            if request in self.running:
+                self._add_chunk(chunks, loads, request, self._chunk_size(loads, request, leave_share))
+                continue
+            if not admitting or len(self.running) >= self.cfg.max_num_seqs:
+                continue
+            placed = self.placement.reserve(request.prefill_len, request.max_len)
             if placed is None:
-                break  # FCFS: wait for blocks rather than overtake
-            self.waiting.popleft()
+                admitting = False  # nothing behind it overtakes it into memory
+                continue
             request.first_group, request.block_tables = placed
+            size = self._chunk_size(loads, request, leave_share)
+            if size == 0:
+                self.placement.free(*placed, request.max_len)
+                request.block_tables = []
+                continue
+            self.waiting.remove(request)
             self.running.append(request)
-            self._add_chunk(chunks, request, budget)
+            self.tables_changed[request.id] = request
+            self._add_chunk(chunks, loads, request, size)
         return chunks
 
-    def _add_chunk(self, chunks: MicroBatch, request: Request, budget: list[int]) -> None:
-        start = request.num_scheduled
-        group_tokens = self.placement.group_tokens
-        groups = range(request.first_group, request.first_group + start // group_tokens + 1)
-        size = min(request.num_unscheduled, min(budget[g] for g in groups),
-                   group_tokens - start % group_tokens)  # stop at the group boundary
-        if request.in_prefill and self.cfg.chunk_size:
-            size = min(size, self.cfg.chunk_size)
+    def _has_slack(self, request: Request, now: float) -> bool:
+        return self.cfg.space_share > 0 and self.perf_model is not None and self.priority.slack(request, now) > 0
+
+    def _groups(self, request: Request) -> range:
+        """KVP groups holding the request's KV up to its next token."""
+        return range(request.first_group, self.placement.group_of(request.first_group, request.num_scheduled) + 1)
+
+    def _shapes(self, request: Request, size: int):
+        """(group, its sequence shape, sampled rows, merged rows) for a chunk of `size` tokens."""
+        start, groups, L = request.num_scheduled, self._groups(request), self.placement.group_tokens
+        sampled = int(start + size == request.num_tokens)
+        merged = size if len(groups) > 1 else 0
+        for g in groups:
+            cached = start - (g - request.first_group) * L if g == groups[-1] else L
+            yield g, SequenceShape(size, cached), sampled if g == request.first_group else 0, merged
+
+    def _chunk_size(self, loads: list[GroupLoad], request: Request, leave_share: bool) -> int:
+        start, groups = request.num_scheduled, self._groups(request)
+        limit = min(request.num_unscheduled, min(loads[g].tokens_left for g in groups),
+                    self.placement.group_tokens - start % self.placement.group_tokens)  # stop at the boundary
+        if limit <= 0:
+            return 0
+        if self.cfg.chunking == "fixed":
+            return min(limit, self.cfg.chunk_size or limit)
+        budget = self.cfg.tbt_slo_ms / 1000 / self.num_stages * (1 - self.cfg.space_share if leave_share else 1)
+        cfg = self.cfg
+        sizes = [s for s in range(cfg.min_chunk, min(cfg.max_chunk, limit - 1) + 1, cfg.chunk_step)]
+        if limit <= cfg.max_chunk:
+            sizes.append(limit)
+
+        def too_slow(size: int) -> bool:
+            return any(loads[g].time_with(self.perf_model, shape, sampled, merged) > budget
+                       for g, shape, sampled, merged in self._shapes(request, size))
+
+        fitting = bisect.bisect_left(sizes, True, key=too_slow)  # predicted time grows with the size
+        if fitting:
+            return sizes[fitting - 1]
+        # Nothing fits: the smallest chunk still runs when no other prefill shares these groups (progress).
+        return sizes[0] if not any(loads[g].has_prefill for g in groups) else 0
+
+    def _add_chunk(self, chunks: MicroBatch, loads: list[GroupLoad], request: Request, size: int) -> None:
         if size == 0:
             return
-        for g in groups:
-            budget[g] -= size
-        end = start + size
-        request.num_scheduled = end
+        for g, shape, sampled, merged in self._shapes(request, size):
+            load = loads[g]
+            load.tokens_left -= size
+            load.sequences.append(shape)
+            load.sampled_rows += sampled
+            load.merged_rows += merged
+            load.has_prefill |= request.in_prefill
+        groups = self._groups(request)
+        start = request.num_scheduled
+        end = request.num_scheduled = start + size
         chunks.append(Chunk(request_id=request.id, token_ids=request.token_ids(start, end), start_pos=start,
                             first_group=request.first_group, num_groups=len(groups),
                             sampling=request.sampling if end == request.num_tokens else None))
 
+    def _make_room(self, request: Request, now: float) -> bool:
+        """Make sure the KV block of the request's next position is reserved, preempting if needed.
+        False when the request itself was preempted or must wait a tick."""
+        position = request.num_scheduled
+        while not self.placement.covers(request.block_tables, position):
+            if self.placement.extend(request.first_group, request.block_tables, position):
+                self.tables_changed[request.id] = request
+                continue
+            group = self.placement.group_of(request.first_group, position)
+            victims = [r for r in self.running if not r.in_flight and self._holds_blocks(r, group)]
+            if not victims:
+                return False  # the holders all have work in the pipeline: try again next tick
+            victim = max(victims, key=lambda r: self.priority.key(r, now))
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    @staticmethod
+    def _holds_blocks(request: Request, group: int) -> bool:
+        shard = group - request.first_group
+        return 0 <= shard < len(request.block_tables) and bool(request.block_tables[shard])
+
+    def _preempt(self, request: Request) -> None:
+        self.placement.free(request.first_group, request.block_tables, request.max_len)
+        request.preempt()
+        self.running.remove(request)
+        self.waiting.append(request)
+        self.released.append(request.id)
+        self.tables_changed.pop(request.id, None)
+
     def finish(self, request: Request) -> None:
         self.running.remove(request)
-        self.placement.free(request.first_group, request.block_tables)  # the tables stay, for reporting
+        self.placement.free(request.first_group, request.block_tables, request.max_len)  # the tables stay, for reporting
+        self.released.append(request.id)
+        self.tables_changed.pop(request.id, None)

@@ -1,0 +1,137 @@
+"""Predicted time of one engine iteration from the shape of its batch, calibrated on this hardware.
+
+A KVP group's micro-batch on one pipeline stage costs
+
+    overhead + per_sequence · S + layers · (linear(T) + Σ_i attention(q_i, n_i) + merge(M)) + lm_head(R)
+             + hand_over(T)
+
+for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
+over KVP groups and R sampled rows. Every term is measured by `python -m mnemosyne_hpc.profile`
+on the real kernels; `overhead` and `per_sequence` are fitted to whole engine steps.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Curve:
+    """Piecewise-linear y(x) through measured points, extended linearly beyond the last one."""
+
+    x: list[float]
+    y: list[float]
+
+    def __call__(self, value: float) -> float:
+        x, y = self.x, self.y
+        if len(x) == 1:
+            return y[0]
+        if value > x[-1]:
+            return y[-1] + (y[-1] - y[-2]) / (x[-1] - x[-2]) * (value - x[-1])
+        return float(np.interp(value, x, y))
+
+
+@dataclass
+class AttentionFit:
+    """One layer's attention of q query tokens over n cached tokens (plus themselves, causally):
+    intercept(q) + slope(q) · n, fitted per measured q and interpolated between them."""
+
+    intercept: Curve
+    slope: Curve
+
+    def __call__(self, q: int, n: int) -> float:
+        return self.intercept(q) + self.slope(q) * n
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    query_tokens: int
+    cached_tokens: int  # KV tokens of this group read before the queries
+
+
+@dataclass
+class PerfModel:
+    key: str
+    layers: int  # layers of the largest pipeline stage
+    stages: int
+    linear: Curve  # one layer's projections, MLP and TP all-reduces, against batch tokens
+    attention: AttentionFit
+    lm_head: Curve  # final norm, LM head and sampling, against sampled rows
+    merge: Curve | None = None  # one layer's KVP all-gather and merge, against merged rows
+    hand_over: Curve | None = None  # SPP send/receive of hidden states, against tokens
+    overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
+    per_sequence_s: float = 0.0
+    report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
+
+    def batch_time(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> float:
+        """Seconds one stage of one KVP group needs for this micro-batch."""
+        if not sequences:
+            return 0.0
+        tokens = sum(s.query_tokens for s in sequences)
+        per_layer = self.linear(tokens) + sum(self.attention(s.query_tokens, s.cached_tokens) for s in sequences)
+        if merged_rows and self.merge is not None:
+            per_layer += self.merge(merged_rows)
+        total = self.overhead_s + self.per_sequence_s * len(sequences) + self.layers * per_layer
+        if sampled_rows:
+            total += self.lm_head(sampled_rows)
+        if self.hand_over is not None:
+            total += self.hand_over(tokens)
+        return total
+
+    @functools.lru_cache(maxsize=4096)
+    def prefill_time(self, tokens: int, chunk: int = 512) -> float:
+        """Seconds to prefill `tokens` tokens alone in chunks of `chunk`, through every stage."""
+        if tokens <= 0:
+            return 0.0
+        starts = range(0, tokens, chunk)
+        ticks = sum(self.batch_time([SequenceShape(min(chunk, tokens - s), s)], 0) for s in starts)
+        return ticks + (self.stages - 1) * self.batch_time([SequenceShape(min(chunk, tokens), 0)], 0)
+
+    def __hash__(self) -> int:  # for lru_cache: one model object, one cache
+        return id(self)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PerfModel":
+        data = json.loads(Path(path).read_text())
+        curve = lambda d: None if d is None else Curve(**d)  # noqa: E731
+        return cls(**{**data, "linear": curve(data["linear"]), "lm_head": curve(data["lm_head"]),
+                      "merge": curve(data["merge"]), "hand_over": curve(data["hand_over"]),
+                      "attention": AttentionFit(curve(data["attention"]["intercept"]),
+                                                curve(data["attention"]["slope"]))})
+
+
+def hardware_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} × {torch.get_num_threads()} threads"
+
+
+def profile_key(args, dtype: str, hardware: str, layout: dict) -> str:
+    """Profiles are kept per model shape, dtype, hardware and parallel layout."""
+    shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                                           "num_kv_heads", "head_dim", "vocab_size")}
+    text = json.dumps({"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

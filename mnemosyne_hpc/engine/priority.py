@@ -1,0 +1,37 @@
+"""Which request goes first: FCFS, EDF, or length-aware relative slack (LARS).
+
+A request's prefill deadline is `arrival + max(m × predicted prefill time of its prompt, d_min)`;
+its slack is `deadline − now − predicted remaining prefill time`. LARS orders by slack relative to
+the deadline span, so a short request overtakes a long prefill until the long one's slack runs out.
+The smallest key goes first; the largest key is the first to be preempted.
+"""
+from __future__ import annotations
+
+from mnemosyne_hpc.config import SchedulerConfig
+from mnemosyne_hpc.engine.perf_model import PerfModel
+from mnemosyne_hpc.engine.request import Request
+
+
+class Priority:
+    def __init__(self, cfg: SchedulerConfig, perf_model: PerfModel | None):
+        self.policy, self.perf_model = cfg.priority, perf_model
+        self.multiplier, self.min_deadline_s = cfg.deadline_multiplier, cfg.min_deadline_ms / 1000
+
+    def deadline(self, request: Request) -> float:
+        span = self.multiplier * self.perf_model.prefill_time(len(request.prompt_token_ids))
+        return request.arrival + max(span, self.min_deadline_s)
+
+    def slack(self, request: Request, now: float) -> float:
+        remaining = self.perf_model.prefill_time(request.prefill_len) - self.perf_model.prefill_time(
+            min(request.num_scheduled, request.prefill_len))
+        return self.deadline(request) - now - remaining
+
+    def key(self, request: Request, now: float) -> tuple:
+        if self.policy == "fcfs":
+            return (request.arrival, request.id)
+        if self.policy == "edf":
+            return (self.deadline(request), request.id)
+        return (self.slack(request, now) / (self.deadline(request) - request.arrival), request.id)
+
+    def order(self, requests: list[Request], now: float) -> list[Request]:
+        return sorted(requests, key=lambda r: self.key(r, now))
