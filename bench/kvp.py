@@ -43,6 +43,7 @@ def main() -> None:
     kv_gib = 2 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
     common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_model_len}",
               f"cache.block_size={BLOCK_SIZE}", f"cache.kv_memory_gib={kv_gib:.3f}",
+              "scheduler.chunking=fixed", "scheduler.priority=fcfs",
               f"scheduler.chunk_size={args.chunk}", f"scheduler.max_num_batched_tokens={args.chunk}",
               "parallel.timeout_s=3600"]
     results = {}

@@ -35,6 +35,7 @@ def main() -> None:
     prompt = [random.Random(0).randrange(3, MODEL["vocab_size"]) for _ in range(args.tokens)]
     request = {"prompt_token_ids": prompt, "max_tokens": 1, "ignore_eos": True}
     common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={args.tokens + 16}",
+              "scheduler.chunking=fixed", "scheduler.priority=fcfs",
               f"scheduler.chunk_size={args.chunk}", f"scheduler.max_num_batched_tokens={args.chunk}",
               "parallel.timeout_s=1800"]
     results = {}

@@ -106,8 +106,9 @@ class Profiler:
             follow(self.runner)  # rank 0 now times whole steps
             return None
         model = self._fit_components(gathered)
-        calibration, held_out = (self._shapes(seed, count) for seed, count in ((1, 6 if quick else 12),
-                                                                               (2, 8 if quick else 24)))
+        slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
+        calibration, held_out = (self._shapes(model, seed, count, slowest)
+                                 for seed, count in ((1, 8 if quick else 16), (2, 8 if quick else 24)))
         steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
                                                                    file=sys.stderr, leave=False)]
         broadcast_plan(StepPlan(shutdown=True), self.ctx.cpu_group)
@@ -225,10 +226,11 @@ class Profiler:
                          lm_head=curve(worst("lm_head")), merge=curve(worst("merge")),
                          hand_over=curve(worst("hand_over")))
 
-    def _shapes(self, seed: int, count: int) -> list[list[tuple[int, int]]]:
-        """Random batches: some decodes at random contexts and up to two prefill chunks at random prefixes."""
+    def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int]]]:
+        """Random batches, each predicted to take at most `slowest` seconds: some decodes at random
+        contexts and up to two prefill chunks at random prefixes."""
         rng = random.Random(seed)
-        seqs, shapes = self.cfg.scheduler.max_num_seqs, []
+        seqs, shapes, attempts = self.cfg.scheduler.max_num_seqs, [], 0
         while len(shapes) < count:
             decodes = [(1, rng.randint(1, self.max_context)) for _ in range(rng.randint(0, min(seqs, 8)))]
             room = self.max_tokens - len(decodes)
@@ -240,7 +242,8 @@ class Profiler:
                 chunks.append((q, rng.randint(0, self.max_context)))
                 room -= q
             shape = decodes + chunks
-            if shape:
+            attempts += 1
+            if shape and (self._predict(model, shape) <= slowest or attempts > 1000):  # a slow model: take any
                 shapes.append(shape)
         return shapes
 
@@ -270,13 +273,15 @@ class Profiler:
         return statistics.median(ticks[stages: stages + self.reps])
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
-        """Least squares of the unexplained time per step: overhead + per_sequence × sequences."""
-        rows, residuals = [], []
+        """Whole step ≈ overhead + per_sequence × sequences + scale × kernels, by least squares on the
+        relative error (short steps count as much as long ones)."""
+        rows, measured = [], []
         for shape, seconds in steps:
-            rows.append([1.0, max(len(seqs) for seqs in self._groups(shape))])
-            residuals.append(seconds - self._predict(model, shape))
-        (overhead, per_sequence), *_ = np.linalg.lstsq(np.array(rows), np.array(residuals), rcond=None)
-        model.overhead_s, model.per_sequence_s = max(float(overhead), 0.0), max(float(per_sequence), 0.0)
+            rows.append([1.0, max(len(seqs) for seqs in self._groups(shape)), self._predict(model, shape)])
+            measured.append(seconds)
+        weights = 1 / np.array(measured)
+        solution, *_ = np.linalg.lstsq(np.array(rows) * weights[:, None], np.ones(len(measured)), rcond=None)
+        model.overhead_s, model.per_sequence_s, model.scale = (max(float(x), 0.0) for x in solution)
 
 
 def main(argv: list[str] | None = None) -> None:

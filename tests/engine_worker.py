@@ -2,8 +2,8 @@
 
     mpirun -n N python tests/engine_worker.py SPEC.json OUT.pt
 
-SPEC: {"overrides": [...hydra overrides...], "cases": [{"name", "chunk_size", "requests":
-[{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
+SPEC: {"overrides": [...hydra overrides...], "cases": [{"name", "chunk_size", "scheduler": {field: value},
+"requests": [{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def phase(chunk, prompt_len: int) -> str:
 
 
 def run_case(engine: Engine, case: dict) -> dict:
-    engine.scheduler.cfg.chunk_size = case.get("chunk_size", 0)  # a rank-0 decision: followers never see it
+    # Scheduling is rank 0's decision alone: followers never see these.
+    for key, value in {"chunk_size": case.get("chunk_size", 0), **case.get("scheduler", {})}.items():
+        setattr(engine.scheduler.cfg, key, value)
     engine.logits.clear()
     pending = sorted(enumerate(case["requests"]), key=lambda item: item[1].get("arrival_step", 0))
-    index_of, outputs, step_phases, stage_requests, stage_groups, step = {}, {}, [], [], [], 0
+    index_of, outputs, step_phases, stage_requests, stage_groups, chunk_lengths, step = {}, {}, [], [], [], [], 0
     while pending or engine.has_unfinished:
         while pending and pending[0][1].get("arrival_step", 0) <= step:
             index, spec = pending.pop(0)
@@ -37,15 +39,17 @@ def run_case(engine: Engine, case: dict) -> dict:
             prompt_len = {r.id: len(r.prompt_token_ids) for r in engine.scheduler.running + list(engine.scheduler.waiting)}
             for request in engine.step():
                 outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
-                                                 "logits": torch.stack(engine.logits.pop(request.id))}
+                                                 "logits": torch.stack(engine.logits.pop(request.id)),
+                                                 "preemptions": request.preemptions}
             step_phases.append({index_of[c.request_id]: phase(c, prompt_len[c.request_id])
                                 for c in engine.last_plan.entering})
+            chunk_lengths.append({index_of[c.request_id]: len(c.token_ids) for c in engine.last_plan.entering})
             stage_requests.append([[index_of[c.request_id] for c in batch] for batch in engine.last_plan.stages])
             stage_groups.append([{index_of[c.request_id]: list(c.groups) for c in batch}
                                  for batch in engine.last_plan.stages])
         step += 1
     return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases,
-            "stage_requests": stage_requests, "stage_groups": stage_groups}
+            "stage_requests": stage_requests, "stage_groups": stage_groups, "chunk_lengths": chunk_lengths}
 
 
 def main() -> None:

@@ -62,6 +62,11 @@ def test_invalid_sampling_values(fields, message):
     (["parallel.kvp=2", "parallel.max_tokens_per_kvp_group=1000", "cache.max_model_len=4096"],
      "max_tokens_per_kvp_group = 1000 is too small"),
     (["parallel.max_tokens_per_kvp_group=-1"], "max_tokens_per_kvp_group"),
+    (["scheduler.chunking=dynamic"], "scheduler.chunking must be 'adaptive' or 'fixed'"),
+    (["scheduler.priority=sjf"], "scheduler.priority must be 'lars', 'edf' or 'fcfs'"),
+    (["scheduler.tbt_slo_ms=0"], "tbt_slo_ms must be > 0"),
+    (["scheduler.min_chunk=64", "scheduler.max_chunk=32"], "min_chunk <= max_chunk"),
+    (["scheduler.space_share=1"], "space_share must be in"),
 ])
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):

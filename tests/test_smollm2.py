@@ -43,7 +43,8 @@ def test_generate_matches_transformers(tp, spp, reference_tokens, tmp_path):
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out.jsonl"
     result = run_ranks(tp * spp, ["-m", "mnemosyne_hpc.generate", f"parallel.tp={tp}", f"parallel.spp={spp}",
-                                  "scheduler.chunk_size=4", f"generate.input={prompts}",
+                                  "scheduler.chunking=fixed", "scheduler.priority=fcfs", "scheduler.chunk_size=4",
+                                  f"generate.input={prompts}", f"generate.metrics={tmp_path / 'metrics.jsonl'}",
                             f"generate.output={out}", "generate.progress=false", "cache.max_model_len=2048"])
     assert result.returncode == 0, result.stderr[-4000:]
     results = [json.loads(line) for line in out.read_text().splitlines()]

@@ -2,12 +2,13 @@
 
 A KVP group's micro-batch on one pipeline stage costs
 
-    overhead + per_sequence · S + layers · (linear(T) + Σ_i attention(q_i, n_i) + merge(M)) + lm_head(R)
-             + hand_over(T)
+    overhead + per_sequence · S
+      + scale · (layers · (linear(T) + Σ_i attention(q_i, n_i) + merge(M)) + lm_head(R) + hand_over(T))
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
-over KVP groups and R sampled rows. Every term is measured by `python -m mnemosyne_hpc.profile`
-on the real kernels; `overhead` and `per_sequence` are fitted to whole engine steps.
+over KVP groups and R sampled rows. Every term in the brackets is measured by
+`python -m mnemosyne_hpc.profile` on the real kernels; `overhead`, `per_sequence` and `scale` (kernels
+run a little slower inside a whole step than alone) are fitted to whole engine steps.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class PerfModel:
     hand_over: Curve | None = None  # SPP send/receive of hidden states, against tokens
     overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
     per_sequence_s: float = 0.0
+    scale: float = 1.0  # kernel time inside a whole step / kernel time alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
 
     def batch_time(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> float:
@@ -78,12 +80,12 @@ class PerfModel:
         per_layer = self.linear(tokens) + sum(self.attention(s.query_tokens, s.cached_tokens) for s in sequences)
         if merged_rows and self.merge is not None:
             per_layer += self.merge(merged_rows)
-        total = self.overhead_s + self.per_sequence_s * len(sequences) + self.layers * per_layer
+        work = self.layers * per_layer
         if sampled_rows:
-            total += self.lm_head(sampled_rows)
+            work += self.lm_head(sampled_rows)
         if self.hand_over is not None:
-            total += self.hand_over(tokens)
-        return total
+            work += self.hand_over(tokens)
+        return self.overhead_s + self.per_sequence_s * len(sequences) + self.scale * work
 
     @functools.lru_cache(maxsize=4096)
     def prefill_time(self, tokens: int, chunk: int = 512) -> float:

@@ -14,12 +14,11 @@ from mnemosyne_hpc.engine.request import Request
 
 class Priority:
     def __init__(self, cfg: SchedulerConfig, perf_model: PerfModel | None):
-        self.policy, self.perf_model = cfg.priority, perf_model
-        self.multiplier, self.min_deadline_s = cfg.deadline_multiplier, cfg.min_deadline_ms / 1000
+        self.cfg, self.perf_model = cfg, perf_model
 
     def deadline(self, request: Request) -> float:
-        span = self.multiplier * self.perf_model.prefill_time(len(request.prompt_token_ids))
-        return request.arrival + max(span, self.min_deadline_s)
+        span = self.cfg.deadline_multiplier * self.perf_model.prefill_time(len(request.prompt_token_ids))
+        return request.arrival + max(span, self.cfg.min_deadline_ms / 1000)
 
     def slack(self, request: Request, now: float) -> float:
         remaining = self.perf_model.prefill_time(request.prefill_len) - self.perf_model.prefill_time(
@@ -27,9 +26,9 @@ class Priority:
         return self.deadline(request) - now - remaining
 
     def key(self, request: Request, now: float) -> tuple:
-        if self.policy == "fcfs":
+        if self.cfg.priority == "fcfs":
             return (request.arrival, request.id)
-        if self.policy == "edf":
+        if self.cfg.priority == "edf":
             return (self.deadline(request), request.id)
         return (self.slack(request, now) / (self.deadline(request) - request.arrival), request.id)
 

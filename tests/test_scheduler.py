@@ -1,0 +1,151 @@
+"""Scheduling policies on synthetic queues, driven by a fake clock that advances by each step's
+predicted time: deterministic, and independent of this machine's speed."""
+from __future__ import annotations
+
+import pytest
+
+from mnemosyne_hpc.config import SchedulerConfig
+from mnemosyne_hpc.engine.kv_cache import KVPlacement
+from mnemosyne_hpc.engine.perf_model import AttentionFit, Curve, PerfModel, SequenceShape
+from mnemosyne_hpc.engine.request import Request, SamplingParams
+from mnemosyne_hpc.engine.scheduler import Scheduler
+
+# 1 ms per step, 2 µs per token of linear layers, attention 10 ns per query token per cached token
+SYNTHETIC = PerfModel(key="synthetic", layers=1, stages=1, linear=Curve([0, 1000], [0.0, 2e-3]),
+                      attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [1e-8, 1e-5])),
+                      lm_head=Curve([1], [0.0]), overhead_s=1e-3)
+
+
+class Simulation:
+    """A scheduler and an instant model: each step takes its predicted time on the fake clock."""
+
+    def __init__(self, perf_model=SYNTHETIC, num_blocks=4096, block_size=16, **scheduler):
+        self.now = 0.0
+        self.cfg = SchedulerConfig(**{"max_num_batched_tokens": 100_000, **scheduler})
+        self.perf_model = perf_model
+        self.placement = KVPlacement(1, num_blocks, block_size, group_tokens=num_blocks * block_size)
+        self.scheduler = Scheduler(self.cfg, self.placement, perf_model=perf_model, clock=lambda: self.now)
+        self.steps: list[dict] = []  # request id → (start, length) of its chunk, per step
+        self.finished: list[Request] = []
+        self._ids = 0
+
+    def add(self, prompt_len: int, max_tokens: int = 4, arrival: float | None = None) -> Request:
+        request = Request(id=self._ids, prompt_token_ids=[1] * prompt_len, sampling=SamplingParams(max_tokens=max_tokens),
+                          max_len=prompt_len + max_tokens, arrival=self.now if arrival is None else arrival)
+        self._ids += 1
+        self.scheduler.add(request)
+        return request
+
+    def step(self) -> None:
+        chunks = self.scheduler.schedule()
+        self.scheduler.take_changes()
+        self.steps.append({c.request_id: (c.start_pos, len(c.token_ids)) for c in chunks})
+        shapes = [SequenceShape(len(c.token_ids), c.start_pos) for c in chunks]
+        self.now += self.perf_model.batch_time(shapes, sum(c.sampling is not None for c in chunks)) if shapes else 1e-3
+        running = {r.id: r for r in self.scheduler.running}
+        for chunk in chunks:
+            request = running[chunk.request_id]
+            request.num_computed += len(chunk.token_ids)
+            if chunk.sampling is not None:
+                request.output_token_ids.append(chunk.sample_position)  # a token that depends on its position
+                request.token_times.append(self.now)
+                if request.num_tokens >= request.max_len:
+                    request.finish_time = self.now
+                    self.scheduler.finish(request)
+                    self.finished.append(request)
+
+    def run_until(self, condition, max_steps: int = 100_000) -> None:
+        for _ in range(max_steps):
+            if condition():
+                return
+            self.step()
+        raise AssertionError("the simulation did not reach its goal")
+
+    def chunks_of(self, request: Request) -> list[int]:
+        return [step[request.id][1] for step in self.steps if request.id in step]
+
+
+def test_adaptive_chunks_fill_the_budget_and_shrink_as_the_prefix_grows():
+    sim = Simulation(chunking="adaptive", tbt_slo_ms=40, priority="fcfs")
+    long = sim.add(30_000)
+    sim.run_until(lambda: long.token_times)
+    chunks = sim.chunks_of(long)
+    assert sum(chunks) == 30_000
+    assert chunks == sorted(chunks, reverse=True), "a later chunk of the prompt was larger"
+    assert chunks[0] >= 8 * chunks[-2] and all(c % 32 == 0 for c in chunks[:-1])
+    for i, c in enumerate(chunks[:-1]):  # each is the largest that fits 40 ms: the next size up does not
+        start = sum(chunks[:i])
+        assert SYNTHETIC.batch_time([SequenceShape(c, start)], 0) <= 0.040
+        assert c == 8192 or SYNTHETIC.batch_time([SequenceShape(c + 32, start)], 0) > 0.040
+
+
+def test_decodes_first_and_the_prefill_takes_what_is_left_of_the_budget():
+    sim = Simulation(chunking="adaptive", tbt_slo_ms=20, priority="fcfs")
+    short = sim.add(100, max_tokens=200)
+    sim.run_until(lambda: short.token_times)
+    long = sim.add(50_000)
+    sim.run_until(lambda: long.num_computed > 20_000)
+    mixed = [s for s in sim.steps if short.id in s and long.id in s]
+    assert mixed and all(s[short.id][1] == 1 for s in mixed)
+    tbt = short.tbt_s
+    assert max(tbt) <= 0.020 + 1e-9, f"a decode step took {max(tbt) * 1000:.1f} ms > 20 ms"
+
+
+def test_fixed_chunking_ignores_the_budget():
+    sim = Simulation(chunking="fixed", chunk_size=4096, tbt_slo_ms=20, priority="fcfs")
+    long = sim.add(20_000)
+    sim.run_until(lambda: long.token_times)
+    assert sim.chunks_of(long) == [4096] * 4 + [20_000 - 4 * 4096]
+    assert sim.now > 4 * 0.020, "steps of 4096 tokens cannot fit 20 ms on this synthetic model"
+
+
+@pytest.mark.parametrize("priority", ["fcfs", "lars", "edf"])
+def test_short_request_behind_a_long_prefill(priority):
+    sim = Simulation(chunking="adaptive", tbt_slo_ms=50, priority=priority, space_share=0.0)
+    long = sim.add(40_000)
+    sim.run_until(lambda: sim.now > 0.2)
+    short = sim.add(3000)  # its deadline: arrival + 0.5 s (min_deadline_ms)
+    sim.run_until(lambda: long.token_times and short.token_times)
+    if priority == "fcfs":  # arrival order: it only gets what each step's long chunk leaves over
+        assert short.ttft_s > 0.5
+    elif priority == "edf":  # its deadline is far earlier than the long one's: it goes at once
+        assert short.ttft_s < 0.06
+    else:  # LARS: it goes once its relative slack falls below the long one's, inside its deadline
+        assert 0.06 < short.ttft_s < 0.5
+    assert long.ttft_s < SYNTHETIC.prefill_time(40_000) * 1.1, "the long request starved"
+
+
+def test_lars_space_sharing_keeps_the_long_prefill_going_beside_short_ones():
+    sim = Simulation(chunking="adaptive", tbt_slo_ms=50, priority="lars", space_share=0.5)
+    long = sim.add(40_000)
+    sim.run_until(lambda: sim.now > 0.2)
+    shorts = [sim.add(2000) for _ in range(3)]
+    sim.run_until(lambda: all(s.token_times for s in shorts))
+    shared = [s for s in sim.steps if long.id in s and any(r.id in s for r in shorts)]
+    assert shared, "the long prefill never shared a step with the short ones"
+    for step in shared:  # the long chunk alone fits half the step: it left the rest to the short ones
+        start, size = step[long.id]
+        assert SYNTHETIC.batch_time([SequenceShape(size, start)], 0) <= 0.025 + 1e-12
+    assert not long.token_times, "the short ones should finish first"
+
+
+def test_preemption_by_recompute_completes_every_request():
+    # 12 blocks of 16 tokens; 6 requests that each grow to 16 + 40 tokens (4 blocks): 24 blocks wanted
+    sim = Simulation(num_blocks=12, block_size=16, chunking="fixed", chunk_size=16, priority="lars")
+    requests = [sim.add(16, max_tokens=40) for _ in range(6)]
+    sim.run_until(lambda: len(sim.finished) == len(requests))
+    assert sum(r.preemptions for r in requests) > 0, "memory never ran out: the test is too small"
+    for r in requests:  # every token sampled exactly once per position, in order, none lost
+        assert r.output_token_ids == list(range(16, 56)), f"request {r.id}: {r.output_token_ids}"
+    assert sim.placement.allocators[0].num_free == 12 and sim.placement.promised == [0]
+
+
+def test_admission_waits_for_memory_in_priority_order():
+    sim = Simulation(num_blocks=8, block_size=16, chunking="fixed", chunk_size=64, priority="fcfs")
+    big = sim.add(100, max_tokens=2)  # 7 blocks
+    blocked = sim.add(64, max_tokens=2)  # 4 blocks: must wait for the first
+    small = sim.add(8, max_tokens=2)  # would fit beside the first, but may not overtake the second
+    sim.step()
+    assert [r.id for r in sim.scheduler.running] == [big.id]
+    sim.run_until(lambda: len(sim.finished) == 3)
+    assert blocked.token_times[0] <= small.token_times[0]
