@@ -58,6 +58,9 @@ class SchedulerConfig:
     # fits tbt_slo_ms (needs the performance model); "fixed" always uses chunk_size.
     chunking: str = "adaptive"
     tbt_slo_ms: float = 100.0  # time-between-tokens target; adaptive chunking keeps each step within it
+    # Share of the SLO adaptive chunking leaves unplanned, for the performance model's error and the
+    # machine's noise: it plans each step to (1 − slo_headroom) × tbt_slo_ms.
+    slo_headroom: float = 0.15
     min_chunk: int = 32  # adaptive chunk sizes: min_chunk + k × chunk_step, up to max_chunk
     max_chunk: int = 8192
     chunk_step: int = 32
@@ -166,6 +169,7 @@ def validate(cfg: Config) -> None:
         (1 <= s.min_chunk <= s.max_chunk and s.chunk_step >= 1,
          "scheduler needs 1 <= min_chunk <= max_chunk and chunk_step >= 1"),
         (0 <= s.space_share < 1, "scheduler.space_share must be in [0, 1)"),
+        (0 <= s.slo_headroom < 1, "scheduler.slo_headroom must be in [0, 1)"),
         (s.deadline_multiplier > 0 and s.min_deadline_ms >= 0,
          "scheduler.deadline_multiplier must be > 0 and scheduler.min_deadline_ms >= 0"),
         (s.pipeline in ("spp", "plain"), "scheduler.pipeline must be 'spp' or 'plain'"),

@@ -15,6 +15,8 @@ by model shape, dtype, hardware and layout; the engine loads it, or takes one at
 """
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import statistics
 import sys
@@ -108,7 +110,7 @@ class Profiler:
         model = self._fit_components(gathered)
         slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
         calibration, held_out = (self._shapes(model, seed, count, slowest)
-                                 for seed, count in ((1, 8 if quick else 16), (2, 8 if quick else 24)))
+                                 for seed, count in ((1, 12 if quick else 24), (2, 8 if quick else 24)))
         steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
                                                                    file=sys.stderr, leave=False)]
         broadcast_plan(StepPlan(shutdown=True), self.ctx.cpu_group)
@@ -140,7 +142,6 @@ class Profiler:
     def _components(self, quick: bool) -> dict:
         tokens, queries, contexts = self._grids(quick)
         attn, d = self.layer.self_attn, self.runner.args.head_dim
-        kv = self.runner.kv_cache
         flop_cap = 2e10 if quick else 1e11  # skip attention points slower than about a second
         measured = {"linear": {}, "attention": {}, "lm_head": {}, "merge": {}, "hand_over": {}}
         points = [("linear", t) for t in tokens] + [("attention", (q, n)) for q in queries for i, n in enumerate(contexts)
@@ -149,16 +150,25 @@ class Profiler:
         points += [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
         points += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
         for kind, point in tqdm(points, desc="kernels", file=sys.stderr, leave=False, disable=self.ctx.rank != 0):
-            if kind == "attention":
-                q, n = point
-                query = torch.randn(attn.num_heads, q, d, dtype=self.dtype, device=self.device)
-                key = torch.randn(attn.num_kv_heads, q, d, dtype=self.dtype, device=self.device)
-                prefix = (kv.k[0][:, :n], kv.v[0][:, :n]) if n else (None, None)
-                fn = lambda: chunk_attention(query, key, key, *prefix)  # noqa: E731
-            else:
-                fn = getattr(self, f"_{kind}")(point)
+            fn = getattr(self, f"_{kind}")(point)
             measured[kind][point] = timed(fn, self.reps, self.device)
         return measured
+
+    def _attention(self, point: tuple[int, int]):
+        """Each call reads its prefix from another part of the KV pool, as a step reads KV that no
+        cache holds: timing one prefix again and again would find it in the CPU's caches."""
+        (q, n), attn, d, kv = point, self.layer.self_attn, self.runner.args.head_dim, self.runner.kv_cache
+        query = torch.randn(attn.num_heads, q, d, dtype=self.dtype, device=self.device)
+        key = torch.randn(attn.num_kv_heads, q, d, dtype=self.dtype, device=self.device)
+        used = self.max_context + self.max_tokens
+        starts = itertools.cycle(range(0, used - n + 1, max(n, used // 64)) if n else [0])
+        layers = itertools.cycle(range(kv.k.shape[0]))
+
+        def fn():
+            layer, start = next(layers), next(starts)
+            prefix = (kv.k[layer][:, start:start + n], kv.v[layer][:, start:start + n]) if n else (None, None)
+            return chunk_attention(query, key, key, *prefix)
+        return fn
 
     def _hidden(self, tokens: int) -> torch.Tensor:
         return torch.randn(tokens, self.runner.args.hidden_size, dtype=self.dtype, device=self.device)
@@ -227,19 +237,23 @@ class Profiler:
                          hand_over=curve(worst("hand_over")))
 
     def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int]]]:
-        """Random batches, each predicted to take at most `slowest` seconds: some decodes at random
-        contexts and up to two prefill chunks at random prefixes."""
+        """Random batches, each predicted to take at most `slowest` seconds: up to 32 decodes and up to
+        two prefill chunks, sizes and contexts log-uniform so that small steps are as common as big ones."""
         rng = random.Random(seed)
+
+        def log_uniform(low: int, high: int) -> int:
+            return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
         seqs, shapes, attempts = self.cfg.scheduler.max_num_seqs, [], 0
         while len(shapes) < count:
-            decodes = [(1, rng.randint(1, self.max_context)) for _ in range(rng.randint(0, min(seqs, 8)))]
+            decodes = [(1, log_uniform(1, self.max_context)) for _ in range(rng.randint(0, min(seqs, 32)))]
             room = self.max_tokens - len(decodes)
             chunks = []
             for _ in range(rng.randint(0 if decodes else 1, min(2, seqs - len(decodes)))):
                 if room < 1:
                     break
-                q = rng.randint(1, min(room, 1024))
-                chunks.append((q, rng.randint(0, self.max_context)))
+                q = log_uniform(1, min(room, 2048))
+                chunks.append((q, rng.choice([0, log_uniform(1, self.max_context)])))
                 room -= q
             shape = decodes + chunks
             attempts += 1

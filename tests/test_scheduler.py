@@ -21,7 +21,7 @@ class Simulation:
 
     def __init__(self, perf_model=SYNTHETIC, num_blocks=4096, block_size=16, **scheduler):
         self.now = 0.0
-        self.cfg = SchedulerConfig(**{"max_num_batched_tokens": 100_000, **scheduler})
+        self.cfg = SchedulerConfig(**{"max_num_batched_tokens": 100_000, "slo_headroom": 0.0, **scheduler})
         self.perf_model = perf_model
         self.placement = KVPlacement(1, num_blocks, block_size, group_tokens=num_blocks * block_size)
         self.scheduler = Scheduler(self.cfg, self.placement, perf_model=perf_model, clock=lambda: self.now)
@@ -65,18 +65,20 @@ class Simulation:
         return [step[request.id][1] for step in self.steps if request.id in step]
 
 
-def test_adaptive_chunks_fill_the_budget_and_shrink_as_the_prefix_grows():
-    sim = Simulation(chunking="adaptive", tbt_slo_ms=40, priority="fcfs")
+@pytest.mark.parametrize("headroom", [0.0, 0.25])
+def test_adaptive_chunks_fill_the_budget_and_shrink_as_the_prefix_grows(headroom):
+    sim = Simulation(chunking="adaptive", tbt_slo_ms=40, priority="fcfs", slo_headroom=headroom)
+    budget = 0.040 * (1 - headroom)
     long = sim.add(30_000)
     sim.run_until(lambda: long.token_times)
     chunks = sim.chunks_of(long)
     assert sum(chunks) == 30_000
     assert chunks == sorted(chunks, reverse=True), "a later chunk of the prompt was larger"
     assert chunks[0] >= 8 * chunks[-2] and all(c % 32 == 0 for c in chunks[:-1])
-    for i, c in enumerate(chunks[:-1]):  # each is the largest that fits 40 ms: the next size up does not
+    for i, c in enumerate(chunks[:-1]):  # each is the largest that fits the budget: the next size up does not
         start = sum(chunks[:i])
-        assert SYNTHETIC.batch_time([SequenceShape(c, start)], 0) <= 0.040
-        assert c == 8192 or SYNTHETIC.batch_time([SequenceShape(c + 32, start)], 0) > 0.040
+        assert SYNTHETIC.batch_time([SequenceShape(c, start)], 0) <= budget
+        assert c == 8192 or SYNTHETIC.batch_time([SequenceShape(c + 32, start)], 0) > budget
 
 
 def test_decodes_first_and_the_prefill_takes_what_is_left_of_the_budget():

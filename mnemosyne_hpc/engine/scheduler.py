@@ -8,8 +8,8 @@ boundary.
 
 Chunking. `fixed` gives a prefill `chunk_size` tokens. `adaptive` gives it the largest size
 `min_chunk + k · chunk_step <= max_chunk` whose predicted micro-batch time, with everything already
-in the batch, fits the tick's share of the TBT SLO (`tbt_slo_ms / stages`), so the chunks of a long
-prompt shrink as its prefix grows. When the most urgent prefill has slack and others wait behind it,
+in the batch, fits the tick's share of the TBT SLO (`(1 − slo_headroom) × tbt_slo_ms / stages`), so
+the chunks of a long prompt shrink as its prefix grows. When the most urgent prefill has slack and others wait behind it,
 it leaves `space_share` of that time to them.
 
 Memory. Admission reserves every KV block of what is to be prefilled, in every group it spans; a
@@ -55,6 +55,7 @@ class Scheduler:
         self.priority = Priority(cfg, perf_model)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.predicted_s: float | None = None  # predicted time of the last micro-batch formed (slowest group)
         self.released: list[int] = []  # requests whose blocks were freed since the last plan
         self.tables_changed: dict[int, Request] = {}  # requests admitted or grown since the last plan
 
@@ -104,6 +105,9 @@ class Scheduler:
             self.running.append(request)
             self.tables_changed[request.id] = request
             self._add_chunk(chunks, loads, request, size)
+        if self.perf_model is not None:
+            self.predicted_s = max(self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
+                                   for load in loads)
         return chunks
 
     def _has_slack(self, request: Request, now: float) -> bool:
@@ -130,8 +134,10 @@ class Scheduler:
             return 0
         if self.cfg.chunking == "fixed":
             return min(limit, self.cfg.chunk_size or limit)
-        budget = self.cfg.tbt_slo_ms / 1000 / self.num_stages * (1 - self.cfg.space_share if leave_share else 1)
         cfg = self.cfg
+        budget = cfg.tbt_slo_ms / 1000 * (1 - cfg.slo_headroom) / self.num_stages
+        if leave_share:
+            budget *= 1 - cfg.space_share
         sizes = [s for s in range(cfg.min_chunk, min(cfg.max_chunk, limit - 1) + 1, cfg.chunk_step)]
         if limit <= cfg.max_chunk:
             sizes.append(limit)
