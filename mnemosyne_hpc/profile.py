@@ -31,8 +31,8 @@ from tqdm import tqdm
 from mnemosyne_hpc.config import Config, ConfigError, compose, kvp_group_tokens, resolve_cache_dir
 from mnemosyne_hpc.distributed.mesh import stage_layers
 from mnemosyne_hpc.engine.engine import broadcast_plan, follow
-from mnemosyne_hpc.engine.perf_model import (AttentionFit, Curve, PerfModel, SequenceShape, hardware_name,
-                                             profile_key)
+from mnemosyne_hpc.engine.perf_model import (FITTED_TERMS, AttentionFit, Curve, PerfModel, SequenceShape,
+                                             hardware_name, profile_key)
 from mnemosyne_hpc.engine.plan import Chunk, StepPlan
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
@@ -287,15 +287,29 @@ class Profiler:
         return statistics.median(ticks[stages: stages + self.reps])
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
-        """Whole step ≈ overhead + per_sequence × sequences + scale × kernels, by least squares on the
-        relative error (short steps count as much as long ones)."""
-        rows, measured = [], []
+        """Whole step ≈ overhead + per_sequence × sequences + collectives + Σ weight × measured term, by
+        non-negative least squares on the relative error (short steps count as much as long ones)."""
+        features, targets = [], []
         for shape, seconds in steps:
-            rows.append([1.0, max(len(seqs) for seqs in self._groups(shape)), self._predict(model, shape)])
-            measured.append(seconds)
-        weights = 1 / np.array(measured)
-        solution, *_ = np.linalg.lstsq(np.array(rows) * weights[:, None], np.ones(len(measured)), rcond=None)
-        model.overhead_s, model.per_sequence_s, model.scale = (max(float(x), 0.0) for x in solution)
+            seqs = max((g for g in self._groups(shape) if g), key=lambda g: model.batch_time(g, len(g)))
+            terms = model.terms(seqs, len(seqs))
+            features.append([1.0, len(seqs)] + [terms[name] for name in FITTED_TERMS])
+            targets.append((seconds - terms["collectives"]) / seconds)
+        features = np.array(features) / np.array([seconds for _, seconds in steps])[:, None]
+        overhead, per_sequence, *weights = nonnegative_least_squares(features, np.array(targets))
+        model.overhead_s, model.per_sequence_s = overhead, per_sequence
+        model.weights = dict(zip(FITTED_TERMS, weights))
+
+
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """min |a x − b| with x >= 0: least squares, dropping the most negative unknown until none is."""
+    free = list(range(a.shape[1]))
+    while True:
+        x = np.zeros(a.shape[1])
+        x[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
+        if x.min() >= 0:
+            return [float(v) for v in x]
+        free.remove(int(np.argmin(x)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,6 +77,18 @@ def test_block_pool_reserves_and_frees():
     assert pool.num_free == 4 and pool.can_reserve(64)
 
 
+def test_block_pool_hands_out_consecutive_blocks_where_it_can():
+    pool = BlockAllocator(num_blocks=12, block_size=16)
+    a, b, c = pool.reserve(32), pool.reserve(16), pool.reserve(48)  # [0, 1], [2], [3, 4, 5]
+    pool.free(a)
+    pool.free(c)  # free: 0, 1, 3, 4, 5, 6 … 11
+    assert pool.reserve(64) == [3, 4, 5, 6]  # the first run long enough, not the lowest blocks
+    assert pool.reserve(16, after=6) == [7]  # growth continues right after the sequence's last block
+    assert pool.reserve(16, after=2) == [0]  # block 3 is taken: the first free one
+    assert pool.reserve(80) == [1, 8, 9, 10, 11]  # no run of 5 is left: the lowest free blocks
+    assert pool.num_free == 0 and b == [2]
+
+
 def test_slots_follow_the_block_table():
     cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert cache.slots([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]

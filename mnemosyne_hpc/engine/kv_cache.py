@@ -3,34 +3,46 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
 class BlockAllocator:
-    """Rank 0's book of free blocks. A request reserves all blocks it can ever need on admission."""
+    """Rank 0's book of free blocks. It hands out consecutive blocks where it can: attention reads a
+    sequence whose blocks are consecutive in place, without gathering its KV."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._is_free = np.ones(num_blocks, dtype=bool)
+        self.num_free = num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
     def can_reserve(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
+        return self.blocks_for(num_tokens) <= self.num_free
 
-    def reserve(self, num_tokens: int) -> list[int]:
+    def reserve(self, num_tokens: int, after: int | None = None) -> list[int]:
+        """Blocks for `num_tokens` tokens: the ones right after block `after` if they are free, else
+        the first run of free blocks long enough, else the lowest free blocks."""
         n = self.blocks_for(num_tokens)
-        if n > len(self._free):
-            raise MemoryError(f"{n} KV blocks wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n == 0:
+            return []
+        if n > self.num_free:
+            raise MemoryError(f"{n} KV blocks wanted, {self.num_free} free")
+        if after is not None and after + 1 + n <= self.num_blocks and self._is_free[after + 1: after + 1 + n].all():
+            blocks = np.arange(after + 1, after + 1 + n)
+        else:
+            free_before = np.concatenate(([0], np.cumsum(self._is_free)))
+            runs = np.flatnonzero(free_before[n:] - free_before[:-n] == n)
+            blocks = np.arange(runs[0], runs[0] + n) if len(runs) else np.flatnonzero(self._is_free)[:n]
+        self._is_free[blocks] = False
+        self.num_free -= n
+        return blocks.tolist()
 
     def free(self, block_ids: list[int]) -> None:
-        self._free.extend(reversed(block_ids))
+        self._is_free[block_ids] = True
+        self.num_free += len(block_ids)
 
 
 class KVPlacement:
@@ -101,7 +113,8 @@ class KVPlacement:
             return False
         while len(tables) <= position // self.group_tokens:
             tables.append([])
-        tables[position // self.group_tokens].extend(self.allocators[group].reserve(1))
+        table = tables[position // self.group_tokens]
+        table.extend(self.allocators[group].reserve(1, after=table[-1] if table else None))
         self.promised[group] -= 1
         return True
 

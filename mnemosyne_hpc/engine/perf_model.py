@@ -2,13 +2,14 @@
 
 A KVP group's micro-batch on one pipeline stage costs
 
-    overhead + per_sequence · S
-      + scale · (layers · (linear(T) + Σ_i attention(q_i, n_i) + merge(M)) + lm_head(R) + hand_over(T))
+    overhead + per_sequence · S + w_linear · layers · linear(T)
+      + layers · (w_decode · Σ_{q_i = 1} attention(1, n_i) + w_prefill · Σ_{q_i > 1} attention(q_i, n_i))
+      + w_lm_head · lm_head(R) + layers · merge(M) + hand_over(T)
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
-over KVP groups and R sampled rows. Every term in the brackets is measured by
-`python -m mnemosyne_hpc.profile` on the real kernels; `overhead`, `per_sequence` and `scale` (kernels
-run a little slower inside a whole step than alone) are fitted to whole engine steps.
+over KVP groups and R sampled rows. Every curve is measured by `python -m mnemosyne_hpc.profile` on
+the real kernels; the overheads and the weights w (a kernel runs faster or slower inside a whole step
+than alone, as caches hold other data) are fitted to whole engine steps.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ class AttentionFit:
         return self.intercept(q) + self.slope(q) * n
 
 
+FITTED_TERMS = ("linear", "decode_attention", "prefill_attention", "lm_head")
+
+
 @dataclass(frozen=True)
 class SequenceShape:
     query_tokens: int
@@ -69,23 +73,29 @@ class PerfModel:
     hand_over: Curve | None = None  # SPP send/receive of hidden states, against tokens
     overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
     per_sequence_s: float = 0.0
-    scale: float = 1.0  # kernel time inside a whole step / kernel time alone
+    weights: dict = field(default_factory=lambda: dict.fromkeys(FITTED_TERMS, 1.0))  # kernel time in a step / alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
+
+    def terms(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> dict[str, float]:
+        """Seconds of each measured term, before the fitted weights."""
+        tokens = sum(s.query_tokens for s in sequences)
+        collectives = self.hand_over(tokens) if self.hand_over is not None else 0.0
+        if merged_rows and self.merge is not None:
+            collectives += self.layers * self.merge(merged_rows)
+        attention = [0.0, 0.0]  # decodes (memory-bound), prefill chunks (compute-bound)
+        for s in sequences:
+            attention[s.query_tokens > 1] += self.attention(s.query_tokens, s.cached_tokens)
+        return {"linear": self.layers * self.linear(tokens), "decode_attention": self.layers * attention[0],
+                "prefill_attention": self.layers * attention[1],
+                "lm_head": self.lm_head(sampled_rows) if sampled_rows else 0.0, "collectives": collectives}
 
     def batch_time(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> float:
         """Seconds one stage of one KVP group needs for this micro-batch."""
         if not sequences:
             return 0.0
-        tokens = sum(s.query_tokens for s in sequences)
-        per_layer = self.linear(tokens) + sum(self.attention(s.query_tokens, s.cached_tokens) for s in sequences)
-        if merged_rows and self.merge is not None:
-            per_layer += self.merge(merged_rows)
-        work = self.layers * per_layer
-        if sampled_rows:
-            work += self.lm_head(sampled_rows)
-        if self.hand_over is not None:
-            work += self.hand_over(tokens)
-        return self.overhead_s + self.per_sequence_s * len(sequences) + self.scale * work
+        terms = self.terms(sequences, sampled_rows, merged_rows)
+        return (self.overhead_s + self.per_sequence_s * len(sequences) + terms["collectives"]
+                + sum(self.weights[name] * terms[name] for name in FITTED_TERMS))
 
     @functools.lru_cache(maxsize=4096)
     def prefill_time(self, tokens: int, chunk: int = 512) -> float:
@@ -131,9 +141,13 @@ def hardware_name(device) -> str:
     return f"{model} × {torch.get_num_threads()} threads"
 
 
+PROFILE_FORMAT = 3  # part of the key: a profile of an older format is never loaded
+
+
 def profile_key(args, dtype: str, hardware: str, layout: dict) -> str:
     """Profiles are kept per model shape, dtype, hardware and parallel layout."""
     shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
                                            "num_kv_heads", "head_dim", "vocab_size")}
-    text = json.dumps({"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout}, sort_keys=True)
+    text = json.dumps({"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout,
+                       "format": PROFILE_FORMAT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
