@@ -60,7 +60,7 @@ class SchedulerConfig:
     tbt_slo_ms: float = 100.0  # time-between-tokens target; adaptive chunking keeps each step within it
     # Share of the SLO adaptive chunking leaves unplanned, for the performance model's error and the
     # machine's noise: it plans each step to (1 − slo_headroom) × tbt_slo_ms.
-    slo_headroom: float = 0.15
+    slo_headroom: float = 0.1
     min_chunk: int = 32  # adaptive chunk sizes: min_chunk + k × chunk_step, up to max_chunk
     max_chunk: int = 8192
     chunk_step: int = 32

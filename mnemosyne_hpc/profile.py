@@ -110,7 +110,7 @@ class Profiler:
         model = self._fit_components(gathered)
         slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
         calibration, held_out = (self._shapes(model, seed, count, slowest)
-                                 for seed, count in ((1, 12 if quick else 24), (2, 8 if quick else 24)))
+                                 for seed, count in ((1, 16 if quick else 40), (2, 8 if quick else 24)))
         steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
                                                                    file=sys.stderr, leave=False)]
         broadcast_plan(StepPlan(shutdown=True), self.ctx.cpu_group)
@@ -121,7 +121,7 @@ class Profiler:
             "layout": {"tp": self.cfg.parallel.tp, "spp": self.cfg.parallel.spp, "kvp": self.cfg.parallel.kvp},
             "held_out_steps": len(errors), "median_abs_error": statistics.median(errors),
             "p90_abs_error": float(np.percentile(errors, 90)), "max_abs_error": max(errors),
-            "held_out": [{"sequences": [[q, n] for q, n in shape], "measured_s": seconds,
+            "held_out": [{"sequences": [list(seq) for seq in shape], "measured_s": seconds,
                           "predicted_s": self._predict(model, shape)} for shape, seconds in steps[len(calibration):]],
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
@@ -236,9 +236,10 @@ class Profiler:
                          lm_head=curve(worst("lm_head")), merge=curve(worst("merge")),
                          hand_over=curve(worst("hand_over")))
 
-    def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int]]]:
-        """Random batches, each predicted to take at most `slowest` seconds: up to 32 decodes and up to
-        two prefill chunks, sizes and contexts log-uniform so that small steps are as common as big ones."""
+    def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int, bool]]]:
+        """Random batches of (query tokens, cached tokens, sampled), each predicted to take at most
+        `slowest` seconds: up to 32 decodes and up to two prefill chunks, sizes and contexts log-uniform
+        so that small steps are as common as big ones."""
         rng = random.Random(seed)
 
         def log_uniform(low: int, high: int) -> int:
@@ -246,14 +247,15 @@ class Profiler:
 
         seqs, shapes, attempts = self.cfg.scheduler.max_num_seqs, [], 0
         while len(shapes) < count:
-            decodes = [(1, log_uniform(1, self.max_context)) for _ in range(rng.randint(0, min(seqs, 32)))]
+            decodes = [(1, log_uniform(1, self.max_context), True) for _ in range(rng.randint(0, min(seqs, 32)))]
             room = self.max_tokens - len(decodes)
             chunks = []
             for _ in range(rng.randint(0 if decodes else 1, min(2, seqs - len(decodes)))):
                 if room < 1:
                     break
                 q = log_uniform(1, min(room, 2048))
-                chunks.append((q, rng.choice([0, log_uniform(1, self.max_context)])))
+                # a prompt's last chunk samples, the others do not
+                chunks.append((q, rng.choice([0, log_uniform(1, self.max_context)]), rng.random() < 0.5))
                 room -= q
             shape = decodes + chunks
             attempts += 1
@@ -261,19 +263,19 @@ class Profiler:
                 shapes.append(shape)
         return shapes
 
-    def _groups(self, shape):
-        """Sequence i runs on KVP group i mod K (one group each)."""
-        return [[SequenceShape(q, n) for i, (q, n) in enumerate(shape) if i % self.ctx.kvp_size == g]
-                for g in range(self.ctx.kvp_size)]
+    def _groups(self, shape) -> list[tuple[list[SequenceShape], int]]:
+        """Per KVP group: its sequences and sampled rows (sequence i runs on group i mod K)."""
+        mine = [[seq for i, seq in enumerate(shape) if i % self.ctx.kvp_size == g] for g in range(self.ctx.kvp_size)]
+        return [([SequenceShape(q, n) for q, n, _ in seqs], sum(sampled for *_, sampled in seqs)) for seqs in mine]
 
     def _predict(self, model: PerfModel, shape) -> float:
-        return max(model.batch_time(seqs, len(seqs)) for seqs in self._groups(shape) if seqs)
+        return max(model.batch_time(seqs, sampled) for seqs, sampled in self._groups(shape))
 
     def _time_step(self, shape) -> float:
         """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
         table = list(range(self.runner.num_blocks))
         chunks = [Chunk(request_id=i, token_ids=[1] * q, start_pos=n, first_group=i % self.ctx.kvp_size,
-                        num_groups=1, sampling=GREEDY) for i, (q, n) in enumerate(shape)]
+                        num_groups=1, sampling=GREEDY if sampled else None) for i, (q, n, sampled) in enumerate(shape)]
         tables = {i: (i % self.ctx.kvp_size, [table]) for i in range(len(shape))}
         stages = self.ctx.num_stages
         ticks = []
@@ -291,8 +293,8 @@ class Profiler:
         non-negative least squares on the relative error (short steps count as much as long ones)."""
         features, targets = [], []
         for shape, seconds in steps:
-            seqs = max((g for g in self._groups(shape) if g), key=lambda g: model.batch_time(g, len(g)))
-            terms = model.terms(seqs, len(seqs))
+            seqs, sampled = max(self._groups(shape), key=lambda group: model.batch_time(*group))
+            terms = model.terms(seqs, sampled)
             features.append([1.0, len(seqs)] + [terms[name] for name in FITTED_TERMS])
             targets.append((seconds - terms["collectives"]) / seconds)
         features = np.array(features) / np.array([seconds for _, seconds in steps])[:, None]
