@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -109,6 +110,15 @@ class GenerateConfig:
 
 
 @dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
+    port: int = 8000  # 0: any free port (see address_file)
+    api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
+    model_name: str = ""  # the model id clients name; empty: the model file's or directory's name
+    address_file: str = ""  # where rank 0 writes http://host:port once it listens (empty: not written)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -116,6 +126,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def _package_dir(name: str) -> str:
@@ -150,6 +161,15 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         raise ConfigError(f"bad configuration: {cause}") from None
     validate(cfg)
     return cfg
+
+
+def compose_command_line(argv: list[str] | None = None) -> Config:
+    """The config of an entry point's command line; a bad one ends the program with a message (status 2)."""
+    try:
+        return compose(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def validate(cfg: Config) -> None:

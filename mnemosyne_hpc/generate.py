@@ -17,7 +17,7 @@ import time
 
 from tqdm import tqdm
 
-from mnemosyne_hpc.config import Config, ConfigError, compose
+from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.metrics import format_summary, request_record, summarize
 from mnemosyne_hpc.engine.request import RequestError
@@ -83,10 +83,10 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    cfg: Config = compose_command_line(argv)
     try:
-        cfg: Config = compose(sys.argv[1:] if argv is None else argv)
         entries = read_requests(cfg.generate.input)
-    except (ConfigError, OSError) as e:
+    except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mnemosyne_hpc.config import Config, ConfigError, compose, kvp_group_tokens, resolve_cache_dir
+from mnemosyne_hpc.config import Config, compose_command_line, kvp_group_tokens, resolve_cache_dir
 from mnemosyne_hpc.distributed.mesh import stage_layers
 from mnemosyne_hpc.engine.engine import broadcast_plan, follow
 from mnemosyne_hpc.engine.perf_model import (FITTED_TERMS, AttentionFit, Curve, PerfModel, SequenceShape,
@@ -317,11 +317,7 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     from mnemosyne_hpc.runtime import run
 
-    try:
-        cfg = compose(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = compose_command_line(argv)
 
     def report(model: PerfModel) -> None:
         r = model.report

@@ -46,9 +46,11 @@ def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
 
 
 def follow(runner: ModelRunner) -> None:
-    """The loop of every rank but 0: run each plan rank 0 sends until it says shut down."""
+    """The loop of every rank but 0: run each plan rank 0 sends until it says shut down. A plan with
+    no stages is rank 0 keeping in touch while it has no work."""
     while not (plan := broadcast_plan(None, runner.ctx.cpu_group)).shutdown:
-        runner.execute(plan)
+        if plan.stages:
+            runner.execute(plan)
 
 
 class Engine:
@@ -64,6 +66,8 @@ class Engine:
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
+        self.sampled: list[Request] = []  # requests that got a token in the last step
+        self.aborted: list[Request] = []  # requests aborted outside a step (their owner collects them)
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -125,17 +129,42 @@ class Engine:
         sampled_chunks = [c for c in plan.leaving if c.sampling is not None]
         for chunk in plan.leaving:
             self.requests[chunk.request_id].num_computed += len(chunk.token_ids)
+        self.sampled = []
         for row, (chunk, token) in enumerate(zip(sampled_chunks, tokens)):
             request = self.requests[chunk.request_id]
             request.output_token_ids.append(token)
             request.token_times.append(now)
+            self.sampled.append(request)
             if self.record_logits:
                 self.logits.setdefault(request.id, []).append(logits[row])
             if self._check_finished(request, token):
-                request.finish_time = now
-                self.scheduler.finish(request)
-                finished.append(self.requests.pop(request.id))
+                finished.append(self._finish(request, now))
+        for chunk in plan.leaving:  # aborted while in the pipeline: finished once nothing of it is left there
+            request = self.requests.get(chunk.request_id)
+            if request is not None and request.finish_reason == "abort" and not request.in_flight:
+                finished.append(self._finish(request, now))
         return finished
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request (a client went away): it is finished with reason "abort" now, or as soon as
+        nothing of it is in the pipeline, and returned by that step."""
+        request = self.requests.get(request_id)
+        if request is None or request.finish_reason is not None:
+            return
+        request.finish_reason = "abort"
+        if not request.in_flight:
+            self.aborted.append(self._finish(request, time.perf_counter()))
+
+    def _finish(self, request: Request, now: float) -> Request:
+        request.finish_time = now
+        if self.tokenizer is not None and not request.text:
+            request.text = self._detokenize(request)
+        self.scheduler.finish(request)
+        return self.requests.pop(request.id)
+
+    def keep_alive(self) -> None:
+        """An empty plan: the other ranks' wait for the next plan starts over (parallel.timeout_s)."""
+        broadcast_plan(StepPlan(), self.runner.ctx.cpu_group)
 
     def _check_finished(self, request: Request, token: int) -> bool:
         params = request.sampling
@@ -155,6 +184,10 @@ class Engine:
         if self.tokenizer is not None:
             request.text = self._detokenize(request) if text is None else text
         return True
+
+    def text_so_far(self, request: Request) -> str:
+        """The request's output as text (empty without a tokenizer)."""
+        return self._detokenize(request) if self.tokenizer is not None else ""
 
     def _detokenize(self, request: Request) -> str:
         return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)

@@ -76,13 +76,15 @@ class Scheduler:
         now = self.clock()
         loads = [GroupLoad(self.cfg.max_num_batched_tokens) for _ in self.placement.allocators]
         chunks: MicroBatch = []
-        ready = [r for r in self.running if r.num_unscheduled and not (self.cfg.pipeline == "plain" and r.in_flight)]
+        ready = [r for r in self.running if r.num_unscheduled and r.finish_reason is None
+                 and not (self.cfg.pipeline == "plain" and r.in_flight)]
         # Spread decodes over the P micro-batches in flight so every pipeline stage has work.
         decoding = sum(not r.in_prefill for r in self.running)
         for request in [r for r in ready if not r.in_prefill][: math.ceil(decoding / self.num_stages)]:
             if request in self.running and self._make_room(request, now):
                 self._add_chunk(chunks, loads, request, 1)
-        candidates = self.priority.order([r for r in ready if r.in_prefill and r in self.running] + self.waiting, now)
+        waiting = [r for r in self.waiting if r.finish_reason is None]
+        candidates = self.priority.order([r for r in ready if r.in_prefill and r in self.running] + waiting, now)
         admitting = True
         for i, request in enumerate(candidates):
             leave_share = i + 1 < len(candidates) and self._has_slack(request, now)
@@ -201,7 +203,11 @@ class Scheduler:
         self.tables_changed.pop(request.id, None)
 
     def finish(self, request: Request) -> None:
+        """Forget a finished (or aborted) request and free its blocks; the tables stay, for reporting."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+            return
         self.running.remove(request)
-        self.placement.free(request.first_group, request.block_tables, request.max_len)  # the tables stay, for reporting
+        self.placement.free(request.first_group, request.block_tables, request.max_len)
         self.released.append(request.id)
         self.tables_changed.pop(request.id, None)

@@ -1,0 +1,209 @@
+"""The OpenAI-compatible HTTP API over a ServingLoop: completions, chat completions, streaming (SSE),
+models, health and Prometheus metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mnemosyne_hpc.serving.loop import Event, ServingLoop
+
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
+IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "logprobs", "echo",
+                  "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix", "max_completion_tokens"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Metrics:
+    def __init__(self, loop: ServingLoop):
+        self.registry = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("mnemosyne_ttft_seconds", "time to first token", buckets=buckets, registry=self.registry)
+        self.tbt = Histogram("mnemosyne_tbt_seconds", "time between tokens", buckets=buckets, registry=self.registry)
+        self.requests = Counter("mnemosyne_requests", "finished requests by reason", ["finish_reason"],
+                                registry=self.registry)
+        scheduler = loop.engine.scheduler
+        Gauge("mnemosyne_waiting_requests", "requests waiting for admission",
+              registry=self.registry).set_function(lambda: len(scheduler.waiting))
+        Gauge("mnemosyne_running_requests", "requests holding KV blocks",
+              registry=self.registry).set_function(lambda: len(scheduler.running))
+        placement = scheduler.placement
+        Gauge("mnemosyne_kv_blocks_used_ratio", "share of KV blocks in use, all KVP groups",
+              registry=self.registry).set_function(
+            lambda: 1 - sum(a.num_free for a in placement.allocators) / (len(placement.allocators) *
+                                                                            placement.blocks_per_group))
+        loop.observers.append(self.observe)
+
+    def observe(self, request) -> None:
+        if request.ttft_s is not None:
+            self.ttft.observe(request.ttft_s)
+        for gap in request.tbt_s:
+            self.tbt.observe(gap)
+        self.requests.labels(request.finish_reason).inc()
+
+
+def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
+    app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
+    metrics = Metrics(loop)
+    tokenizer = loop.engine.tokenizer
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error_response(401, "missing or wrong API key", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.message, e.kind)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "mnemosyne-hpc"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            engine_request = {"prompt": prompt}
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            engine_request = {"prompt_token_ids": prompt}
+        else:
+            raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)")
+        return await _respond(body, engine_request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request)
+        messages = body.get("messages")
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise ApiError(400, "this model has no chat template; use /v1/completions")
+        ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        return await _respond(body, {"prompt_token_ids": list(ids)}, chat=True)
+
+    async def _body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if body.get("model", model) != model:
+            raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {model!r}", "not_found_error")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n must be 1")
+        if not isinstance(body.get("stream", False), bool):
+            raise ApiError(400, "stream must be true or false")
+        unknown = set(body) - SAMPLING_FIELDS - IGNORED_FIELDS
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        return body
+
+    async def _respond(body: dict, engine_request: dict, chat: bool):
+        sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+        if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+            sampling["max_tokens"] = body["max_completion_tokens"]
+        events = _submit({**engine_request, "sampling": sampling})
+        first = await events.__anext__()  # the first event tells a rejected request apart
+        if first.kind == "error":
+            await events.aclose()
+            raise ApiError(400, first.text)
+        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.get("stream", False):
+            return StreamingResponse(_stream(first, events, completion_id, created, chat), media_type="text/event-stream")
+        text, done = "", first
+        async for event in _chain(first, events):
+            text += event.text
+            done = event
+        return _full_response(completion_id, created, chat, text, done)
+
+    def _submit(engine_request: dict):
+        aio = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def events():
+            ticket = loop.submit(lambda event: aio.call_soon_threadsafe(queue.put_nowait, event), **engine_request)
+            finished = False
+            try:
+                while True:
+                    event = await queue.get()
+                    finished = event.kind in ("done", "error")
+                    yield event
+                    if finished:
+                        return
+            finally:
+                if not finished:  # the client went away: free the request's blocks
+                    loop.cancel(ticket)
+        return events()
+
+    async def _chain(first: Event, events):
+        yield first
+        if first.kind != "done":
+            async for event in events:
+                yield event
+
+    async def _stream(first: Event, events, completion_id: str, created: int, chat: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        if chat:
+            yield _sse({"id": completion_id, "object": kind, "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        try:
+            async for event in _chain(first, events):
+                if event.text or event.kind == "done":
+                    choice = {"index": 0, "finish_reason": event.finish_reason}
+                    choice.update({"delta": {"content": event.text} if event.text else {}} if chat else
+                                  {"text": event.text, "logprobs": None})
+                    yield _sse({"id": completion_id, "object": kind, "created": created, "model": model,
+                                "choices": [choice]})
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()  # a client that went away cancels its request
+
+    def _full_response(completion_id, created, chat, text, done: Event) -> dict:
+        request = done.request
+        usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(request.output_token_ids),
+                 "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids)}
+        choice = {"index": 0, "finish_reason": done.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update({"text": text, "logprobs": None})
+        return {"id": completion_id, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model, "choices": [choice], "usage": usage}
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

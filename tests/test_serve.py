@@ -1,0 +1,164 @@
+"""The OpenAI-compatible server, on 2 ranks (KVP=2) with the embedded SmolLM2, through the openai
+client and raw HTTP: answers, streaming, bad input, disconnects, 200 concurrent clients, idle time."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import MPIRUN, ROOT
+
+KEY = "test-key"
+TIMEOUT_S = 4  # parallel.timeout_s: the idle test waits twice as long
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    address_file = tmp_path_factory.mktemp("serve") / "address"
+    process = subprocess.Popen(
+        [MPIRUN, "-n", "2", sys.executable, "-m", "mnemosyne_hpc.serve", "parallel.kvp=2", "cache.max_model_len=1024",
+         "scheduler.chunking=fixed", "scheduler.priority=fcfs", "scheduler.max_num_seqs=64",
+         f"parallel.timeout_s={TIMEOUT_S}", "server.port=0", f"server.api_key={KEY}",
+         f"server.address_file={address_file}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (address_file.exists() and address_file.read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() else "slow"
+        time.sleep(0.2)
+    yield address_file.read_text().strip(), process
+    os.kill(_rank_pids(process.pid)[0], signal.SIGTERM)  # a clean stop: rank 0 tells the others to shut down
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output[-3000:]
+
+
+def client(address: str) -> OpenAI:
+    return OpenAI(base_url=f"{address}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completion_chat_and_streaming(server):
+    address, _ = server
+    openai = client(address)
+    model = openai.models.list().data[0].id
+    assert model == "SmolLM2-135M-Instruct.Q4_1"
+    completion = openai.completions.create(model=model, prompt="The capital of France is", max_tokens=8)
+    assert completion.choices[0].text.startswith(" Paris")
+    assert completion.usage.completion_tokens == 8 and completion.choices[0].finish_reason == "length"
+    streamed = openai.completions.create(model=model, prompt="The capital of France is", max_tokens=8, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = openai.chat.completions.create(model=model, messages=messages, max_tokens=12)
+    assert "Paris" in chat.choices[0].message.content and chat.choices[0].message.role == "assistant"
+    chunks = list(openai.chat.completions.create(model=model, messages=messages, max_tokens=12, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (json.dumps({"prompt": 42}).encode(), 400, "prompt must be a string or a list of token ids"),
+    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature must be a number"),
+    (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
+    (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "not found"),
+    (json.dumps({"prompt": "hi " * 2000}).encode(), 400, "cache.max_model_len = 1024"),
+    (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "unknown field(s): frobnicate"),
+])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
+    address, _ = server
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    response = httpx.post(f"{address}/v1/completions", content=body, headers=headers, timeout=60)
+    assert response.status_code == status and message in response.json()["error"]["message"], response.text
+    assert client(address).completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Hi",
+                                              max_tokens=2).usage.completion_tokens == 2
+
+
+def test_api_key_is_required(server):
+    address, _ = server
+    response = httpx.post(f"{address}/v1/completions", json={"prompt": "hi"}, timeout=60)
+    assert response.status_code == 401
+    assert httpx.get(f"{address}/health", timeout=60).json() == {"status": "ok"}
+
+
+def test_client_that_disconnects_mid_stream_frees_its_request(server):
+    address, _ = server
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{address}/v1/completions", headers=headers, timeout=60,
+                      json={"prompt": "Once upon a time", "max_tokens": 900, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.monotonic() + 30  # the request is aborted and its blocks freed, not run to 900 tokens
+    while _metric(address, "mnemosyne_running_requests") != 0:
+        assert time.monotonic() < deadline, "the disconnected request is still running"
+        time.sleep(0.2)
+    assert _metric(address, 'mnemosyne_requests_total{finish_reason="abort"}') >= 1
+    assert _metric(address, "mnemosyne_kv_blocks_used_ratio") == 0
+
+
+def test_200_concurrent_requests_are_all_answered(server):
+    address, _ = server
+
+    async def main():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=300, limits=limits, headers={"authorization": f"Bearer {KEY}"}) as http:
+            return await asyncio.gather(*[
+                http.post(f"{address}/v1/completions", json={"prompt": f"Count to {i}:", "max_tokens": 4})
+                for i in range(200)])
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 200
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses)
+
+
+def test_idle_server_outlives_the_collective_timeout_without_spending_cpu(server):
+    address, process = server
+    ranks = _rank_pids(process.pid)
+    assert len(ranks) == 2
+    before = sum(_cpu_seconds(pid) for pid in ranks)
+    time.sleep(2 * TIMEOUT_S)
+    spent = sum(_cpu_seconds(pid) for pid in ranks) - before
+    assert spent < 0.1 * 2 * TIMEOUT_S, f"idle ranks spent {spent:.2f} CPU-seconds in {2 * TIMEOUT_S} s"
+    completion = client(address).completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Hi", max_tokens=3)
+    assert completion.usage.completion_tokens == 3 and process.poll() is None
+
+
+def _metric(address: str, name: str) -> float:
+    for line in httpx.get(f"{address}/metrics", timeout=60).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def _rank_pids(root: int) -> list[int]:
+    """The rank processes under the mpirun of `root`, in rank order."""
+    children, found = {root}, []
+    for _ in range(4):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in children and pid not in children:
+                children.add(pid)
+    for pid in children - {root}:
+        try:
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            if "mnemosyne_hpc.serve" in Path(f"/proc/{pid}/cmdline").read_text() and "PMI_RANK" in environ:
+                found.append((int(environ["PMI_RANK"]), pid))
+        except OSError:
+            pass
+    return [pid for _, pid in sorted(found)]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
