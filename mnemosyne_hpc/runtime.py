@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -79,11 +80,17 @@ def _raised_in_collective(e: BaseException) -> bool:
     return any(f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
-def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = False, **engine_options) -> None:
-    """Start this rank; rank 0 calls `leader(engine)`. `force_profile` re-takes the performance model."""
+def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = False,
+        followers_ignore: tuple[signal.Signals, ...] = (), **engine_options) -> None:
+    """Start this rank; rank 0 calls `leader(engine)`. `force_profile` re-takes the performance model.
+    Ranks other than 0 ignore `followers_ignore`: rank 0 alone decides what a signal means (a
+    launcher forwards a terminal's Ctrl-C, or a scheduler's SIGTERM, to every rank)."""
     try:
         path = check_model_path(cfg)
         info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+        if info.rank != 0:
+            for signum in followers_ignore:
+                signal.signal(signum, signal.SIG_IGN)
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         ctx = build_mesh(cfg.parallel, device)
         _check_same_config(cfg, ctx.cpu_group)

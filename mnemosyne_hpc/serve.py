@@ -59,7 +59,7 @@ def serve(cfg: Config, engine: Engine) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = compose_command_line(argv)
-    run(cfg, lambda engine: serve(cfg, engine))
+    run(cfg, lambda engine: serve(cfg, engine), followers_ignore=(signal.SIGINT, signal.SIGTERM))
 
 
 if __name__ == "__main__":

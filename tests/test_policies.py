@@ -6,21 +6,33 @@ import random
 
 import pytest
 
-from conftest import run_engine, together_and_solo_cases, tiny_overrides
+from conftest import run_engine, run_ranks, together_and_solo_cases, tiny_overrides
+from mnemosyne_hpc.engine.perf_model import PerfModel, SequenceShape
 from test_exactness import assert_matches_reference, reference_greedy
 
 POLICIES = [{"chunking": c, "priority": p} for c in ("adaptive", "fixed") for p in ("lars", "edf", "fcfs")]
 
 
-def policy_overrides(model_dir, **extra):
-    """Adaptive chunking over small steps (8 tokens) against a tight SLO, so chunk sizes vary."""
-    return tiny_overrides(model_dir, **{"scheduler.chunking": "adaptive", "scheduler.priority": "lars",
-                                        "scheduler.tbt_slo_ms": 4, "scheduler.min_chunk": 8,
-                                        "scheduler.chunk_step": 8, **extra})
+@pytest.fixture(scope="module")
+def policy_overrides(tiny_models, tmp_path_factory):
+    """Adaptive chunking in steps of 8 tokens against an SLO that a 64-token chunk fills on this
+    machine's profile of the model, so the chunks of a 300-token prompt vary in size."""
+    profile = tmp_path_factory.mktemp("profile") / "tiny.json"
+    base = tiny_overrides(tiny_models["llama"], **{"scheduler.profile": profile})
+    result = run_ranks(1, ["-m", "mnemosyne_hpc.profile", *base])
+    assert result.returncode == 0, result.stderr[-3000:]
+    slo_ms = 1000 * PerfModel.load(profile).batch_time([SequenceShape(64, 0)], 0) / 0.9
+
+    def overrides(model_dir, **extra):
+        return tiny_overrides(model_dir, **{"scheduler.chunking": "adaptive", "scheduler.priority": "lars",
+                                            "scheduler.profile": profile, "scheduler.tbt_slo_ms": slo_ms,
+                                            "scheduler.slo_headroom": 0.1, "scheduler.min_chunk": 8,
+                                            "scheduler.chunk_step": 8, **extra})
+    return overrides
 
 
 @pytest.mark.parametrize("kvp", [1, 2])
-def test_every_policy_matches_transformers(kvp, tiny_models, reference, tmp_path):
+def test_every_policy_matches_transformers(kvp, policy_overrides, tiny_models, reference, tmp_path):
     model_dir = tiny_models["llama"]
     hf = reference(model_dir)
     rng = random.Random(5)
@@ -41,7 +53,7 @@ def test_every_policy_matches_transformers(kvp, tiny_models, reference, tmp_path
 
 
 @pytest.mark.parametrize("kvp", [1, 2])
-def test_more_requests_than_kv_memory_all_complete(kvp, tiny_models, tmp_path):
+def test_more_requests_than_kv_memory_all_complete(kvp, policy_overrides, tiny_models, tmp_path):
     rng = random.Random(9)
     requests = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(rng.randint(20, 40))], "max_tokens": 48,
                  "ignore_eos": True, "arrival_step": i // 3, **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {})}

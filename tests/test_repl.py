@@ -1,0 +1,59 @@
+"""The REPL through a real terminal (pexpect): a streamed answer, settings, stats, Ctrl-C, quit."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pexpect
+
+from conftest import MPIRUN, ROOT
+
+
+def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("The secret word is banana. ")
+    repl = pexpect.spawn(MPIRUN, ["-n", "2", sys.executable, "-m", "mnemosyne_hpc.repl", "parallel.kvp=2",
+                                  "scheduler.chunking=fixed", "scheduler.priority=fcfs", "cache.max_model_len=2048",
+                                  "parallel.timeout_s=30"],
+                         cwd=str(ROOT), encoding="utf-8", timeout=180)
+    try:
+        repl.expect("REPL")
+        repl.expect("> ")
+        repl.sendline("/set max_tokens 8")
+        repl.expect("'max_tokens': 8")
+        repl.sendline("/set temperature -1")
+        repl.expect("temperature must be a number >= 0")
+        repl.sendline("The capital of France is")
+        repl.expect(r"Paris.*\[TTFT \d+ ms, TBT median [\d.]+ ms, 8 tokens, length\]")
+
+        repl.sendline("/set max_tokens 1500")
+        repl.expect("> ")
+        repl.sendline("/set ignore_eos true")
+        repl.expect("'ignore_eos': True")
+        repl.sendline("Once upon a time")
+        repl.expect_exact("Once upon a time\r\n")  # the terminal's echo
+        time.sleep(2)  # the answer is streaming
+        repl.sendintr()  # Ctrl-C: cancels this answer, not the job
+        repl.expect(r"\[TTFT \d+ ms, TBT median [\d.]+ ms, (\d+) tokens, abort\]")
+        assert int(repl.match.group(1)) < 1500
+
+        repl.sendline("/load " + str(context))
+        repl.expect(r"loaded 27 characters \(\d+ tokens\)")
+        repl.sendline("/reset")
+        repl.expect("reset")
+        repl.sendline("/load " + str(context))
+        repl.expect("loaded")
+        repl.sendline("/set max_tokens 4")
+        repl.expect("> ")
+        repl.sendline("/set ignore_eos true")
+        repl.expect("> ")
+        repl.sendline("What is the secret word?")
+        repl.expect(r"\[TTFT \d+ ms.*4 tokens, length\]")
+        repl.sendline("/stats")
+        repl.expect(r"answers: 3; TTFT median \d+ ms; TBT median [\d.]+ ms")
+        repl.expect(r"engine: 0 running, 0 waiting, KV blocks 0/\d+; sampling \{'max_tokens': 4, 'ignore_eos': True\}; context 27")
+        repl.sendline("/quit")
+        repl.expect(pexpect.EOF)
+    finally:
+        repl.close()
+    assert repl.exitstatus == 0, repl.before
