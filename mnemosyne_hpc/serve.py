@@ -10,6 +10,7 @@ SIGTERM or SIGINT on rank 0 stops it cleanly: every rank exits with status 0.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ def serve(cfg: Config, engine: Engine) -> None:
             raise RuntimeError(f"the HTTP server could not start on {cfg.server.host}:{cfg.server.port}")
         time.sleep(0.05)
     host, port = server.servers[0].sockets[0].getsockname()[:2]
-    address = f"http://{host}:{port}"
+    address = f"http://{socket.gethostname() if host == '0.0.0.0' else host}:{port}"
     if cfg.server.address_file:
         Path(cfg.server.address_file).write_text(address + "\n")
     print(f"serving {model_name(cfg)} at {address}/v1", file=sys.stderr, flush=True)
