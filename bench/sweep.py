@@ -11,6 +11,7 @@ layout and policy, against context length).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import statistics
 import subprocess
@@ -58,9 +59,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=16, help="greedy tokens after each prompt")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     args = parser.parse_args()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "requirements-plot.txt")],
                        check=True)
 
