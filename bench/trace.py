@@ -81,7 +81,7 @@ def worker(spec_path: str) -> None:
                 records.append({"kind": kinds[request.id], **request_record(request, start)})
             entering = engine.last_plan.entering
             steps.append({"start_s": step_start - start, "seconds": time.perf_counter() - step_start,
-                          "predicted_s": engine.scheduler.predicted_s,
+                          "predicted_s": engine.scheduler.predicted_time(),
                           "decodes": sum(kinds[c.request_id] == "short" and len(c.token_ids) == 1 for c in entering),
                           "tokens": sum(len(c.token_ids) for c in entering)})
             long_chunks += [[c.start_pos, len(c.token_ids)] for c in entering if kinds[c.request_id] == "long"]

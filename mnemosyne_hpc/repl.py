@@ -131,12 +131,11 @@ class Repl:
     def _stats(self) -> None:
         scheduler = self.engine.scheduler
         placement = scheduler.placement
-        used = sum(placement.blocks_per_group - a.num_free for a in placement.allocators)
         self.print(f"answers: {len(self.ttfts)}; TTFT median "
                    f"{1000 * statistics.median(self.ttfts) if self.ttfts else 0:.0f} ms; TBT median "
                    f"{1000 * statistics.median(self.tbts) if self.tbts else 0:.1f} ms over {len(self.tbts)} gaps")
         self.print(f"engine: {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, KV blocks "
-                   f"{used}/{placement.blocks_per_group * len(placement.allocators)}; sampling {self.sampling or 'defaults'}"
+                   f"{placement.blocks_in_use}/{placement.total_blocks}; sampling {self.sampling or 'defaults'}"
                    f"; context {len(self.context)} characters")
 
 

@@ -67,7 +67,6 @@ class Engine:
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
         self.sampled: list[Request] = []  # requests that got a token in the last step
-        self.aborted: list[Request] = []  # requests aborted outside a step (their owner collects them)
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -145,15 +144,14 @@ class Engine:
                 finished.append(self._finish(request, now))
         return finished
 
-    def abort(self, request_id: int) -> None:
-        """Stop a request (a client went away): it is finished with reason "abort" now, or as soon as
-        nothing of it is in the pipeline, and returned by that step."""
+    def abort(self, request_id: int) -> Request | None:
+        """Stop a request (a client went away) with reason "abort": returned finished now if nothing of
+        it is in the pipeline, else by the step that sees the last of it leave."""
         request = self.requests.get(request_id)
         if request is None or request.finish_reason is not None:
-            return
+            return None
         request.finish_reason = "abort"
-        if not request.in_flight:
-            self.aborted.append(self._finish(request, time.perf_counter()))
+        return None if request.in_flight else self._finish(request, time.perf_counter())
 
     def _finish(self, request: Request, now: float) -> Request:
         request.finish_time = now

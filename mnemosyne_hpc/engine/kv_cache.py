@@ -68,6 +68,14 @@ class KVPlacement:
         return self.allocators[0].num_blocks
 
     @property
+    def total_blocks(self) -> int:
+        return self.blocks_per_group * len(self.allocators)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.total_blocks - sum(a.num_free for a in self.allocators)
+
+    @property
     def block_size(self) -> int:
         return self.allocators[0].block_size
 

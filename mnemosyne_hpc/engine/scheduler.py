@@ -55,7 +55,7 @@ class Scheduler:
         self.priority = Priority(cfg, perf_model)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        self.predicted_s: float | None = None  # predicted time of the last micro-batch formed (slowest group)
+        self._loads: list[GroupLoad] = []  # what each KVP group runs in the last micro-batch formed
         self.released: list[int] = []  # requests whose blocks were freed since the last plan
         self.tables_changed: dict[int, Request] = {}  # requests admitted or grown since the last plan
 
@@ -74,7 +74,7 @@ class Scheduler:
 
     def schedule(self) -> MicroBatch:
         now = self.clock()
-        loads = [GroupLoad(self.cfg.max_num_batched_tokens) for _ in self.placement.allocators]
+        loads = self._loads = [GroupLoad(self.cfg.max_num_batched_tokens) for _ in self.placement.allocators]
         chunks: MicroBatch = []
         ready = [r for r in self.running if r.num_unscheduled and r.finish_reason is None
                  and not (self.cfg.pipeline == "plain" and r.in_flight)]
@@ -107,10 +107,14 @@ class Scheduler:
             self.running.append(request)
             self.tables_changed[request.id] = request
             self._add_chunk(chunks, loads, request, size)
-        if self.perf_model is not None:
-            self.predicted_s = max(self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
-                                   for load in loads)
         return chunks
+
+    def predicted_time(self) -> float | None:
+        """Predicted seconds of the last micro-batch formed (its slowest KVP group), given a performance model."""
+        if self.perf_model is None or not self._loads:
+            return None
+        return max(self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
+                   for load in self._loads)
 
     def _has_slack(self, request: Request, now: float) -> bool:
         return self.cfg.space_share > 0 and self.perf_model is not None and self.priority.slack(request, now) > 0

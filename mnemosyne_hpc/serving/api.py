@@ -43,9 +43,7 @@ class Metrics:
               registry=self.registry).set_function(lambda: len(scheduler.running))
         placement = scheduler.placement
         Gauge("mnemosyne_kv_blocks_used_ratio", "share of KV blocks in use, all KVP groups",
-              registry=self.registry).set_function(
-            lambda: 1 - sum(a.num_free for a in placement.allocators) / (len(placement.allocators) *
-                                                                            placement.blocks_per_group))
+              registry=self.registry).set_function(lambda: placement.blocks_in_use / placement.total_blocks)
         loop.observers.append(self.observe)
 
     def observe(self, request) -> None:
