@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn  # imported before the ranks join: the others wait for rank 0's first plan
+
 from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.runtime import run
@@ -28,8 +30,6 @@ def model_name(cfg: Config) -> str:
 
 
 def serve(cfg: Config, engine: Engine) -> None:
-    import uvicorn
-
     loop = ServingLoop(engine, heartbeat_s=cfg.parallel.timeout_s / 4)
     app = create_app(loop, model_name(cfg), cfg.server.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="warning",

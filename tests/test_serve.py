@@ -18,7 +18,7 @@ from openai import OpenAI
 from conftest import MPIRUN, ROOT
 
 KEY = "test-key"
-TIMEOUT_S = 4  # parallel.timeout_s: the idle test waits twice as long
+TIMEOUT_S = 6  # parallel.timeout_s: the idle test waits twice as long
 
 
 @pytest.fixture(scope="module")

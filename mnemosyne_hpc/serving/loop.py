@@ -53,7 +53,7 @@ class ServingLoop:
     def cancel(self, ticket: Ticket) -> None:
         """Thread-safe; a cancelled request is aborted and frees its KV blocks."""
         ticket.cancelled = True
-        self._inbox.put(None)
+        self._inbox.put(ticket)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -68,10 +68,6 @@ class ServingLoop:
         last_contact = time.monotonic()
         while not self._stopping.is_set():
             self._take_inbox(block=not self.engine.has_unfinished, until=last_contact + self.heartbeat_s)
-            for ticket in [t for t in self._tickets.values() if t.cancelled]:
-                self.engine.abort(ticket.request_id)
-            aborted, self.engine.aborted = self.engine.aborted, []
-            self._emit([], aborted)
             if self.engine.has_unfinished:
                 finished = self.engine.step()
                 self._emit(self.engine.sampled, finished)
@@ -88,7 +84,11 @@ class ServingLoop:
             except queue.Empty:
                 return
             block = False  # after the first arrival, take only what is already there
-            if ticket is None or ticket.cancelled:
+            if ticket is None:
+                continue
+            if ticket.cancelled:  # its cancellation; a request cancelled before it was taken never starts
+                finished = self.engine.abort(ticket.request_id) if ticket.request_id is not None else None
+                self._emit([], [finished] if finished else [])
                 continue
             try:
                 ticket.request_id = self.engine.add_request(**ticket.request)
