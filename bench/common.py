@@ -85,3 +85,59 @@ def write_results(filename: str, record: dict, directory: Path = RESULTS) -> Pat
     for key, value in record.get("ratios", {}).items():
         print(f"{key:36s} {value:.3f}")
     return path
+
+
+def run_in_process(overrides: list[str], leader) -> None:
+    """One rank in this process: `leader(engine)` runs with the engine these overrides configure."""
+    from mnemosyne_hpc.config import compose
+    from mnemosyne_hpc.runtime import run
+
+    run(compose(overrides), leader)
+
+
+def timed_requests(engine, requests: list[dict]) -> tuple[float, list[dict]]:
+    """Run requests to completion on an idle engine: (wall seconds, output records in input order)."""
+    import time
+
+    from mnemosyne_hpc.generate import generate
+
+    started = time.perf_counter()
+    results, _ = generate(engine, requests, progress=False)
+    return time.perf_counter() - started, results
+
+
+def median_time(function, repeats: int) -> float:
+    """Median wall seconds of `function()` over `repeats` calls, after one warm-up call."""
+    import statistics
+    import time
+
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def llama_flops(model: dict, prompt_tokens: int) -> float:
+    """Multiply-adds × 2 of a causal prefill of `prompt_tokens`: every projection, the attention over
+    the causal triangle (query i sees i keys), and the LM head for the last token."""
+    hidden, layers = model["hidden_size"], model["num_hidden_layers"]
+    head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
+    q_width, kv_width = model["num_attention_heads"] * head_dim, model["num_key_value_heads"] * head_dim
+    per_token = 2 * layers * hidden * (q_width + 2 * kv_width + q_width + 3 * model["intermediate_size"])
+    attention = layers * 4 * q_width * prompt_tokens * (prompt_tokens + 1) / 2
+    return per_token * prompt_tokens + attention + 2 * hidden * model["vocab_size"]
+
+
+def llama_bytes(model: dict, context: int, dtype_bytes: int = 2) -> int:
+    """Bytes one decode step must read: every weight once (the embedding row aside) and the KV of
+    `context` tokens."""
+    hidden, layers = model["hidden_size"], model["num_hidden_layers"]
+    head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
+    q_width, kv_width = model["num_attention_heads"] * head_dim, model["num_key_value_heads"] * head_dim
+    weights = layers * hidden * (2 * q_width + 2 * kv_width + 3 * model["intermediate_size"])
+    weights += hidden * model["vocab_size"]  # LM head
+    kv = 2 * layers * kv_width * context
+    return (weights + kv) * dtype_bytes

@@ -37,8 +37,7 @@ from mnemosyne_hpc.engine.plan import Chunk, StepPlan
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.sampler import sample
-from mnemosyne_hpc.model.attention import chunk_attention, merge_over_group
-from mnemosyne_hpc.model.layers import apply_rope
+from mnemosyne_hpc.model.attention import attention, chunk_attention, merge_over_group
 
 GREEDY = SamplingParams(seed=0)
 
@@ -160,14 +159,17 @@ class Profiler:
         (q, n), attn, d, kv = point, self.layer.self_attn, self.runner.args.head_dim, self.runner.kv_cache
         query = torch.randn(attn.num_heads, q, d, dtype=self.dtype, device=self.device)
         key = torch.randn(attn.num_kv_heads, q, d, dtype=self.dtype, device=self.device)
-        used = self.max_context + self.max_tokens
-        starts = itertools.cycle(range(0, used - n + 1, max(n, used // 64)) if n else [0])
+        used, span = self.max_context + self.max_tokens, n + (q == 1)
+        starts = itertools.cycle(range(0, used - span + 1, max(span, used // 64)) if span else [0])
         layers = itertools.cycle(range(kv.k.shape[0]))
 
-        def fn():
+        def fn():  # as the model runs it: a single token reads its own K/V from the cache with the rest
             layer, start = next(layers), next(starts)
-            prefix = (kv.k[layer][:, start:start + n], kv.v[layer][:, start:start + n]) if n else (None, None)
-            return chunk_attention(query, key, key, *prefix)
+            cached = slice(start, start + span)
+            if q == 1:
+                return attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
+            return chunk_attention(query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if n
+                                                      else (None, None)))
         return fn
 
     def _hidden(self, tokens: int) -> torch.Tensor:
@@ -179,13 +181,10 @@ class Profiler:
         angles = torch.randn(tokens, d, dtype=self.dtype, device=self.device)
         attended = torch.randn(tokens, attn.num_heads * d, dtype=self.dtype, device=self.device)
 
-        def fn():
-            q, k, _ = attn.qkv_proj(layer.input_layernorm(x)).split(
-                [attn.num_heads * d, attn.num_kv_heads * d, attn.num_kv_heads * d], -1)
-            apply_rope(q.view(tokens, attn.num_heads, d), angles, angles)
-            apply_rope(k.view(tokens, attn.num_kv_heads, d), angles, angles)
-            h = x + attn.o_proj(attended)
-            return h + layer.mlp(layer.post_attention_layernorm(h))
+        def fn():  # the layer without its attention kernel
+            attn.project(layer.input_layernorm(x), angles, angles)
+            h = attn.o_proj(attended).add_(x)
+            return layer.mlp(layer.post_attention_layernorm(h)).add_(h)
         return fn
 
     def _lm_head(self, rows: int):

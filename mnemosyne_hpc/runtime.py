@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
+from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.distributed.launch import fail, init_distributed
 from mnemosyne_hpc.distributed.mesh import build_mesh
 from mnemosyne_hpc.engine.engine import Engine, follow
@@ -92,6 +93,8 @@ def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = Fal
             for signum in followers_ignore:
                 signal.signal(signum, signal.SIG_IGN)
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        if device.type == "cpu":
+            retain_freed_memory()
         ctx = build_mesh(cfg.parallel, device)
         _check_same_config(cfg, ctx.cpu_group)
         model_dir = _model_dir(cfg, path, info.rank)

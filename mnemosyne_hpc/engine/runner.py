@@ -98,10 +98,13 @@ class ModelRunner:
             if holds_chunk:
                 write_slots.append(self.kv_cache.slots(table, cached, cached + len(chunk.token_ids)))
                 write_rows.append(torch.arange(start, end))
-            prefix = self.kv_cache.index(table, 0, cached) if cached else None
-            if torch.is_tensor(prefix):
-                prefix = prefix.to(device)
-            sequences.append(SequenceSlice(start, end, prefix, holds_chunk))
+            # A single token attends to its own K/V in the cache with the rest, in one unmasked call.
+            within_chunk = holds_chunk and len(chunk.token_ids) > 1
+            attended = cached + (holds_chunk and not within_chunk)
+            slots = self.kv_cache.index(table, 0, attended) if attended else None
+            if torch.is_tensor(slots):
+                slots = slots.to(device)
+            sequences.append(SequenceSlice(start, end, slots, within_chunk))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end

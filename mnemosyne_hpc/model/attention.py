@@ -26,13 +26,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
 
 def _cpu_attention(q, k, v, causal):
+    """Torch's CPU flash kernel. It maps query head h to KV head h // g itself, so causal GQA needs no
+    K/V copies; without a mask, the g query heads of a KV head are folded into one longer query,
+    which the kernel runs faster."""
     hq, lq, d = q.shape
     hkv = k.shape[0]
-    if not causal:  # fold the query heads of each KV head into one longer query: no K/V copies
+    if not causal:
         q = q.reshape(hkv, (hq // hkv) * lq, d)
-    else:
-        k = k.repeat_interleave(hq // hkv, dim=0)
-        v = v.repeat_interleave(hq // hkv, dim=0)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
 

@@ -23,10 +23,11 @@ class SequenceSlice:
 
     start: int  # first row in the packed batch
     end: int
-    prefix_slots: torch.Tensor | slice | None  # KV-cache slots of this rank's cached tokens before the chunk
-    # False on a KVP group that holds only earlier KV of the request: it attends to that KV alone and
-    # neither stores the chunk's K/V nor attends within the chunk.
-    holds_chunk: bool = True
+    cached_slots: torch.Tensor | slice | None  # KV-cache slots this rank's queries attend to with no mask
+    # True: the queries also attend causally within the chunk, and the cached slots are its prefix.
+    # False for a single token, whose own K/V is already stored (it is among the cached slots), and on a
+    # KVP group that holds only earlier KV of the request (its shard is the cached slots).
+    within_chunk: bool = True
 
 
 @dataclass
@@ -50,32 +51,37 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, local_qkv, bias=args.qkv_bias)
         self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp)
 
-    def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [Hq, T, D], keys and values [Hkv, T, D], RoPE applied to queries and keys."""
         tokens, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q = apply_rope(q.view(tokens, self.num_heads, d), meta.cos, meta.sin).transpose(0, 1)
-        k = apply_rope(k.view(tokens, self.num_kv_heads, d), meta.cos, meta.sin).transpose(0, 1)
-        v = v.view(tokens, self.num_kv_heads, d).transpose(0, 1)
+        qkv = self.qkv_proj(x)
+        rotated = self.num_heads + self.num_kv_heads
+        qk = apply_rope(qkv[:, : rotated * d].view(tokens, rotated, d), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        q, k, v = self.project(x, meta.cos, meta.sin)
         written = slice(None) if meta.write_rows is None else meta.write_rows
         k_cache[:, meta.write_slots] = k[:, written]
         v_cache[:, meta.write_slots] = v[:, written]
         outs, lses = [], []
         for seq in meta.sequences:
-            rows = slice(seq.start, seq.end)
-            prefix = seq.prefix_slots
-            k_prefix, v_prefix = (None, None) if prefix is None else (k_cache[:, prefix], v_cache[:, prefix])
-            if seq.holds_chunk:
-                out, lse = chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_prefix, v_prefix)
+            rows, slots = slice(seq.start, seq.end), seq.cached_slots
+            k_cached, v_cached = (None, None) if slots is None else (k_cache[:, slots], v_cache[:, slots])
+            if seq.within_chunk:
+                out, lse = chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_cached, v_cached)
             else:
-                out, lse = attention(q[:, rows], k_prefix, v_prefix, causal=False)
+                out, lse = attention(q[:, rows], k_cached, v_cached, causal=False)
             outs.append(out)
             lses.append(lse)
-        out = torch.cat(outs, dim=1)
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         if meta.merges:
             lse = torch.cat(lses, dim=1)
             for group, rows in meta.merges:
                 out[:, rows] = merge_over_group(out[:, rows], lse[:, rows], group)
-        return self.o_proj(out.transpose(0, 1).reshape(tokens, self.num_heads * d))
+        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -87,7 +93,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).split(self.local_intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -99,8 +105,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, tp)
 
     def forward(self, x, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache).add_(x)
+        return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,140 @@
+"""This machine's ceilings, and how close one engine rank (all cores, bf16) comes to them.
+
+    .venv/bin/python bench/roofline.py
+
+Ceilings, each the best median over a few shapes: GEMM throughput in fp32 and bf16 (AMX), and
+memory read bandwidth (a bf16 GEMV and an fp32 sum over 1 GiB). The engine, on random-weight
+Llamas:
+- prefill MFU: model FLOPs of an 8k and a 16k-token prompt / TTFT / bf16 GEMM peak, on a model with
+  2048-wide layers (Llama-3.2-1B's shape, 4 layers);
+- decode bandwidth utilisation: the bytes a step must read (weights and KV) / TBT / read
+  bandwidth, on the same model at 16k context and on a model whose KV dominates at 128k context.
+A torch profile of each engine run says where the time goes. Writes bench/results/roofline.json.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import (llama_bytes, llama_flops, median_time, random_llama, run_in_process, timed_requests,
+                    write_results)
+
+WIDE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=1 << 17,
+            rope_theta=500000.0, tie_word_embeddings=False)
+# Small projections, 4 KB of KV per token: at 128k context a decode step reads 512 MiB of KV.
+LONG_KV = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20, rope_theta=1e7,
+               tie_word_embeddings=False)
+GEMM_SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096), (8192, 2048, 2048), (8192, 8192, 2048)]  # (m, n, k)
+PROFILE_ROWS = 12
+
+
+def gemm_peak(dtype: torch.dtype, repeats: int) -> dict:
+    rates = {}
+    for m, n, k in GEMM_SHAPES:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        rates[f"{m}x{n}x{k}"] = 2 * m * n * k / median_time(lambda: F.linear(a, b), repeats) / 1e9
+    return {"gflops_by_shape": rates, "peak_gflops": max(rates.values())}
+
+
+def read_bandwidth(repeats: int) -> dict:
+    matrix = torch.randn(2**29 // 4096, 4096, dtype=torch.bfloat16)  # 1 GiB
+    vector = torch.randn(4096, dtype=torch.bfloat16)
+    flat = torch.randn(2**28, dtype=torch.float32)  # 1 GiB
+    rates = {"bf16_gemv": matrix.nbytes / median_time(lambda: matrix @ vector, repeats) / 1e9,
+             "fp32_sum": flat.nbytes / median_time(lambda: flat.sum(), repeats) / 1e9}
+    return {"gbs_by_kernel": rates, "peak_gbs": max(rates.values())}
+
+
+def profile_table(function) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        function()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+
+
+def engine_overrides(model_dir: Path, max_len: int, chunk: int) -> list[str]:
+    return ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_len}",
+            "cache.kv_memory_gib=1.5", "scheduler.chunking=fixed", "scheduler.priority=fcfs",
+            f"scheduler.chunk_size={chunk}", f"scheduler.max_num_batched_tokens={chunk}", "parallel.timeout_s=3600"]
+
+
+def prompt(model: dict, tokens: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, model["vocab_size"]) for _ in range(tokens)]
+
+
+def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], decode_context: int, decode_steps: int,
+                   chunk: int, gemm_gflops: float, read_gbs: float) -> dict:
+    """TTFT (and MFU) of each prefill length, then TBT (and bandwidth use) at `decode_context`."""
+    results = {}
+
+    def leader(engine) -> None:
+        for tokens in prefill_lengths:
+            request = {"prompt_token_ids": prompt(model, tokens, tokens), "max_tokens": 1, "ignore_eos": True}
+            ttft, _ = timed_requests(engine, [request])
+            flops = llama_flops(model, tokens)
+            results[f"prefill_{tokens}"] = {"ttft_s": ttft, "model_tflop": flops / 1e12,
+                                            "achieved_gflops": flops / ttft / 1e9,
+                                            "mfu": flops / ttft / 1e9 / gemm_gflops}
+            print(f"prefill {tokens:7d}: TTFT {ttft:7.2f} s, {flops / ttft / 1e9:6.0f} GFLOP/s, "
+                  f"MFU {flops / ttft / 1e9 / gemm_gflops:.2f}", flush=True)
+        request = {"prompt_token_ids": prompt(model, decode_context, 1), "max_tokens": decode_steps + 1,
+                   "ignore_eos": True}
+        _, [output] = timed_requests(engine, [request])
+        tbt = statistics.median(output["tbt_s"])
+        step_bytes = llama_bytes(model, decode_context + decode_steps // 2)
+        results[f"decode_{decode_context}"] = {"ttft_s": output["ttft_s"], "tbt_median_s": tbt, "tbt_s": output["tbt_s"],
+                                               "gb_per_step": step_bytes / 1e9, "achieved_gbs": step_bytes / tbt / 1e9,
+                                               "bandwidth_utilisation": step_bytes / tbt / 1e9 / read_gbs}
+        print(f"decode at {decode_context}: TBT {1e3 * tbt:.1f} ms, {step_bytes / tbt / 1e9:.1f} GB/s, "
+              f"{step_bytes / tbt / 1e9 / read_gbs:.2f} of read bandwidth", flush=True)
+        if prefill_lengths:
+            longest = {"prompt_token_ids": prompt(model, prefill_lengths[-1], 2), "max_tokens": 1, "ignore_eos": True}
+            results["profile_prefill"] = profile_table(lambda: timed_requests(engine, [longest]))
+        request_id = engine.add_request(None, prompt(model, decode_context, 3),
+                                        {"max_tokens": decode_steps + 1, "ignore_eos": True})
+        while request_id not in [r.id for r in engine.sampled]:  # its prefill
+            engine.step()
+        results["profile_decode"] = profile_table(lambda: [engine.step() for _ in range(decode_steps)])
+
+    max_len = max(prefill_lengths + [decode_context]) + decode_steps + 1
+    run_in_process(engine_overrides(model_dir, max_len, chunk), leader)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 16384], help="prompt lengths for MFU")
+    parser.add_argument("--decode-context", type=int, default=16384, help="context of the wide model's decode")
+    parser.add_argument("--long-context", type=int, default=131072, help="context of the KV-heavy model's decode")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
+    args = parser.parse_args()
+
+    ceilings = {"gemm_fp32": gemm_peak(torch.float32, args.repeats), "gemm_bf16": gemm_peak(torch.bfloat16, args.repeats),
+                "memory_read": read_bandwidth(args.repeats)}
+    gemm_gflops, read_gbs = ceilings["gemm_bf16"]["peak_gflops"], ceilings["memory_read"]["peak_gbs"]
+    print(f"GEMM peak fp32 {ceilings['gemm_fp32']['peak_gflops']:.0f} GFLOP/s, bf16 {gemm_gflops:.0f} GFLOP/s; "
+          f"memory read {read_gbs:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    wide = measure_engine(WIDE, random_llama(args.workdir / "llama-4x2048", **WIDE), args.prefill,
+                          args.decode_context, args.decode_steps, args.chunk, gemm_gflops, read_gbs)
+    long_kv = measure_engine(LONG_KV, random_llama(args.workdir / "llama-kvp-2x256-hd128", **LONG_KV), [],
+                             args.long_context, args.decode_steps, args.chunk, gemm_gflops, read_gbs)
+    ratios = {f"mfu_prefill_{n}": wide[f"prefill_{n}"]["mfu"] for n in args.prefill}
+    ratios[f"bandwidth_decode_{args.decode_context}_wide"] = wide[f"decode_{args.decode_context}"]["bandwidth_utilisation"]
+    ratios[f"bandwidth_decode_{args.long_context}_long_kv"] = (
+        long_kv[f"decode_{args.long_context}"]["bandwidth_utilisation"])
+    write_results("roofline.json", {
+        "benchmark": "roofline", "threads": torch.get_num_threads(), "ceilings": ceilings,
+        "wide_model": WIDE, "wide": wide, "long_kv_model": LONG_KV, "long_kv": long_kv, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
