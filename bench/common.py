@@ -87,12 +87,12 @@ def write_results(filename: str, record: dict, directory: Path = RESULTS) -> Pat
     return path
 
 
-def run_in_process(overrides: list[str], leader) -> None:
+def run_in_process(overrides: list[str], leader, **engine_options) -> None:
     """One rank in this process: `leader(engine)` runs with the engine these overrides configure."""
     from mnemosyne_hpc.config import compose
     from mnemosyne_hpc.runtime import run
 
-    run(compose(overrides), leader)
+    run(compose(overrides), leader, **engine_options)
 
 
 def timed_requests(engine, requests: list[dict]) -> tuple[float, list[dict]]:

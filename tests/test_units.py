@@ -8,7 +8,10 @@ from mnemosyne_hpc.distributed.launch import discover_rank
 from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
+from mnemosyne_hpc.cpu_allocator import retain_freed_memory
+from mnemosyne_hpc.kernels.decode import MAX_ROWS, _library, decode_attention
 from mnemosyne_hpc.model.attention import attention, chunk_attention, math_attention, merge_attention
+from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -46,6 +49,50 @@ def test_cpu_kernel_matches_math_path_and_chunk_is_bottom_right_causal():
     full, _ = math_attention(q, k, v, causal=True)
     chunk, _ = chunk_attention(q[:, 6:], k[:, 6:], v[:, 6:], k[:, :6], v[:, :6])
     torch.testing.assert_close(chunk, full[:, 6:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS - 1, FEW_ROWS])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_is_x_times_w_transposed_for_any_row_count(rows, with_bias):
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 64), torch.randn(96, 64), torch.randn(96) if with_bias else None
+    y = linear(x, weight, bias)
+    assert y.shape == (rows, 96) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_rope_is_hugging_face_rotate_half():
+    torch.manual_seed(2)
+    x, angles = torch.randn(7, 3, 16), torch.randn(7, 8)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    rotate_half = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x * cos[:, None] + rotate_half * sin[:, None],
+                               atol=1e-6, rtol=0)
+
+
+def test_freed_cpu_memory_is_kept_by_glibc():
+    assert retain_freed_memory()  # this machine's C library is glibc: the thresholds were raised
+
+
+@pytest.mark.parametrize("hkv, group, lq, d, n", [(2, 4, 1, 64, 1000), (1, 1, 1, 128, 37), (4, 2, 8, 64, 40_001),
+                                                 (2, 1, 16, 128, 300), (3, 5, 1, 64, 16)])
+def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d, n):
+    if _library() is None:
+        pytest.skip("no C compiler or no AVX512-BF16 here: the flash kernel serves decode steps")
+    torch.manual_seed(n)
+    k_cache, v_cache = torch.randn(2, hkv, n + 48, d).bfloat16()
+    k, v = k_cache[:, 16:16 + n], v_cache[:, 16:16 + n]  # views into a larger pool, as the model passes them
+    q = torch.randn(hkv * group, lq, d).bfloat16()
+    out, lse = decode_attention(q, k, v)
+    reference, reference_lse = math_attention(q.float(), k.float(), v.float(), causal=False)
+    torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), reference, atol=4e-3, rtol=8e-3)  # out is rounded to bf16
+
+
+def test_decode_kernel_leaves_long_queries_and_fp32_to_the_flash_kernel():
+    q, kv = torch.randn(2, MAX_ROWS // 2 + 1, 64).bfloat16(), torch.randn(1, 100, 64).bfloat16()
+    assert decode_attention(q, kv, kv) is None
+    assert decode_attention(q[:, :1].float(), kv.float(), kv.float()) is None
 
 
 def test_top_k_and_top_p_filters():

@@ -141,7 +141,7 @@ def hardware_name(device) -> str:
     return f"{model} × {torch.get_num_threads()} threads"
 
 
-PROFILE_FORMAT = 3  # part of the key: a profile of an older format is never loaded
+PROFILE_FORMAT = 4  # part of the key: a profile of an older format is never loaded
 
 
 def profile_key(args, dtype: str, hardware: str, layout: dict) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mnemosyne_hpc.kernels.decode import decode_attention
+
 try:  # GPU kernel; the math path below serves devices without it
     from flash_attn import flash_attn_func
 except ImportError:
@@ -26,12 +28,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
 
 def _cpu_attention(q, k, v, causal):
-    """Torch's CPU flash kernel. It maps query head h to KV head h // g itself, so causal GQA needs no
-    K/V copies; without a mask, the g query heads of a KV head are folded into one longer query,
-    which the kernel runs faster."""
+    """A few query rows per KV head with no mask (decode steps), in bf16: our decode kernel.
+    Otherwise torch's CPU flash kernel. It maps query head h to KV head h // g itself, so causal GQA
+    needs no K/V copies; without a mask, the g query heads of a KV head are folded into one longer
+    query, which the kernel runs faster."""
     hq, lq, d = q.shape
     hkv = k.shape[0]
     if not causal:
+        if (result := decode_attention(q, k, v)) is not None:
+            return result
         q = q.reshape(hkv, (hq // hkv) * lq, d)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)

@@ -1,0 +1,192 @@
+/* Attention of a few query rows per KV head over many cached bf16 keys (decode steps).
+ *
+ * Torch's CPU flash kernel repacks every K/V block for its matrix units, which pays off for long
+ * query blocks but leaves a decode step far below memory bandwidth. Here each (KV head, key split)
+ * task streams its keys once for the scores and its values once for the output, and the splits are
+ * merged by their log-sum-exp. Products of bf16 values are exact in fp32 and every sum is an fp32
+ * sum (AVX512-BF16 dot products for the scores), so this is the flash kernel's arithmetic.
+ *
+ * q: [hkv][rows][d] bf16 (rows = query heads per KV head × query tokens); k, v: element (h, j, x) at
+ * h·head_stride + j·row_stride + x, bf16; out: [hkv][rows][d] fp32; lse: [hkv][rows] fp32.
+ * Requires d ∈ {64, 128} and rows <= MAX_ROWS.
+ */
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 16
+#define KEYS 16          /* keys per score block: one vector of scores */
+#define PREFETCH_KEYS 64 /* how far ahead the next keys and values are requested from memory */
+
+/* Lane i of the result = the sum of the 16 lanes of v[i] (a transpose-and-add in four steps). */
+static inline __m512 sum_lanes_16(__m512 v[16]) {
+    for (int width = 8; width >= 1; width /= 2) {
+        for (int i = 0; i < width; i++) {
+            __m512 a = v[i], b = v[i + width];
+            /* pair up halves so that lane groups keep belonging to one input after each step */
+            __m512 lo, hi;
+            if (width == 8) {
+                lo = _mm512_shuffle_f32x4(a, b, 0x44); hi = _mm512_shuffle_f32x4(a, b, 0xEE);
+            } else if (width == 4) {
+                lo = _mm512_shuffle_f32x4(a, b, 0x88); hi = _mm512_shuffle_f32x4(a, b, 0xDD);
+            } else if (width == 2) {
+                lo = _mm512_shuffle_ps(a, b, 0x44); hi = _mm512_shuffle_ps(a, b, 0xEE);
+            } else {
+                lo = _mm512_shuffle_ps(a, b, 0x88); hi = _mm512_shuffle_ps(a, b, 0xDD);
+            }
+            v[i] = _mm512_add_ps(lo, hi);
+        }
+    }
+    /* the steps leave the sum of v[i] in lane f(i), with f its own inverse */
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(order, v[0]);
+}
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t widened = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+static float dot_scalar(const uint16_t *a, const uint16_t *b, int d) {
+    float s = 0.0f;
+    for (int x = 0; x < d; x++) s += bf16_to_float(a[x]) * bf16_to_float(b[x]);
+    return s;
+}
+
+static inline __m512 widen(const uint16_t *bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)), 16));
+}
+
+/* out[g] += Σ_j p[g·n + j] · v_j for G rows of weights and values of 16·T dims: every value row is
+ * widened once and the G×T accumulators stay in registers. */
+#define ADD_VALUES(T, G)                                                                                 \
+    static void add_values_##T##x##G(const float *p, int64_t n, const uint16_t *v, int64_t row_stride,   \
+                                     float *out) {                                                       \
+        __m512 acc[G][T];                                                                                \
+        for (int g = 0; g < G; g++)                                                                      \
+            for (int t = 0; t < T; t++) acc[g][t] = _mm512_loadu_ps(out + g * 16 * T + 16 * t);          \
+        for (int64_t j = 0; j < n; j++) {                                                                \
+            for (int t = 0; t < T; t += 2)                                                               \
+                _mm_prefetch((const char *)(v + (j + PREFETCH_KEYS) * row_stride + 16 * t), _MM_HINT_T0);\
+            __m512 row[T];                                                                               \
+            for (int t = 0; t < T; t++) row[t] = widen(v + j * row_stride + 16 * t);                     \
+            for (int g = 0; g < G; g++) {                                                                \
+                __m512 w = _mm512_set1_ps(p[g * n + j]);                                                 \
+                for (int t = 0; t < T; t++) acc[g][t] = _mm512_fmadd_ps(w, row[t], acc[g][t]);           \
+            }                                                                                            \
+        }                                                                                                \
+        for (int g = 0; g < G; g++)                                                                      \
+            for (int t = 0; t < T; t++) _mm512_storeu_ps(out + g * 16 * T + 16 * t, acc[g][t]);          \
+    }
+ADD_VALUES(4, 4)
+ADD_VALUES(4, 1)
+ADD_VALUES(8, 2)
+ADD_VALUES(8, 1)
+
+/* One KV head over keys [0, n) from `k`, `v`: normalised partial outputs and their log-sum-exp. */
+static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, const uint16_t *v,
+                         int64_t row_stride, int64_t n, float scale, float *out, float *lse) {
+    float *scores = malloc((size_t)rows * n * sizeof(float));
+    float maxima[MAX_ROWS], sums[MAX_ROWS];
+    int pieces = d / 32;
+    for (int r = 0; r < rows; r++) maxima[r] = -FLT_MAX;
+    int64_t full = n - n % KEYS;
+    for (int64_t j0 = 0; j0 < full; j0 += KEYS) {
+        for (int j = 0; j < KEYS; j++)
+            for (int64_t byte = 0; byte < 2 * d; byte += 64)
+                _mm_prefetch((const char *)(k + (j0 + PREFETCH_KEYS + j) * row_stride) + byte, _MM_HINT_T0);
+        for (int r = 0; r < rows; r++) {
+            __m512 acc[KEYS];
+            for (int j = 0; j < KEYS; j++) acc[j] = _mm512_setzero_ps();
+            for (int t = 0; t < pieces; t++) {
+                __m512bh qt = (__m512bh)_mm512_loadu_si512(q + r * d + 32 * t);
+                for (int j = 0; j < KEYS; j++)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(k + (j0 + j) * row_stride + 32 * t), qt);
+            }
+            __m512 s = _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(scores + r * n + j0, s);
+            float m = _mm512_reduce_max_ps(s);
+            if (m > maxima[r]) maxima[r] = m;
+        }
+    }
+    for (int64_t j = full; j < n; j++) {
+        for (int r = 0; r < rows; r++) {
+            float s = dot_scalar(q + r * d, k + j * row_stride, d) * scale;
+            scores[r * n + j] = s;
+            if (s > maxima[r]) maxima[r] = s;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *p = scores + r * n, m = maxima[r], sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            p[j] = expf(p[j] - m);
+            sum += p[j];
+        }
+        sums[r] = sum;
+    }
+    memset(out, 0, (size_t)rows * d * sizeof(float));
+    int group = d == 64 ? 4 : 2, r = 0;
+    for (; r + group <= rows; r += group) {
+        if (d == 64) add_values_4x4(scores + r * n, n, v, row_stride, out + r * d);
+        else add_values_8x2(scores + r * n, n, v, row_stride, out + r * d);
+    }
+    for (; r < rows; r++) {
+        if (d == 64) add_values_4x1(scores + r * n, n, v, row_stride, out + r * d);
+        else add_values_8x1(scores + r * n, n, v, row_stride, out + r * d);
+    }
+    for (int r = 0; r < rows; r++) {
+        float inverse = 1.0f / sums[r];
+        for (int x = 0; x < d; x++) out[r * d + x] *= inverse;
+        lse[r] = maxima[r] + logf(sums[r]);
+    }
+    free(scores);
+}
+
+void decode_attention(const uint16_t *q, int hkv, int rows, int d, const uint16_t *k, const uint16_t *v,
+                      int64_t head_stride, int64_t row_stride, int64_t n, float scale, int splits, float *out,
+                      float *lse) {
+    float *partial_out = malloc((size_t)hkv * splits * rows * d * sizeof(float));
+    float *partial_lse = malloc((size_t)hkv * splits * rows * sizeof(float));
+    int64_t per_split = (n + splits - 1) / splits;
+    per_split += (KEYS - per_split % KEYS) % KEYS;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < hkv * splits; task++) {
+        int h = task / splits, s = task % splits;
+        int64_t begin = s * per_split, end = begin + per_split < n ? begin + per_split : n;
+        float *o = partial_out + (size_t)task * rows * d, *l = partial_lse + (size_t)task * rows;
+        if (begin >= end) {
+            for (int r = 0; r < rows; r++) l[r] = -FLT_MAX;
+            memset(o, 0, (size_t)rows * d * sizeof(float));
+            continue;
+        }
+        int64_t offset = h * head_stride + begin * row_stride;
+        attend_split(q + (size_t)h * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin, scale, o, l);
+    }
+    for (int h = 0; h < hkv; h++) {
+        for (int r = 0; r < rows; r++) {
+            float m = -FLT_MAX, sum = 0.0f;
+            for (int s = 0; s < splits; s++) {
+                float l = partial_lse[(h * splits + s) * rows + r];
+                if (l > m) m = l;
+            }
+            float *o = out + ((size_t)h * rows + r) * d;
+            memset(o, 0, (size_t)d * sizeof(float));
+            for (int s = 0; s < splits; s++) {
+                float w = expf(partial_lse[(h * splits + s) * rows + r] - m);
+                const float *po = partial_out + ((size_t)(h * splits + s) * rows + r) * d;
+                for (int x = 0; x < d; x++) o[x] += w * po[x];
+                sum += w;
+            }
+            for (int x = 0; x < d; x++) o[x] /= sum;
+            lse[h * rows + r] = m + logf(sum);
+        }
+    }
+    free(partial_out);
+    free(partial_lse);
+}
