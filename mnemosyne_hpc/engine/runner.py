@@ -12,6 +12,7 @@ first group, which runs every chunk of it, samples.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq
-from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
+from mnemosyne_hpc.model.llama import BatchMetadata, DecodeBatch, SequenceSlice
 from mnemosyne_hpc.model.loader import load_model
 
 
@@ -77,7 +78,7 @@ class ModelRunner:
             meta = self._metadata(batch)
             hidden = self.model(x, meta, self.kv_cache)
             if ctx.last_stage:
-                tokens, logits = self._sample(batch, meta, hidden)
+                tokens, logits = self._sample(batch, hidden)
             else:
                 self._output = hidden
         if send is not None:
@@ -87,7 +88,7 @@ class ModelRunner:
     def _metadata(self, batch: MicroBatch) -> BatchMetadata:
         device, group = self.ctx.device, self.ctx.kvp_rank
         positions = torch.cat([torch.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in batch])
-        write_slots, write_rows, sequences, merges, start = [], [], [], {}, 0
+        write_slots, write_rows, sequences, decodes, merges, start = [], [], [], [], {}, 0
         for chunk in batch:
             end = start + len(chunk.token_ids)
             shard = group - chunk.first_group  # positions [shard·L, (shard+1)·L) live here
@@ -102,9 +103,11 @@ class ModelRunner:
             within_chunk = holds_chunk and len(chunk.token_ids) > 1
             attended = cached + (holds_chunk and not within_chunk)
             slots = self.kv_cache.index(table, 0, attended) if attended else None
-            if torch.is_tensor(slots):
-                slots = slots.to(device)
-            sequences.append(SequenceSlice(start, end, slots, within_chunk))
+            if isinstance(slots, slice) and len(chunk.token_ids) == 1 and not within_chunk:
+                decodes.append((start, slots.start, slots.stop - slots.start))
+            else:
+                sequences.append(SequenceSlice(start, end, slots.to(device) if torch.is_tensor(slots) else slots,
+                                               within_chunk))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
@@ -115,11 +118,13 @@ class ModelRunner:
             cos=angles.cos().to(self.dtype), sin=angles.sin().to(self.dtype),
             write_slots=torch.cat(write_slots).to(device) if write_slots else torch.empty(0, dtype=torch.long),
             write_rows=None if len(write_rows) == start else write_rows.to(device), sequences=sequences,
+            decodes=DecodeBatch(torch.tensor([row for row, _, _ in decodes], device=device),
+                                [first for _, first, _ in decodes], [n for _, _, n in decodes]) if decodes else None,
             merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
 
-    def _sample(self, batch: MicroBatch, meta: BatchMetadata, hidden: torch.Tensor):
-        mine = [(s, c) for s, c in zip(meta.sequences, batch) if c.first_group == self.ctx.kvp_rank]
-        rows = [(s.end - 1, c) for s, c in mine if c.sampling is not None]
+    def _sample(self, batch: MicroBatch, hidden: torch.Tensor):
+        ends = itertools.accumulate(len(c.token_ids) for c in batch)
+        rows = [(end - 1, c) for end, c in zip(ends, batch) if c.first_group == self.ctx.kvp_rank and c.sampling is not None]
         if not rows:
             return [], torch.empty(0)
         logits = self.model.logits(hidden[[row for row, _ in rows]])

@@ -26,6 +26,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # query rows per KV head this kernel takes; longer queries go to the flash kernel
 MIN_KEYS_PER_SPLIT = 256
 MAX_KEYS_PER_SPLIT = 8192  # a split's scores stay in L2 between its key and value passes
+TASKS_PER_THREAD = 4
 
 
 def _cpu_signature() -> str:
@@ -60,25 +61,44 @@ def _library():
     library = ctypes.CDLL(str(path))
     library.decode_attention.restype = None
     library.decode_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p]
     return library
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Unmasked attention of bf16 q [Hq, Lq, D] over k, v [Hkv, L, D] (rows contiguous, as views of
-    the KV cache) for a few query rows per KV head; None where this kernel does not apply."""
-    hq, lq, d = q.shape
-    hkv, n = k.shape[0], k.shape[1]
-    rows = hq // hkv * lq
-    if (rows > MAX_ROWS or n == 0 or d not in (64, 128) or not q.dtype == k.dtype == v.dtype == torch.bfloat16
-            or k.stride() != v.stride() or k.stride(2) != 1 or _library() is None):
+def applies(rows: int, d: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes `rows` query rows per KV head over these keys and values."""
+    return (rows <= MAX_ROWS and d in (64, 128) and k.dtype == v.dtype == torch.bfloat16 and k.device.type == "cpu"
+            and k.stride() == v.stride() and k.stride(2) == 1 and _library() is not None)
+
+
+def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
+                           lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sequence i's queries q[i] ([Hkv, rows, D]) attend, unmasked, to the `lengths[i]` keys and
+    values of k, v ([Hkv, slots, D]) from slot `starts[i]` on. Returns out [S, Hkv, rows, D] (q's
+    dtype) and lse [S, Hkv, rows], or None where the kernel does not apply."""
+    seqs, hkv, rows, d = q.shape
+    if not (q.dtype == torch.bfloat16 and applies(rows, d, k, v)) or min(lengths) < 1:
         return None
-    queries = q.reshape(hkv, rows, d).contiguous()
-    out = torch.empty(hkv, rows, d, dtype=torch.float32)
-    lse = torch.empty(hkv, rows, dtype=torch.float32)
-    splits = max(1, min(math.ceil(4 * torch.get_num_threads() / hkv), n // MIN_KEYS_PER_SPLIT),
-                 math.ceil(n / MAX_KEYS_PER_SPLIT))
-    _library().decode_attention(queries.data_ptr(), hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0),
-                                k.stride(1), n, d ** -0.5, splits, out.data_ptr(), lse.data_ptr())
-    return out.reshape(hq, lq, d).to(q.dtype), lse.reshape(hq, lq)
+    q = q.contiguous()
+    out = torch.empty(seqs, hkv, rows, d, dtype=torch.float32)
+    lse = torch.empty(seqs, hkv, rows, dtype=torch.float32)
+    tasks = TASKS_PER_THREAD * torch.get_num_threads()
+    keys_per_split = min(max(math.ceil(sum(lengths) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
+    starts_array, lengths_array = torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+    _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                                starts_array.data_ptr(), lengths_array.data_ptr(), d ** -0.5, keys_per_split,
+                                out.data_ptr(), lse.data_ptr())
+    return out.to(q.dtype), lse
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One sequence: q [Hq, Lq, D] over all of k, v [Hkv, L, D] → out [Hq, Lq, D], lse [Hq, Lq]."""
+    hq, lq, d = q.shape
+    hkv = k.shape[0]
+    result = decode_attention_batch(q.reshape(1, hkv, hq // hkv * lq, d), k, v, [0], [k.shape[1]])
+    if result is None:
+        return None
+    out, lse = result
+    return out.reshape(hq, lq, d), lse.reshape(hq, lq)

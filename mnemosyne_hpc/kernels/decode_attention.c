@@ -148,45 +148,54 @@ static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, 
     free(scores);
 }
 
-void decode_attention(const uint16_t *q, int hkv, int rows, int d, const uint16_t *k, const uint16_t *v,
-                      int64_t head_stride, int64_t row_stride, int64_t n, float scale, int splits, float *out,
-                      float *lse) {
-    float *partial_out = malloc((size_t)hkv * splits * rows * d * sizeof(float));
-    float *partial_lse = malloc((size_t)hkv * splits * rows * sizeof(float));
-    int64_t per_split = (n + splits - 1) / splits;
-    per_split += (KEYS - per_split % KEYS) % KEYS;
+/* Sequence i's rows attend to its `lengths[i]` keys from slot `starts[i]` on. Tasks are (sequence,
+ * KV head, split of at most `keys_per_split` keys); each sequence's splits are merged by LSE.
+ * q: [seqs][hkv][rows][d] bf16; out: [seqs][hkv][rows][d] fp32; lse: [seqs][hkv][rows] fp32. */
+void decode_attention(const uint16_t *q, int seqs, int hkv, int rows, int d, const uint16_t *k, const uint16_t *v,
+                      int64_t head_stride, int64_t row_stride, const int64_t *starts, const int64_t *lengths,
+                      float scale, int64_t keys_per_split, float *out, float *lse) {
+    int64_t *first_split = malloc(((size_t)seqs + 1) * sizeof(int64_t)); /* of each sequence, per head */
+    first_split[0] = 0;
+    for (int i = 0; i < seqs; i++) first_split[i + 1] = first_split[i] + (lengths[i] + keys_per_split - 1) / keys_per_split;
+    int64_t tasks = first_split[seqs] * hkv;
+    float *partial_out = malloc((size_t)tasks * rows * d * sizeof(float));
+    float *partial_lse = malloc((size_t)tasks * rows * sizeof(float));
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int task = 0; task < hkv * splits; task++) {
-        int h = task / splits, s = task % splits;
-        int64_t begin = s * per_split, end = begin + per_split < n ? begin + per_split : n;
-        float *o = partial_out + (size_t)task * rows * d, *l = partial_lse + (size_t)task * rows;
-        if (begin >= end) {
-            for (int r = 0; r < rows; r++) l[r] = -FLT_MAX;
-            memset(o, 0, (size_t)rows * d * sizeof(float));
-            continue;
-        }
-        int64_t offset = h * head_stride + begin * row_stride;
-        attend_split(q + (size_t)h * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin, scale, o, l);
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t split = task / hkv; /* the splits of all heads of a sequence are neighbours */
+        int h = (int)(task % hkv), i = 0;
+        while (first_split[i + 1] <= split) i++;
+        int64_t begin = (split - first_split[i]) * keys_per_split;
+        int64_t end = begin + keys_per_split < lengths[i] ? begin + keys_per_split : lengths[i];
+        int64_t offset = h * head_stride + (starts[i] + begin) * row_stride;
+        int64_t slot = (first_split[i] * hkv + (int64_t)h * (first_split[i + 1] - first_split[i]) + split - first_split[i]);
+        attend_split(q + ((size_t)i * hkv + h) * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin,
+                     scale, partial_out + (size_t)slot * rows * d, partial_lse + (size_t)slot * rows);
     }
-    for (int h = 0; h < hkv; h++) {
-        for (int r = 0; r < rows; r++) {
-            float m = -FLT_MAX, sum = 0.0f;
-            for (int s = 0; s < splits; s++) {
-                float l = partial_lse[(h * splits + s) * rows + r];
-                if (l > m) m = l;
+    for (int i = 0; i < seqs; i++) {
+        int64_t splits = first_split[i + 1] - first_split[i];
+        for (int h = 0; h < hkv; h++) {
+            int64_t base = first_split[i] * hkv + (int64_t)h * splits;
+            for (int r = 0; r < rows; r++) {
+                float m = -FLT_MAX, sum = 0.0f;
+                for (int64_t s = 0; s < splits; s++) {
+                    float l = partial_lse[(base + s) * rows + r];
+                    if (l > m) m = l;
+                }
+                float *o = out + (((size_t)i * hkv + h) * rows + r) * d;
+                memset(o, 0, (size_t)d * sizeof(float));
+                for (int64_t s = 0; s < splits; s++) {
+                    float w = expf(partial_lse[(base + s) * rows + r] - m);
+                    const float *po = partial_out + ((base + s) * rows + r) * d;
+                    for (int x = 0; x < d; x++) o[x] += w * po[x];
+                    sum += w;
+                }
+                for (int x = 0; x < d; x++) o[x] /= sum;
+                lse[((size_t)i * hkv + h) * rows + r] = m + logf(sum);
             }
-            float *o = out + ((size_t)h * rows + r) * d;
-            memset(o, 0, (size_t)d * sizeof(float));
-            for (int s = 0; s < splits; s++) {
-                float w = expf(partial_lse[(h * splits + s) * rows + r] - m);
-                const float *po = partial_out + ((size_t)(h * splits + s) * rows + r) * d;
-                for (int x = 0; x < d; x++) o[x] += w * po[x];
-                sum += w;
-            }
-            for (int x = 0; x < d; x++) o[x] /= sum;
-            lse[h * rows + r] = m + logf(sum);
         }
     }
+    free(first_split);
     free(partial_out);
     free(partial_lse);
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mnemosyne_hpc.kernels.decode import decode_attention
+from mnemosyne_hpc.kernels.decode import decode_attention, decode_attention_batch
 
 try:  # GPU kernel; the math path below serves devices without it
     from flash_attn import flash_attn_func
@@ -40,6 +40,23 @@ def _cpu_attention(q, k, v, causal):
         q = q.reshape(hkv, (hq // hkv) * lq, d)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
+
+
+def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: list[int],
+                           lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-token queries q [Hq, S, D]: token i attends, unmasked, to the cached keys and values
+    [starts[i], starts[i] + lengths[i]) of k_cache, v_cache [Hkv, slots, D]. On CPU in bf16 one
+    kernel call serves them all; elsewhere each token is one call."""
+    hq, seqs, d = q.shape
+    hkv = k_cache.shape[0]
+    if q.device.type == "cpu":
+        grouped = q.view(hkv, hq // hkv, seqs, d).permute(2, 0, 1, 3)  # [S, Hkv, g, D]
+        if (result := decode_attention_batch(grouped, k_cache, v_cache, starts, lengths)) is not None:
+            out, lse = result
+            return out.permute(1, 2, 0, 3).reshape(hq, seqs, d), lse.permute(1, 2, 0).reshape(hq, seqs)
+    outs, lses = zip(*(attention(q[:, i:i + 1], k_cache[:, start:start + n], v_cache[:, start:start + n], causal=False)
+                       for i, (start, n) in enumerate(zip(starts, lengths))))
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 def math_attention(q, k, v, causal):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.attention import attention, chunk_attention, merge_over_group
+from mnemosyne_hpc.model.attention import attention, chunk_attention, decode_batch_attention, merge_over_group
 from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                         TensorParallel, VocabParallelEmbedding, apply_rope, split_evenly)
 
@@ -31,11 +31,22 @@ class SequenceSlice:
 
 
 @dataclass
+class DecodeBatch:
+    """Single-token queries whose cached KV on this rank is one run of slots (their own K/V, if they
+    hold it, among them): one attention call serves them all."""
+
+    rows: torch.Tensor  # their rows in the packed batch
+    starts: list[int]  # first cache slot each attends to
+    lengths: list[int]
+
+
+@dataclass
 class BatchMetadata:
     cos: torch.Tensor  # [T, head_dim] rotary tables at each token's position
     sin: torch.Tensor
     write_slots: torch.Tensor  # KV-cache slot of each row in write_rows
-    sequences: list[SequenceSlice]
+    sequences: list[SequenceSlice]  # every query row not in `decodes`
+    decodes: DecodeBatch | None = None
     write_rows: torch.Tensor | None = None  # rows whose K/V this rank stores; None: all of them
     # (KVP group range, rows): partial attentions of these rows merged over the groups of that range
     merges: list[tuple[object, torch.Tensor]] = field(default_factory=list)
@@ -66,19 +77,25 @@ class Attention(nn.Module):
         written = slice(None) if meta.write_rows is None else meta.write_rows
         k_cache[:, meta.write_slots] = k[:, written]
         v_cache[:, meta.write_slots] = v[:, written]
-        outs, lses = [], []
+        parts = []  # (rows, out, lse)
+        if meta.decodes is not None:
+            rows = meta.decodes.rows
+            parts.append((rows, *decode_batch_attention(q[:, rows], k_cache, v_cache, meta.decodes.starts,
+                                                        meta.decodes.lengths)))
         for seq in meta.sequences:
             rows, slots = slice(seq.start, seq.end), seq.cached_slots
             k_cached, v_cached = (None, None) if slots is None else (k_cache[:, slots], v_cache[:, slots])
             if seq.within_chunk:
-                out, lse = chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_cached, v_cached)
+                parts.append((rows, *chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_cached, v_cached)))
             else:
-                out, lse = attention(q[:, rows], k_cached, v_cached, causal=False)
-            outs.append(out)
-            lses.append(lse)
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+                parts.append((rows, *attention(q[:, rows], k_cached, v_cached, causal=False)))
+        if len(parts) == 1:  # every row
+            _, out, lse = parts[0]
+        else:
+            out, lse = torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+            for rows, part_out, part_lse in parts:
+                out[:, rows], lse[:, rows] = part_out, part_lse
         if meta.merges:
-            lse = torch.cat(lses, dim=1)
             for group, rows in meta.merges:
                 out[:, rows] = merge_over_group(out[:, rows], lse[:, rows], group)
         return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
