@@ -25,6 +25,8 @@ _LENGTH_BYTES = 8
 def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
     """Rank 0's plan to every rank: its length and pickle in one fixed-size broadcast, and a second
     broadcast only for the part of a larger plan that does not fit. Per step: one collective's latency."""
+    if dist.get_world_size(group) == 1:
+        return plan
     packed = b""
     if plan is not None:
         data = pickle.dumps(plan)

@@ -1,4 +1,4 @@
-"""Decode attention on CPU: `decode_attention.c`, compiled for this CPU on first use.
+"""Decode attention on CPU (`decode.c`), compiled for this CPU on first use.
 
 The library is built with the system C compiler (`$CC`, else `cc`) into
 `$MNEMOSYNE_CACHE/kernels` (default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 16  # query rows per KV head this kernel takes; longer queries go to the flash kernel
 MIN_KEYS_PER_SPLIT = 256
@@ -46,7 +46,7 @@ def _library():
     source = SOURCE.read_text()
     key = hashlib.sha256("\n".join([source, compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MNEMOSYNE_CACHE", "~/.cache/mnemosyne_hpc")).expanduser() / "kernels"
-    path = cache / f"decode_attention-{key}.so"
+    path = cache / f"decode-{key}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # ranks may build at once: rename is atomic

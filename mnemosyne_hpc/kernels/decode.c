@@ -88,38 +88,40 @@ ADD_VALUES(4, 1)
 ADD_VALUES(8, 2)
 ADD_VALUES(8, 1)
 
+/* y[r·y_stride + j] = scale · Σ_x a[r·d + x] · b[j·row_stride + x] for r < rows, j < n, in fp32 from
+ * bf16 (a matrix product with fp32 results): every row of b is read from memory once. */
+static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int64_t row_stride, int64_t n, float scale,
+                     float *y, int64_t y_stride) {
+    int pieces = d / 32;
+    int64_t full = n - n % KEYS;
+    for (int64_t j0 = 0; j0 < full; j0 += KEYS) {
+        for (int j = 0; j < KEYS; j++)
+            for (int64_t byte = 0; byte < 2 * d; byte += 64)
+                _mm_prefetch((const char *)(b + (j0 + PREFETCH_KEYS + j) * row_stride) + byte, _MM_HINT_T0);
+        for (int r = 0; r < rows; r++) {
+            __m512 acc[KEYS];
+            for (int j = 0; j < KEYS; j++) acc[j] = _mm512_setzero_ps();
+            for (int t = 0; t < pieces; t++) {
+                __m512bh at = (__m512bh)_mm512_loadu_si512(a + r * d + 32 * t);
+                for (int j = 0; j < KEYS; j++)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(b + (j0 + j) * row_stride + 32 * t), at);
+            }
+            _mm512_storeu_ps(y + r * y_stride + j0, _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale)));
+        }
+    }
+    for (int64_t j = full; j < n; j++)
+        for (int r = 0; r < rows; r++) y[r * y_stride + j] = dot_scalar(a + r * d, b + j * row_stride, d) * scale;
+}
+
 /* One KV head over keys [0, n) from `k`, `v`: normalised partial outputs and their log-sum-exp. */
 static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, const uint16_t *v,
                          int64_t row_stride, int64_t n, float scale, float *out, float *lse) {
     float *scores = malloc((size_t)rows * n * sizeof(float));
     float maxima[MAX_ROWS], sums[MAX_ROWS];
-    int pieces = d / 32;
-    for (int r = 0; r < rows; r++) maxima[r] = -FLT_MAX;
-    int64_t full = n - n % KEYS;
-    for (int64_t j0 = 0; j0 < full; j0 += KEYS) {
-        for (int j = 0; j < KEYS; j++)
-            for (int64_t byte = 0; byte < 2 * d; byte += 64)
-                _mm_prefetch((const char *)(k + (j0 + PREFETCH_KEYS + j) * row_stride) + byte, _MM_HINT_T0);
-        for (int r = 0; r < rows; r++) {
-            __m512 acc[KEYS];
-            for (int j = 0; j < KEYS; j++) acc[j] = _mm512_setzero_ps();
-            for (int t = 0; t < pieces; t++) {
-                __m512bh qt = (__m512bh)_mm512_loadu_si512(q + r * d + 32 * t);
-                for (int j = 0; j < KEYS; j++)
-                    acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(k + (j0 + j) * row_stride + 32 * t), qt);
-            }
-            __m512 s = _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(scores + r * n + j0, s);
-            float m = _mm512_reduce_max_ps(s);
-            if (m > maxima[r]) maxima[r] = m;
-        }
-    }
-    for (int64_t j = full; j < n; j++) {
-        for (int r = 0; r < rows; r++) {
-            float s = dot_scalar(q + r * d, k + j * row_stride, d) * scale;
-            scores[r * n + j] = s;
-            if (s > maxima[r]) maxima[r] = s;
-        }
+    dot_rows(q, rows, d, k, row_stride, n, scale, scores, n);
+    for (int r = 0; r < rows; r++) {
+        maxima[r] = -FLT_MAX;
+        for (int64_t j = 0; j < n; j++) maxima[r] = scores[r * n + j] > maxima[r] ? scores[r * n + j] : maxima[r];
     }
     for (int r = 0; r < rows; r++) {
         float *p = scores + r * n, m = maxima[r], sum = 0.0f;
