@@ -87,9 +87,10 @@ def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     tasks = TASKS_PER_THREAD * torch.get_num_threads()
     keys_per_split = min(max(math.ceil(sum(lengths) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
     starts_array, lengths_array = torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
-    _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-                                starts_array.data_ptr(), lengths_array.data_ptr(), d ** -0.5, keys_per_split,
-                                out.data_ptr(), lse.data_ptr())
+    with torch.profiler.record_function("mnemosyne::decode_attention"):  # named in torch profiles
+        _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0),
+                                    k.stride(1), starts_array.data_ptr(), lengths_array.data_ptr(), d ** -0.5,
+                                    keys_per_split, out.data_ptr(), lse.data_ptr())
     return out.to(q.dtype), lse
 
 
