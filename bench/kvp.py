@@ -9,11 +9,10 @@ holds for the request, and the KVP=2 / KVP=1 ratios.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 from pathlib import Path
 
-from common import random_llama, run_generate, write_results
+from common import random_llama, random_prompt, run_generate, write_results
 
 # Few layers and small projections, but 4 KB of KV per token (4 KV heads × 128 dims, 2 layers, bf16),
 # so that, as in real long-context models, reading the KV dominates a decode step.
@@ -37,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = random_llama(args.workdir / "llama-kvp-2x256-hd128", **MODEL)
-    prompt = [random.Random(0).randrange(3, MODEL["vocab_size"]) for _ in range(args.tokens)]
+    prompt = random_prompt(args.tokens, 0, MODEL["vocab_size"])
     request = {"prompt_token_ids": prompt, "max_tokens": args.decode + 1, "ignore_eos": True}
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 2 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30

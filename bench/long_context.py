@@ -15,13 +15,12 @@ request held (its blocks × bytes per block).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import random_llama, run_in_process, write_results
+from common import random_llama, random_prompt, run_in_process, write_results
 from tqdm import tqdm
 
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=1,
@@ -54,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = random_llama(args.workdir / "llama-2x256-1head-init0.2", **MODEL)
-    prompt = [random.Random(0).randrange(3, MODEL["vocab_size"]) for _ in range(args.tokens)]
+    prompt = random_prompt(args.tokens, 0, MODEL["vocab_size"])
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 1.05 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
     overrides = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_model_len}",

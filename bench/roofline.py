@@ -14,14 +14,13 @@ A torch profile of each engine run says where the time goes. Writes bench/result
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (llama_bytes, llama_flops, median_time, random_llama, run_in_process, timed_requests,
-                    write_results)
+from common import (llama_bytes, llama_flops, median_time, random_llama, random_prompt, run_in_process,
+                    timed_requests, write_results)
 
 WIDE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=1 << 17,
@@ -63,11 +62,6 @@ def engine_overrides(model_dir: Path, max_len: int, chunk: int) -> list[str]:
             f"scheduler.chunk_size={chunk}", f"scheduler.max_num_batched_tokens={chunk}", "parallel.timeout_s=3600"]
 
 
-def prompt(model: dict, tokens: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, model["vocab_size"]) for _ in range(tokens)]
-
-
 def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], decode_context: int, decode_steps: int,
                    chunk: int, gemm_gflops: float, read_gbs: float) -> dict:
     """TTFT (and MFU) of each prefill length, then TBT (and bandwidth use) at `decode_context`."""
@@ -75,7 +69,8 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
 
     def leader(engine) -> None:
         for tokens in prefill_lengths:
-            request = {"prompt_token_ids": prompt(model, tokens, tokens), "max_tokens": 1, "ignore_eos": True}
+            request = {"prompt_token_ids": random_prompt(tokens, tokens, model["vocab_size"]), "max_tokens": 1,
+                       "ignore_eos": True}
             ttft, _ = timed_requests(engine, [request])
             flops = llama_flops(model, tokens)
             results[f"prefill_{tokens}"] = {"ttft_s": ttft, "model_tflop": flops / 1e12,
@@ -83,8 +78,8 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
                                             "mfu": flops / ttft / 1e9 / gemm_gflops}
             print(f"prefill {tokens:7d}: TTFT {ttft:7.2f} s, {flops / ttft / 1e9:6.0f} GFLOP/s, "
                   f"MFU {flops / ttft / 1e9 / gemm_gflops:.2f}", flush=True)
-        request = {"prompt_token_ids": prompt(model, decode_context, 1), "max_tokens": decode_steps + 1,
-                   "ignore_eos": True}
+        request = {"prompt_token_ids": random_prompt(decode_context, 1, model["vocab_size"]),
+                   "max_tokens": decode_steps + 1, "ignore_eos": True}
         _, [output] = timed_requests(engine, [request])
         tbt = statistics.median(output["tbt_s"])
         step_bytes = llama_bytes(model, decode_context + decode_steps // 2)
@@ -94,9 +89,10 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
         print(f"decode at {decode_context}: TBT {1e3 * tbt:.1f} ms, {step_bytes / tbt / 1e9:.1f} GB/s, "
               f"{step_bytes / tbt / 1e9 / read_gbs:.2f} of read bandwidth", flush=True)
         if prefill_lengths:
-            longest = {"prompt_token_ids": prompt(model, prefill_lengths[-1], 2), "max_tokens": 1, "ignore_eos": True}
+            longest = {"prompt_token_ids": random_prompt(prefill_lengths[-1], 2, model["vocab_size"]), "max_tokens": 1,
+                       "ignore_eos": True}
             results["profile_prefill"] = profile_table(lambda: timed_requests(engine, [longest]))
-        request_id = engine.add_request(None, prompt(model, decode_context, 3),
+        request_id = engine.add_request(None, random_prompt(decode_context, 3, model["vocab_size"]),
                                         {"max_tokens": decode_steps + 1, "ignore_eos": True})
         while request_id not in [r.id for r in engine.sampled]:  # its prefill
             engine.step()

@@ -7,11 +7,10 @@ Writes bench/results/spp_<tokens>tok_chunk<chunk>.json. All runs use the same ra
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 
-from common import random_llama, run_generate, write_results
+from common import random_llama, random_prompt, run_generate, write_results
 
 MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536, tie_word_embeddings=False)
@@ -32,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = random_llama(args.workdir / "llama-8x1024", **MODEL)
-    prompt = [random.Random(0).randrange(3, MODEL["vocab_size"]) for _ in range(args.tokens)]
+    prompt = random_prompt(args.tokens, 0, MODEL["vocab_size"])
     request = {"prompt_token_ids": prompt, "max_tokens": 1, "ignore_eos": True}
     common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={args.tokens + 16}",
               "scheduler.chunking=fixed", "scheduler.priority=fcfs",

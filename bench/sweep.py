@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import random
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, random_llama, run_generate, write_results
+from common import RESULTS, ROOT, random_llama, random_prompt, run_generate, write_results
 
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, max_position_embeddings=1 << 17, tie_word_embeddings=False)
@@ -66,7 +65,7 @@ def main() -> None:
     model_dir = random_llama(args.workdir / "llama-sweep-2x256", **MODEL)
     points = []
     for context in args.contexts:
-        prompt = [random.Random(context).randrange(3, MODEL["vocab_size"]) for _ in range(context)]
+        prompt = random_prompt(context, context, MODEL["vocab_size"])
         request = {"prompt_token_ids": prompt, "max_tokens": args.decode, "ignore_eos": True}
         common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16",
                   f"cache.max_model_len={context + args.decode}", "cache.kv_memory_gib=0.5", "parallel.timeout_s=600"]
