@@ -12,7 +12,7 @@ from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, _library, decode_attention
 from mnemosyne_hpc.model.attention import (attention, chunk_attention, decode_batch_attention, math_attention,
                                            merge_attention)
-from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear
+from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear, rope_tables
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -67,7 +67,8 @@ def test_rope_is_hugging_face_rotate_half():
     x, angles = torch.randn(7, 3, 16), torch.randn(7, 8)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     rotate_half = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
-    torch.testing.assert_close(apply_rope(x, cos, sin), x * cos[:, None] + rotate_half * sin[:, None],
+    torch.testing.assert_close(apply_rope(x, *rope_tables(angles, torch.float32)),
+                               x * cos[:, None] + rotate_half * sin[:, None],
                                atol=1e-6, rtol=0)
 
 
@@ -96,7 +97,7 @@ def test_a_batch_of_decode_tokens_attends_each_to_its_own_slots(dtype):
     k_cache, v_cache = torch.randn(2, 2, 9000, 64).to(dtype)
     q = torch.randn(8, 4, 64).to(dtype)  # 8 query heads over 2 KV heads; 4 tokens, one per sequence
     starts, lengths = [0, 5000, 300, 8999], [4000, 3999, 17, 1]
-    out, lse = decode_batch_attention(q, k_cache, v_cache, starts, lengths)
+    out, lse = decode_batch_attention(q, k_cache, v_cache, torch.tensor(starts), torch.tensor(lengths))
     for i, (start, n) in enumerate(zip(starts, lengths)):
         cached = slice(start, start + n)
         reference, reference_lse = math_attention(q[:, i:i + 1].float(), k_cache[:, cached].float(),

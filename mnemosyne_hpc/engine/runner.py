@@ -24,7 +24,7 @@ from mnemosyne_hpc.engine.kv_cache import KVCache
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq
+from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.llama import BatchMetadata, DecodeBatch, SequenceSlice
 from mnemosyne_hpc.model.loader import load_model
 
@@ -111,15 +111,17 @@ class ModelRunner:
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
-        angles = positions.to(device)[:, None].float() * self.inv_freq[None]
-        angles = torch.cat((angles, angles), dim=-1)
+        decode_batch = None
+        if decodes:
+            rows, first_slots, lengths = torch.tensor(decodes, dtype=torch.long).T.contiguous()
+            decode_batch = DecodeBatch(rows.to(device), first_slots, lengths)
+        cos, signed_sin = rope_tables(positions.to(device)[:, None].float() * self.inv_freq[None], self.dtype)
         write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
         return BatchMetadata(
-            cos=angles.cos().to(self.dtype), sin=angles.sin().to(self.dtype),
+            cos=cos, signed_sin=signed_sin,
             write_slots=torch.cat(write_slots).to(device) if write_slots else torch.empty(0, dtype=torch.long),
             write_rows=None if len(write_rows) == start else write_rows.to(device), sequences=sequences,
-            decodes=DecodeBatch(torch.tensor([row for row, _, _ in decodes], device=device),
-                                [first for _, first, _ in decodes], [n for _, _, n in decodes]) if decodes else None,
+            decodes=decode_batch,
             merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
 
     def _sample(self, batch: MicroBatch, hidden: torch.Tensor):

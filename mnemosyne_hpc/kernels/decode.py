@@ -67,29 +67,28 @@ def _library():
     return library
 
 
-def applies(rows: int, d: int, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes `rows` query rows per KV head over these keys and values."""
+def _applies(rows: int, d: int, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (rows <= MAX_ROWS and d in (64, 128) and k.dtype == v.dtype == torch.bfloat16 and k.device.type == "cpu"
             and k.stride() == v.stride() and k.stride(2) == 1 and _library() is not None)
 
 
-def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
-                           lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Sequence i's queries q[i] ([Hkv, rows, D]) attend, unmasked, to the `lengths[i]` keys and
-    values of k, v ([Hkv, slots, D]) from slot `starts[i]` on. Returns out [S, Hkv, rows, D] (q's
-    dtype) and lse [S, Hkv, rows], or None where the kernel does not apply."""
+    values of k, v ([Hkv, slots, D]) from slot `starts[i]` on (starts, lengths: int64 CPU tensors).
+    Returns out [S, Hkv, rows, D] (q's dtype) and lse [S, Hkv, rows], or None where the kernel does
+    not apply."""
     seqs, hkv, rows, d = q.shape
-    if not (q.dtype == torch.bfloat16 and applies(rows, d, k, v)) or min(lengths) < 1:
+    if not (q.dtype == torch.bfloat16 and _applies(rows, d, k, v)) or int(lengths.min()) < 1:
         return None
     q = q.contiguous()
     out = torch.empty(seqs, hkv, rows, d, dtype=torch.float32)
     lse = torch.empty(seqs, hkv, rows, dtype=torch.float32)
     tasks = TASKS_PER_THREAD * torch.get_num_threads()
-    keys_per_split = min(max(math.ceil(sum(lengths) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
-    starts_array, lengths_array = torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+    keys_per_split = min(max(math.ceil(int(lengths.sum()) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
     with torch.profiler.record_function("mnemosyne::decode_attention"):  # named in torch profiles
         _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0),
-                                    k.stride(1), starts_array.data_ptr(), lengths_array.data_ptr(), d ** -0.5,
+                                    k.stride(1), starts.data_ptr(), lengths.data_ptr(), d ** -0.5,
                                     keys_per_split, out.data_ptr(), lse.data_ptr())
     return out.to(q.dtype), lse
 
@@ -98,7 +97,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """One sequence: q [Hq, Lq, D] over all of k, v [Hkv, L, D] → out [Hq, Lq, D], lse [Hq, Lq]."""
     hq, lq, d = q.shape
     hkv = k.shape[0]
-    result = decode_attention_batch(q.reshape(1, hkv, hq // hkv * lq, d), k, v, [0], [k.shape[1]])
+    result = decode_attention_batch(q.reshape(1, hkv, hq // hkv * lq, d), k, v, torch.zeros(1, dtype=torch.long),
+                                    torch.tensor([k.shape[1]]))
     if result is None:
         return None
     out, lse = result

@@ -42,11 +42,11 @@ def _cpu_attention(q, k, v, causal):
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
 
 
-def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: list[int],
-                           lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor,
+                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-token queries q [Hq, S, D]: token i attends, unmasked, to the cached keys and values
-    [starts[i], starts[i] + lengths[i]) of k_cache, v_cache [Hkv, slots, D]. On CPU in bf16 one
-    kernel call serves them all; elsewhere each token is one call."""
+    [starts[i], starts[i] + lengths[i]) of k_cache, v_cache [Hkv, slots, D] (starts and lengths: int64
+    CPU tensors). On CPU in bf16 one kernel call serves them all; elsewhere each token is one call."""
     hq, seqs, d = q.shape
     hkv = k_cache.shape[0]
     if q.device.type == "cpu":
@@ -55,7 +55,7 @@ def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             out, lse = result
             return out.permute(1, 2, 0, 3).reshape(hq, seqs, d), lse.permute(1, 2, 0).reshape(hq, seqs)
     outs, lses = zip(*(attention(q[:, i:i + 1], k_cache[:, start:start + n], v_cache[:, start:start + n], causal=False)
-                       for i, (start, n) in enumerate(zip(starts, lengths))))
+                       for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist()))))
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 

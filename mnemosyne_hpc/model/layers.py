@@ -130,9 +130,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin [T, D] (the half-split rotation of Hugging Face Llama):
-    x·cos + rotate_half(x)·sin, where rotate_half(x) = (−x₂, x₁) = roll(x, D/2)·(−1, +1)."""
-    half = x.shape[-1] // 2
-    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-    return torch.addcmul(x * cos[:, None], x.roll(half, dims=-1), signed_sin[:, None])
+def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [T, D] of the angles [T, D/2], as `apply_rope` takes them: computed once a
+    step, used by every layer."""
+    angles = torch.cat((angles, angles), dim=-1)
+    half = angles.shape[-1] // 2
+    sin = angles.sin()
+    sin[:, :half].neg_()
+    return angles.cos().to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated as Hugging Face Llama does (half split): x·cos + rotate_half(x)·sin, where
+    rotate_half(x) = (−x₂, x₁) = roll(x, D/2)·(−1, +1); `signed_sin` carries that sign."""
+    return torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None])

@@ -33,17 +33,17 @@ class SequenceSlice:
 @dataclass
 class DecodeBatch:
     """Single-token queries whose cached KV on this rank is one run of slots (their own K/V, if they
-    hold it, among them): one attention call serves them all."""
+    hold it, among them): one attention call serves them all. Built once a step, read by every layer."""
 
     rows: torch.Tensor  # their rows in the packed batch
-    starts: list[int]  # first cache slot each attends to
-    lengths: list[int]
+    starts: torch.Tensor  # int64 on the CPU: first cache slot each attends to
+    lengths: torch.Tensor  # int64 on the CPU: slots each attends to
 
 
 @dataclass
 class BatchMetadata:
-    cos: torch.Tensor  # [T, head_dim] rotary tables at each token's position
-    sin: torch.Tensor
+    cos: torch.Tensor  # [T, head_dim] rotary tables at each token's position (see rope_tables)
+    signed_sin: torch.Tensor
     write_slots: torch.Tensor  # KV-cache slot of each row in write_rows
     sequences: list[SequenceSlice]  # every query row not in `decodes`
     decodes: DecodeBatch | None = None
@@ -62,18 +62,18 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(args.hidden_size, local_qkv, bias=args.qkv_bias)
         self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
         """Queries [Hq, T, D], keys and values [Hkv, T, D], RoPE applied to queries and keys."""
         tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         rotated = self.num_heads + self.num_kv_heads
-        qk = apply_rope(qkv[:, : rotated * d].view(tokens, rotated, d), cos, sin)
+        qk = apply_rope(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        q, k, v = self.project(x, meta.cos, meta.sin)
+        q, k, v = self.project(x, meta.cos, meta.signed_sin)
         written = slice(None) if meta.write_rows is None else meta.write_rows
         k_cache[:, meta.write_slots] = k[:, written]
         v_cache[:, meta.write_slots] = v[:, written]
