@@ -73,9 +73,11 @@ def build_runs(args) -> dict[str, list[list[dict]]]:
 
 
 def engine_worker(spec: dict) -> dict:
+    results = {}
+
     def leader(engine) -> None:
         for name, batches in spec["runs"].items():
-            spec["results"][name] = []
+            results[name] = []
             for batch in batches:
                 for r in batch:
                     engine.add_request(None, r["prompt_token_ids"], {"max_tokens": r["max_tokens"],
@@ -84,17 +86,16 @@ def engine_worker(spec: dict) -> dict:
                 while engine.has_unfinished:
                     finished += engine.step()
                 finished.sort(key=lambda request: request.id)
-                spec["results"][name].append([{"submitted": q.arrival, "token_times": q.token_times,
-                                               "token_ids": q.output_token_ids} for q in finished])
+                results[name].append([{"submitted": q.arrival, "token_times": q.token_times,
+                                       "token_ids": q.output_token_ids} for q in finished])
             print(f"engine: {name} done", file=sys.stderr, flush=True)
 
-    spec["results"] = {}
     overrides = ["model=hf", f"model.path={spec['model_dir']}", "model.dtype=bfloat16",
                  f"cache.max_model_len={spec['max_model_len']}", "cache.kv_memory_gib=4",
                  "scheduler.chunking=fixed", "scheduler.priority=fcfs", f"scheduler.chunk_size={CHUNK}",
                  f"scheduler.max_num_batched_tokens={CHUNK}", "scheduler.max_num_seqs=64", "parallel.timeout_s=3600"]
     run_in_process(overrides, leader)
-    return spec["results"]
+    return results
 
 
 def transformers_worker(spec: dict) -> dict:
@@ -204,9 +205,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = MODELS[args.model]
     model_dir = random_llama(args.workdir.parent / f"{args.model}-hd64", **model)
-    longest = max(args.ttft + args.tbt) + args.decode + 1
+    runs = build_runs(args)
+    longest = max(len(r["prompt_token_ids"]) + r["max_tokens"] for batches in runs.values() for batch in batches
+                  for r in batch)
     spec = {"model_dir": str(model_dir), "max_model_len": longest, "max_num_batched_tokens": CHUNK,
-            "memory_fraction": 0.4, "runs": build_runs(args)}
+            "memory_fraction": 0.4, "runs": runs}
     systems = {}
     for system in args.systems:
         started = time.perf_counter()
