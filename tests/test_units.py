@@ -9,7 +9,9 @@ from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
-from mnemosyne_hpc.kernels.decode import MAX_ROWS, _library, decode_attention
+from mnemosyne_hpc.kernels import decode, prefill
+from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
+from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import (attention, chunk_attention, decode_batch_attention, math_attention,
                                            merge_attention)
 from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear, rope_tables
@@ -79,7 +81,7 @@ def test_freed_cpu_memory_is_kept_by_glibc():
 @pytest.mark.parametrize("hkv, group, lq, d, n", [(2, 4, 1, 64, 1000), (1, 1, 1, 128, 37), (4, 2, 8, 64, 40_001),
                                                  (2, 1, 16, 128, 300), (3, 5, 1, 64, 16)])
 def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d, n):
-    if _library() is None:
+    if decode._library() is None:
         pytest.skip("no C compiler or no AVX512-BF16 here: the flash kernel serves decode steps")
     torch.manual_seed(n)
     k_cache, v_cache = torch.randn(2, hkv, n + 48, d).bfloat16()
@@ -110,6 +112,31 @@ def test_decode_kernel_leaves_long_queries_and_fp32_to_the_flash_kernel():
     q, kv = torch.randn(2, MAX_ROWS // 2 + 1, 64).bfloat16(), torch.randn(1, 100, 64).bfloat16()
     assert decode_attention(q, kv, kv) is None
     assert decode_attention(q[:, :1].float(), kv.float(), kv.float()) is None
+
+
+@pytest.mark.parametrize("hkv, group, lq, lk, d, causal", [(2, 4, 40, 40, 64, True), (1, 3, 37, 1000, 64, True),
+                                                         (2, 2, 300, 300, 128, True), (4, 1, 33, 70, 64, False),
+                                                         (1, 2, 17, 1, 64, False), (2, 1, 64, 129, 128, False)])
+def test_prefill_kernel_matches_fp32_attention_over_strided_views(hkv, group, lq, lk, d, causal):
+    if prefill._library() is None:
+        pytest.skip("no C compiler or no AMX here: the flash kernel serves prefill")
+    torch.manual_seed(lq + lk)
+    hq = hkv * group
+    # laid out as the model's projections and KV pool lay them out: [tokens, heads, D] seen as [heads, tokens, D]
+    q_full = torch.randn(lk, hq + 1, d).bfloat16().transpose(0, 1)[:hq]
+    k, v = (torch.randn(lk + 50, hkv, d).bfloat16().transpose(0, 1)[:, 25:25 + lk] for _ in range(2))
+    out, lse = prefill_attention(q_full[:, lk - lq:], k, v, causal)
+    # causal: query i is the token at position lk − lq + i of a length-lk sequence
+    reference, reference_lse = math_attention(q_full.float(), k.float(), v.float(), causal)
+    torch.testing.assert_close(lse, reference_lse[:, lk - lq:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), reference[:, lk - lq:], atol=4e-3, rtol=8e-3)  # bf16 weights and out
+
+
+def test_prefill_kernel_leaves_fp32_and_other_head_sizes_to_the_flash_kernel():
+    q, kv = torch.randn(2, 40, 64), torch.randn(1, 40, 64)
+    assert prefill_attention(q, kv, kv, causal=True) is None
+    q, kv = torch.randn(2, 40, 80).bfloat16(), torch.randn(1, 40, 80).bfloat16()
+    assert prefill_attention(q, kv, kv, causal=True) is None
 
 
 def test_top_k_and_top_p_filters():

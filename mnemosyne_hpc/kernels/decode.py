@@ -1,69 +1,31 @@
-"""Decode attention on CPU (`decode.c`), compiled for this CPU on first use.
-
-The library is built with the system C compiler (`$CC`, else `cc`) into
-`$MNEMOSYNE_CACHE/kernels` (default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source,
-the flags and the CPU, and loaded with ctypes. Its OpenMP runtime is the one torch already loaded,
-so both share torch's thread count. Without a compiler, `decode_attention` returns None and callers
-use torch's flash kernel: the same attention, only slower.
-"""
+"""Decode attention on CPU (`decode.c`), built for this CPU on first use (see `build.py`)."""
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mnemosyne_hpc.kernels.build import build
+
 SOURCE = Path(__file__).with_name("decode.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 16  # query rows per KV head this kernel takes; longer queries go to the flash kernel
+MAX_ROWS = 16  # query rows per KV head this kernel takes; longer queries go to the prefill kernel
 MIN_KEYS_PER_SPLIT = 256
 MAX_KEYS_PER_SPLIT = 8192  # a split's scores stay in L2 between its key and value passes
 TASKS_PER_THREAD = 4
 
 
-def _cpu_signature() -> str:
-    try:
-        return "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(keepends=True)
-                       if line.startswith(("model name", "flags")))
-    except OSError:
-        return ""
-
-
 @functools.cache
 def _library():
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        print(f"warning: no C compiler ({compiler}); decode attention uses torch's flash kernel", file=sys.stderr)
-        return None
-    source = SOURCE.read_text()
-    key = hashlib.sha256("\n".join([source, compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MNEMOSYNE_CACHE", "~/.cache/mnemosyne_hpc")).expanduser() / "kernels"
-    path = cache / f"decode-{key}.so"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # ranks may build at once: rename is atomic
-            built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                    text=True)
-            if result.returncode != 0:
-                print(f"warning: building {SOURCE.name} failed; decode attention uses torch's flash kernel:\n"
-                      f"{result.stderr[-2000:]}", file=sys.stderr)
-                return None
-            os.replace(built, path)
-    library = ctypes.CDLL(str(path))
-    library.decode_attention.restype = None
-    library.decode_attention.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p]
+    library = build(SOURCE)
+    if library is not None:
+        library.decode_attention.restype = None
+        library.decode_attention.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return library
 
 

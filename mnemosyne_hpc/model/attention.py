@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from mnemosyne_hpc.kernels.decode import decode_attention, decode_attention_batch
+from mnemosyne_hpc.kernels.prefill import prefill_attention
 
 try:  # GPU kernel; the math path below serves devices without it
     from flash_attn import flash_attn_func
@@ -28,15 +29,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
 
 def _cpu_attention(q, k, v, causal):
-    """A few query rows per KV head with no mask (decode steps), in bf16: our decode kernel.
-    Otherwise torch's CPU flash kernel. It maps query head h to KV head h // g itself, so causal GQA
-    needs no K/V copies; without a mask, the g query heads of a KV head are folded into one longer
-    query, which the kernel runs faster."""
+    """In bf16, our kernels: a few query rows per KV head with no mask (decode steps) go to the decode
+    kernel, longer queries to the AMX prefill kernel. Otherwise torch's CPU flash kernel. It maps
+    query head h to KV head h // g itself, so causal GQA needs no K/V copies; without a mask, the g
+    query heads of a KV head are folded into one longer query, which it runs faster."""
     hq, lq, d = q.shape
     hkv = k.shape[0]
+    if not causal and (result := decode_attention(q, k, v)) is not None:
+        return result
+    if (result := prefill_attention(q, k, v, causal)) is not None:
+        return result
     if not causal:
-        if (result := decode_attention(q, k, v)) is not None:
-            return result
         q = q.reshape(hkv, (hq // hkv) * lq, d)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)

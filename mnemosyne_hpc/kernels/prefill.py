@@ -1,0 +1,56 @@
+"""Prefill attention on CPU with AMX (`prefill.c`), built for this CPU on first use (see `build.py`).
+
+On CPUs without AMX bf16 tiles (or where the kernel cannot be built) `prefill_attention` returns
+None and callers use torch's flash kernel: the same attention, only slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+from mnemosyne_hpc.kernels.build import build, cpu_flags
+
+SOURCE = Path(__file__).with_name("prefill.c")
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
+HEAD_DIMS = (64, 128)
+
+
+@functools.cache
+def _library():
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return None
+    library = build(SOURCE, AMX_FLAGS)
+    if library is None:
+        return None
+    if not library.prefill_attention_init():
+        print("warning: the kernel refused AMX state; prefill attention uses torch's flash kernel", file=sys.stderr)
+        return None
+    library.prefill_attention.restype = None
+    library.prefill_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    return library
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """q [Hq, Lq, D] over k, v [Hkv, Lk, D] (bf16, CPU, any row and head strides) → out [Hq, Lq, D],
+    lse [Hq, Lq]; `causal` lets row i see keys up to i + Lk − Lq. None where the kernel does not apply."""
+    hq, lq, d = q.shape
+    hkv, lk = k.shape[:2]
+    tensors = (q, k, v)
+    if not (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(2) == 1 for t in tensors)
+            and d in HEAD_DIMS and lk >= (lq if causal else 1) and _library() is not None):
+        return None
+    out = torch.empty(hq, lq, d, dtype=torch.bfloat16)
+    lse = torch.empty(hq, lq, dtype=torch.float32)
+    with torch.profiler.record_function("mnemosyne::prefill_attention"):  # named in torch profiles
+        _library().prefill_attention(q.data_ptr(), hq, lq, q.stride(0), q.stride(1), k.data_ptr(), k.stride(0),
+                                     k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), hkv, lk, d, int(causal),
+                                     d ** -0.5, out.data_ptr(), lse.data_ptr())
+    return out, lse
