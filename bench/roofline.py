@@ -9,7 +9,9 @@ Llamas:
   2048-wide layers (Llama-3.2-1B's shape, 4 layers);
 - decode bandwidth utilisation: the bytes a step must read (weights and KV) / TBT / read
   bandwidth, on the same model at 16k context and on a model whose KV dominates at 128k context.
-A torch profile of each engine run says where the time goes. Writes bench/results/roofline.json.
+A torch profile of each engine run says where the time goes, and the prefill attention kernel is
+timed against torch's CPU flash kernel on the same model's attention (causal, 32 query heads over 8
+KV heads of 64). Writes bench/results/roofline.json.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mnemosyne_hpc.kernels.prefill import prefill_attention
+
 from common import (llama_bytes, llama_flops, median_time, random_llama, random_prompt, run_in_process,
                     timed_requests, write_results)
 
@@ -48,6 +52,29 @@ def read_bandwidth(repeats: int) -> dict:
     rates = {"bf16_gemv": matrix.nbytes / median_time(lambda: matrix @ vector, repeats) / 1e9,
              "fp32_sum": flat.nbytes / median_time(lambda: flat.sum(), repeats) / 1e9}
     return {"gbs_by_kernel": rates, "peak_gbs": max(rates.values())}
+
+
+def attention_kernels(model: dict, lengths: list[int], repeats: int) -> dict:
+    """Causal prefill attention over one layer's heads: our kernel against torch's flash kernel."""
+    results = {}
+    hq, hkv, d = model["num_attention_heads"], model["num_key_value_heads"], model["head_dim"]
+    probe = torch.randn(hq, 64, d, dtype=torch.bfloat16)
+    if prefill_attention(probe, probe[:hkv], probe[:hkv], causal=True) is None:
+        print("prefill attention: no AMX kernel on this machine, so nothing to compare", flush=True)
+        return results
+    for tokens in lengths:
+        q = torch.randn(hq, tokens, d, dtype=torch.bfloat16)
+        k, v = torch.randn(2, hkv, tokens, d, dtype=torch.bfloat16)
+        flops = 4 * d * hq * tokens * (tokens + 1) / 2  # QKᵀ and PV over the causal triangle
+        ours = median_time(lambda: prefill_attention(q, k, v, causal=True), repeats)
+        torch_flash = median_time(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, True), repeats)
+        results[f"causal_{tokens}"] = {"ours_s": ours, "torch_flash_s": torch_flash,
+                                       "ours_gflops": flops / ours / 1e9, "torch_flash_gflops": flops / torch_flash / 1e9,
+                                       "speedup": torch_flash / ours}
+        print(f"prefill attention {tokens:7d}: ours {flops / ours / 1e9:5.0f} GFLOP/s, torch flash "
+              f"{flops / torch_flash / 1e9:5.0f} GFLOP/s ({torch_flash / ours:.2f}x)", flush=True)
+    return results
 
 
 def profile_table(function) -> str:
@@ -119,17 +146,19 @@ def main() -> None:
     gemm_gflops, read_gbs = ceilings["gemm_bf16"]["peak_gflops"], ceilings["memory_read"]["peak_gbs"]
     print(f"GEMM peak fp32 {ceilings['gemm_fp32']['peak_gflops']:.0f} GFLOP/s, bf16 {gemm_gflops:.0f} GFLOP/s; "
           f"memory read {read_gbs:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    kernels = attention_kernels(WIDE, args.prefill, args.repeats)
     wide = measure_engine(WIDE, random_llama(args.workdir / "llama-4x2048", **WIDE), args.prefill,
                           args.decode_context, args.decode_steps, args.chunk, gemm_gflops, read_gbs)
     long_kv = measure_engine(LONG_KV, random_llama(args.workdir / "llama-kvp-2x256-hd128", **LONG_KV), [],
                              args.long_context, args.decode_steps, args.chunk, gemm_gflops, read_gbs)
     ratios = {f"mfu_prefill_{n}": wide[f"prefill_{n}"]["mfu"] for n in args.prefill}
+    ratios.update({f"prefill_attention_{name}_ours_over_torch_flash": r["speedup"] for name, r in kernels.items()})
     ratios[f"bandwidth_decode_{args.decode_context}_wide"] = wide[f"decode_{args.decode_context}"]["bandwidth_utilisation"]
     ratios[f"bandwidth_decode_{args.long_context}_long_kv"] = (
         long_kv[f"decode_{args.long_context}"]["bandwidth_utilisation"])
     write_results("roofline.json", {
         "benchmark": "roofline", "threads": torch.get_num_threads(), "ceilings": ceilings,
-        "wide_model": WIDE, "wide": wide, "long_kv_model": LONG_KV, "long_kv": long_kv, "ratios": ratios})
+        "wide_model": WIDE, "prefill_attention": kernels, "wide": wide, "long_kv_model": LONG_KV, "long_kv": long_kv, "ratios": ratios})
 
 
 if __name__ == "__main__":
