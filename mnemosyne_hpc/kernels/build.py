@@ -1,7 +1,7 @@
 """Builds a kernel's C source for this CPU on first use and loads it with ctypes.
 
 A library is built with the system C compiler (`$CC`, else `cc`) into `$MNEMOSYNE_CACHE/kernels`
-(default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source, the flags and the CPU.
+(default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source (and the headers beside it), the flags and the CPU.
 Its OpenMP runtime is the one torch already loaded, so kernels share torch's thread count. Without
 a compiler, or if the build fails, `build` warns and returns None, and callers use torch's kernels:
 the same attention, only slower.
@@ -9,6 +9,7 @@ the same attention, only slower.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -20,22 +21,17 @@ from pathlib import Path
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 
 
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    try:
+        return tuple(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("model name", "flags")))
+    except OSError:
+        return ()
+
+
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_signature() -> str:
-    try:
-        return "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(keepends=True)
-                       if line.startswith(("model name", "flags")))
-    except OSError:
-        return ""
+    return next((set(line.split(":", 1)[1].split()) for line in _cpuinfo_lines() if line.startswith("flags")), set())
 
 
 def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
@@ -44,7 +40,9 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
     if shutil.which(compiler) is None:
         print(f"warning: no C compiler ({compiler}); {source.stem} attention uses torch's flash kernel", file=sys.stderr)
         return None
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]  # included by the sources
+    key = hashlib.sha256("\n".join([source.read_text(), *headers, compiler, *flags, *_cpuinfo_lines()]).encode())
+    key = key.hexdigest()[:16]
     cache = Path(os.environ.get("MNEMOSYNE_CACHE", "~/.cache/mnemosyne_hpc")).expanduser() / "kernels"
     path = cache / f"{source.stem}-{key}.so"
     if not path.exists():

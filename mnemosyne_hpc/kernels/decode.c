@@ -17,33 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lanes.h"
+
 #define MAX_ROWS 16
 #define KEYS 16          /* keys per score block: one vector of scores */
 #define PREFETCH_KEYS 64 /* how far ahead the next keys and values are requested from memory */
-
-/* Lane i of the result = the sum of the 16 lanes of v[i] (a transpose-and-add in four steps). */
-static inline __m512 sum_lanes_16(__m512 v[16]) {
-    for (int width = 8; width >= 1; width /= 2) {
-        for (int i = 0; i < width; i++) {
-            __m512 a = v[i], b = v[i + width];
-            /* pair up halves so that lane groups keep belonging to one input after each step */
-            __m512 lo, hi;
-            if (width == 8) {
-                lo = _mm512_shuffle_f32x4(a, b, 0x44); hi = _mm512_shuffle_f32x4(a, b, 0xEE);
-            } else if (width == 4) {
-                lo = _mm512_shuffle_f32x4(a, b, 0x88); hi = _mm512_shuffle_f32x4(a, b, 0xDD);
-            } else if (width == 2) {
-                lo = _mm512_shuffle_ps(a, b, 0x44); hi = _mm512_shuffle_ps(a, b, 0xEE);
-            } else {
-                lo = _mm512_shuffle_ps(a, b, 0x88); hi = _mm512_shuffle_ps(a, b, 0xDD);
-            }
-            v[i] = _mm512_add_ps(lo, hi);
-        }
-    }
-    /* the steps leave the sum of v[i] in lane f(i), with f its own inverse */
-    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
-    return _mm512_permutexvar_ps(order, v[0]);
-}
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t widened = (uint32_t)bits << 16;

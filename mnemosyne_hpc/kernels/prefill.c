@@ -1,8 +1,7 @@
 /* Flash attention of long queries (prefill chunks) on CPU with AMX tiles.
  *
- * Torch's CPU flash kernel spends most of its time outside the matrix units at head size 64: it
- * reorders every K/V block for each query block and computes the softmax with a general exp. Here
- * K and V are packed once per call into the tile layout every query block reads, the scores and the
+ * Torch's CPU flash kernel ran at 29% of the bf16 GEMM peak at head size 64 in bench/roofline.py.
+ * Here K and V are packed once per call into the tile layout every query block reads, the scores and the
  * weighted values are AMX bf16 products with fp32 sums, and the softmax is an online one over blocks
  * of BK keys with a degree-5 exp2 (relative error 2.4e-7, far below the bf16 rounding of the
  * weights that follows). Scores, weights and outputs are the flash kernel's: fp32 scores, bf16
@@ -21,6 +20,8 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "lanes.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -60,11 +61,11 @@ static inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Keys as the right operand of q·kᵀ: per 16 keys and 32 dims, a tile whose row r holds dims 2r and
- * 2r+1 of each key (a 32-bit transpose). Keys from lk on are zero. */
-static void pack_keys(const uint16_t *k, int64_t row_stride, int64_t lk, int d, int64_t blocks, uint32_t *packed) {
+/* 32 keys as the right operand of q·kᵀ: per 16 keys and 32 dims, a tile whose row r holds dims 2r
+ * and 2r+1 of each key (a 32-bit transpose). Keys from lk on are zero. */
+static void pack_keys(const uint16_t *k, int64_t row_stride, int64_t lk, int d, uint32_t *packed) {
     int pieces = d / 32;
-    for (int64_t b = 0; b < blocks; b++)
+    for (int b = 0; b < 2; b++)
         for (int t = 0; t < pieces; t++) {
             uint32_t *tile = packed + (b * pieces + t) * TILE * 16;
             for (int n = 0; n < 16; n++) {
@@ -75,19 +76,17 @@ static void pack_keys(const uint16_t *k, int64_t row_stride, int64_t lk, int d, 
         }
 }
 
-/* Values as the right operand of p·v: per 32 keys and 16 dims, a tile whose row r interleaves keys
- * 2r and 2r+1 dim by dim. Keys from lk on are zero. */
-static void pack_values(const uint16_t *v, int64_t row_stride, int64_t lk, int d, int64_t blocks, uint16_t *packed) {
-    int pieces = d / 16;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int e = 0; e < pieces; e++) {
-            uint16_t *tile = packed + (b * pieces + e) * TILE * 32;
-            for (int r = 0; r < TILE; r++)
-                for (int s = 0; s < 2; s++) {
-                    int64_t key = b * 32 + 2 * r + s;
-                    for (int n = 0; n < 16; n++) tile[r * 32 + 2 * n + s] = key < lk ? v[key * row_stride + 16 * e + n] : 0;
-                }
-        }
+/* 32 values as the right operand of p·v: per 16 dims, a tile whose row r interleaves keys 2r and
+ * 2r+1 dim by dim. Keys from lk on are zero. */
+static void pack_values(const uint16_t *v, int64_t row_stride, int64_t lk, int d, uint16_t *packed) {
+    for (int e = 0; e < d / 16; e++) {
+        uint16_t *tile = packed + e * TILE * 32;
+        for (int r = 0; r < TILE; r++)
+            for (int s = 0; s < 2; s++) {
+                int key = 2 * r + s;
+                for (int n = 0; n < 16; n++) tile[r * 32 + 2 * n + s] = key < lk ? v[key * row_stride + 16 * e + n] : 0;
+            }
+    }
 }
 
 /* scores[BQ][BK] (fp32, unscaled) = q_block · keys [first, first + keys)ᵀ, keys a multiple of 32. */
@@ -136,31 +135,9 @@ static void block_values(const uint16_t *weights, int d, const uint16_t *packed_
     }
 }
 
-/* Lane i of the result = op over the 16 lanes of v[i], for 16 rows at once (a transpose-and-reduce). */
-#define REDUCE_LANES_16(name, op)                                                                        \
-    static inline __m512 name(__m512 v[16]) {                                                            \
-        _Pragma("GCC unroll 4") for (int width = 8; width >= 1; width /= 2)                              \
-            _Pragma("GCC unroll 8") for (int i = 0; i < width; i++) {                                    \
-                __m512 a = v[i], b = v[i + width], lo, hi;                                               \
-                if (width == 8) {                                                                        \
-                    lo = _mm512_shuffle_f32x4(a, b, 0x44); hi = _mm512_shuffle_f32x4(a, b, 0xEE);        \
-                } else if (width == 4) {                                                                 \
-                    lo = _mm512_shuffle_f32x4(a, b, 0x88); hi = _mm512_shuffle_f32x4(a, b, 0xDD);        \
-                } else if (width == 2) {                                                                 \
-                    lo = _mm512_shuffle_ps(a, b, 0x44); hi = _mm512_shuffle_ps(a, b, 0xEE);              \
-                } else {                                                                                 \
-                    lo = _mm512_shuffle_ps(a, b, 0x88); hi = _mm512_shuffle_ps(a, b, 0xDD);              \
-                }                                                                                        \
-                v[i] = op(lo, hi);                                                                       \
-            }                                                                                            \
-        const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);   \
-        return _mm512_permutexvar_ps(order, v[0]);                                                       \
-    }
-REDUCE_LANES_16(max_lanes_16, _mm512_max_ps)
-REDUCE_LANES_16(sum_lanes_16, _mm512_add_ps)
-
-static inline __mmask16 first_lanes(int64_t count) {
-    return count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
+/* The first `count` of 16 lanes; all of them in a block no row's mask cuts (`masked` 0). */
+static inline __mmask16 first_lanes(int masked, int64_t count) {
+    return !masked || count >= 16 ? 0xFFFF : count <= 0 ? 0 : (__mmask16)((1u << count) - 1);
 }
 
 /* Online softmax of 16 rows over one block of `keys` scores: rows see their first visible[i] keys.
@@ -173,8 +150,8 @@ static inline void softmax_rows(const float *scores, int keys, const int64_t *vi
         const float *s = scores + i * BK;
         __m512 m0 = _mm512_set1_ps(-FLT_MAX), m1 = m0;
         for (int j = 0; j < keys; j += 32) {
-            m0 = _mm512_mask_max_ps(m0, (masked ? first_lanes(visible[i] - j) : 0xFFFF), m0, _mm512_loadu_ps(s + j));
-            m1 = _mm512_mask_max_ps(m1, (masked ? first_lanes(visible[i] - j - 16) : 0xFFFF), m1, _mm512_loadu_ps(s + j + 16));
+            m0 = _mm512_mask_max_ps(m0, first_lanes(masked, visible[i] - j), m0, _mm512_loadu_ps(s + j));
+            m1 = _mm512_mask_max_ps(m1, first_lanes(masked, visible[i] - j - 16), m1, _mm512_loadu_ps(s + j + 16));
         }
         lanes[i] = _mm512_max_ps(m0, m1);
     }
@@ -190,9 +167,9 @@ static inline void softmax_rows(const float *scores, int keys, const int64_t *vi
         const float *s = scores + i * BK;
         __m512 shift = _mm512_set1_ps(shifts[i]), sum0 = _mm512_setzero_ps(), sum1 = sum0;
         for (int j = 0; j < keys; j += 32) {
-            __m512 p0 = _mm512_maskz_mov_ps((masked ? first_lanes(visible[i] - j) : 0xFFFF),
+            __m512 p0 = _mm512_maskz_mov_ps(first_lanes(masked, visible[i] - j),
                                             exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), factor, shift)));
-            __m512 p1 = _mm512_maskz_mov_ps((masked ? first_lanes(visible[i] - j - 16) : 0xFFFF),
+            __m512 p1 = _mm512_maskz_mov_ps(first_lanes(masked, visible[i] - j - 16),
                                             exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), factor, shift)));
             sum0 = _mm512_add_ps(sum0, p0);
             sum1 = _mm512_add_ps(sum1, p1);
@@ -272,10 +249,10 @@ void prefill_attention(const uint16_t *q, int hq, int64_t lq, int64_t q_head_str
             int h = (int)(task / (2 * key_blocks));
             int64_t b = task % (2 * key_blocks) / 2;
             if (task % 2 == 0)
-                pack_keys(k + h * k_head_stride + b * 32 * k_row_stride, k_row_stride, lk - b * 32, d, 2,
+                pack_keys(k + h * k_head_stride + b * 32 * k_row_stride, k_row_stride, lk - b * 32, d,
                           packed_k + ((size_t)h * padded + b * 32) * d / 2);
             else
-                pack_values(v + h * v_head_stride + b * 32 * v_row_stride, v_row_stride, lk - b * 32, d, 1,
+                pack_values(v + h * v_head_stride + b * 32 * v_row_stride, v_row_stride, lk - b * 32, d,
                             packed_v + ((size_t)h * padded + b * 32) * d);
         }
         configure_tiles();
