@@ -183,8 +183,7 @@ class Profiler:
 
         def fn():  # the layer without its attention kernel
             attn.project(layer.input_layernorm(x), angles, angles)
-            h = attn.o_proj(attended).add_(x)
-            return layer.mlp(layer.post_attention_layernorm(h)).add_(h)
+            return layer.feed_forward(attn.o_proj(attended), x)
         return fn
 
     def _lm_head(self, rows: int):

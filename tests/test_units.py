@@ -9,12 +9,13 @@ from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
-from mnemosyne_hpc.kernels import decode, prefill
+from mnemosyne_hpc.kernels import decode, pointwise, prefill
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import (attention, chunk_attention, decode_batch_attention, math_attention,
                                            merge_attention)
-from mnemosyne_hpc.model.layers import FEW_ROWS, apply_rope, linear, rope_tables
+from mnemosyne_hpc.kernels.pointwise import rms_norm, silu_mul
+from mnemosyne_hpc.model.layers import FEW_ROWS, RMSNorm, apply_rope_, linear, rope_tables
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -69,9 +70,55 @@ def test_rope_is_hugging_face_rotate_half():
     x, angles = torch.randn(7, 3, 16), torch.randn(7, 8)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     rotate_half = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
-    torch.testing.assert_close(apply_rope(x, *rope_tables(angles, torch.float32)),
+    torch.testing.assert_close(apply_rope_(x.clone(), *rope_tables(angles, torch.float32)),
                                x * cos[:, None] + rotate_half * sin[:, None],
                                atol=1e-6, rtol=0)
+
+
+def torch_rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_pointwise_kernels_round_where_the_torch_ops_do():
+    """bf16 on CPU: the rotary embedding is bit for bit the torch ops'. RMSNorm may differ in the
+    order of its fp32 sum of squares, so by a rounding step, rarely; SiLU in its exp, so its bf16
+    value may round a step the other way, which the product with `up` carries (rtol 2⁻⁶)."""
+    if pointwise._library() is None:
+        pytest.skip("no C compiler here: torch ops compute the element-wise steps")
+    torch.manual_seed(5)
+    qkv = torch.randn(37, 7 * 64, dtype=torch.bfloat16) * 3  # 5 rotated heads of 64, then 2 of values
+    cos, sin = rope_tables(torch.randn(37, 32) * 100, torch.bfloat16)
+    heads = qkv[:, :5 * 64].view(37, 5, 64)
+    expected = torch.addcmul(heads * cos[:, None], heads.roll(32, dims=-1), sin[:, None])
+    values = qkv[:, 5 * 64:].clone()
+    apply_rope_(heads, cos, sin)
+    assert torch.equal(heads, expected) and torch.equal(qkv[:, 5 * 64:], values)
+
+    x, residual = torch.randn(37, 512, dtype=torch.bfloat16) * 3, torch.randn(37, 512, dtype=torch.bfloat16)
+    weight = (torch.randn(512) * 0.1 + 1).bfloat16()
+    total = x + residual
+    normed = rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(x, total)  # the residual was added in place, rounded as torch's add
+    expected = torch_rms_norm(total, weight, 1e-5)
+    torch.testing.assert_close(normed, expected, atol=0, rtol=2 ** -7)
+    assert (normed != expected).float().mean() < 1e-3
+
+    gate_up = torch.randn(37, 2 * 700, dtype=torch.bfloat16) * 4
+    gate, up = gate_up.split(700, dim=-1)
+    product, expected = silu_mul(gate_up), torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(product, expected, atol=0, rtol=2 ** -6)
+    assert (product != expected).float().mean() < 5e-3
+
+
+def test_rms_norm_module_falls_back_to_torch_ops_outside_bf16():
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64)
+    x, residual = torch.randn(5, 64), torch.randn(5, 64)
+    assert rms_norm(x, norm.weight, 1e-6) is None and silu_mul(torch.randn(5, 128)) is None
+    total = x + residual
+    torch.testing.assert_close(norm(x, residual), torch_rms_norm(total, norm.weight, 1e-6))
+    assert torch.equal(x, total)
 
 
 def test_freed_cpu_memory_is_kept_by_glibc():

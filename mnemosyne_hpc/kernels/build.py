@@ -38,7 +38,7 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
     flags = [*FLAGS, *extra_flags]
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        print(f"warning: no C compiler ({compiler}); {source.stem} attention uses torch's flash kernel", file=sys.stderr)
+        print(f"warning: no C compiler ({compiler}); torch's kernels stand in for {source.name}", file=sys.stderr)
         return None
     headers = [header.read_text() for header in sorted(source.parent.glob("*.h"))]  # included by the sources
     key = hashlib.sha256("\n".join([source.read_text(), *headers, compiler, *flags, *_cpuinfo_lines()]).encode())
@@ -52,7 +52,7 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
             result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True,
                                     text=True)
             if result.returncode != 0:
-                print(f"warning: building {source.name} failed; {source.stem} attention uses torch's flash kernel:\n"
+                print(f"warning: building {source.name} failed; torch's kernels stand in for it:\n"
                       f"{result.stderr[-2000:]}", file=sys.stderr)
                 return None
             os.replace(built, path)

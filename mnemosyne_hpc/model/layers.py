@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mnemosyne_hpc.kernels.pointwise import rms_norm, rope_
+
 
 class TensorParallel:
     """The TP group a layer shards over (size 1: a plain single-rank layer)."""
@@ -107,7 +109,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x normalised; with `residual`, x += residual first, in place (the layer's running sum)."""
+        if (out := rms_norm(x, self.weight, self.eps, residual)) is not None:
+            return out
+        if residual is not None:
+            x.add_(residual)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -131,7 +138,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [T, D] of the angles [T, D/2], as `apply_rope` takes them: computed once a
+    """cos and signed sin [T, D] of the angles [T, D/2], as `apply_rope_` takes them: computed once a
     step, used by every layer."""
     angles = torch.cat((angles, angles), dim=-1)
     half = angles.shape[-1] // 2
@@ -140,7 +147,9 @@ def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return angles.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] rotated as Hugging Face Llama does (half split): x·cos + rotate_half(x)·sin, where
-    rotate_half(x) = (−x₂, x₁) = roll(x, D/2)·(−1, +1); `signed_sin` carries that sign."""
-    return torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None])
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated in place as Hugging Face Llama does (half split): x·cos + rotate_half(x)·sin,
+    where rotate_half(x) = (−x₂, x₁) = roll(x, D/2)·(−1, +1); `signed_sin` carries that sign."""
+    if not rope_(x, cos, signed_sin):
+        x.copy_(torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None]))
+    return x

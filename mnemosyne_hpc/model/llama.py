@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnemosyne_hpc.kernels.pointwise import silu_mul
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.attention import attention, chunk_attention, decode_batch_attention, merge_over_group
 from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                                        TensorParallel, VocabParallelEmbedding, apply_rope, split_evenly)
+                                        TensorParallel, VocabParallelEmbedding, apply_rope_, split_evenly)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         rotated = self.num_heads + self.num_kv_heads
-        qk = apply_rope(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
+        qk = apply_rope_(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -109,8 +110,11 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(self.local_intermediate, args.hidden_size, tp)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.local_intermediate, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        gate_up = self.gate_up_proj(x)
+        if (hidden := silu_mul(gate_up)) is None:
+            gate, up = gate_up.split(self.local_intermediate, dim=-1)
+            hidden = F.silu(gate).mul_(up)
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -122,8 +126,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, tp)
 
     def forward(self, x, meta, k_cache, v_cache):
-        x = self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache).add_(x)
-        return self.mlp(self.post_attention_layernorm(x)).add_(x)
+        return self.feed_forward(self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache), x)
+
+    def feed_forward(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer's second half: s = attended + x (formed in attended's buffer), then s + mlp(norm(s))."""
+        return self.mlp(self.post_attention_layernorm(attended, residual=x)).add_(attended)
 
 
 class Transformer(nn.Module):

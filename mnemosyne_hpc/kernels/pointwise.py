@@ -1,0 +1,77 @@
+"""RMSNorm, SiLU(gate)·up and the rotary embedding on CPU in one pass each (`pointwise.c`), built on first use (see `build.py`).
+
+They return None where they do not apply (not bf16 on CPU, or no compiler) and callers use the
+torch ops, which round at the same points.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from mnemosyne_hpc.kernels.build import build
+
+SOURCE = Path(__file__).with_name("pointwise.c")
+FLAGS = ("-mprefer-vector-width=512",)  # where the CPU has AVX-512; ignored elsewhere
+
+
+@functools.cache
+def _library():
+    library = build(SOURCE, FLAGS)
+    if library is not None:
+        library.rms_norm.restype = library.silu_mul.restype = library.rope.restype = None
+        library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+        library.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        library.rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_void_p]
+    return library
+
+
+def _run(kernel: str, *args) -> None:
+    with torch.profiler.record_function(f"mnemosyne::{kernel}"):  # named in torch profiles
+        getattr(_library(), kernel)(*args)
+
+
+def _applies(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors) and (
+        _library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """weight · bf16(x / rms(x)) for rows x [T, D]; with `residual` (x's shape and strides), first
+    x += residual in place. None where the kernel does not apply (nothing is changed then)."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if not (x.dim() == 2 and weight.is_contiguous() and _applies(*tensors)
+            and (residual is None or residual.stride() == x.stride())):
+        return None
+    rows, dim = x.shape
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    _run("rms_norm", x.data_ptr(), None if residual is None else residual.data_ptr(), rows, x.stride(0), dim,
+         weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """bf16(bf16(silu(gate)) · up) for contiguous rows gate_up [T, 2I] = [gate | up]; None where the
+    kernel does not apply."""
+    if not (gate_up.dim() == 2 and gate_up.is_contiguous() and _applies(gate_up)):
+        return None
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=gate_up.dtype)
+    _run("silu_mul", gate_up.data_ptr(), rows, width, out.data_ptr())
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """Rotates x [T, H, D] (heads adjacent in a row) in place by cos, signed_sin [T, D] (see
+    `layers.apply_rope_`); False, with x unchanged, where the kernel does not apply."""
+    rows, heads, dim = x.shape
+    if not (x.stride(1) == dim and cos.is_contiguous() and signed_sin.is_contiguous()
+            and _applies(x, cos, signed_sin)):
+        return False
+    _run("rope", x.data_ptr(), rows, x.stride(0), heads, dim, cos.data_ptr(), signed_sin.data_ptr())
+    return True
