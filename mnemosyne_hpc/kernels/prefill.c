@@ -5,7 +5,8 @@
  * weighted values are AMX bf16 products with fp32 sums, and the softmax is an online one over blocks
  * of BK keys with a degree-5 exp2 (relative error 2.4e-7, far below the bf16 rounding of the
  * weights that follows). Scores, weights and outputs are the flash kernel's: fp32 scores, bf16
- * weights into an fp32 sum of values.
+ * weights into an fp32 sum of values. The tiles compute the next block's scores between the rows
+ * of a block's softmax, so the tile unit and the vector units work at once.
  *
  * q: element (h, i, x) at h·q_head_stride + i·q_row_stride + x, for hq heads and lq rows; k, v the
  * same with hkv heads and lk rows; query head h reads KV head h / (hq / hkv). With `causal`, row i
@@ -47,6 +48,7 @@ static void configure_tiles(void) {
         config.bytes_per_row[t] = 64;
         config.rows[t] = TILE;
     }
+    __asm__ volatile("" ::: "memory"); /* else GCC 12 may drop the stores above as dead when inlined */
     _tile_loadconfig(&config);
 }
 
@@ -89,26 +91,46 @@ static void pack_values(const uint16_t *v, int64_t row_stride, int64_t lk, int d
     }
 }
 
-/* scores[BQ][BK] (fp32, unscaled) = q_block · keys [first, first + keys)ᵀ, keys a multiple of 32. */
-static void block_scores(const uint16_t *q_block, int d, const uint32_t *packed_k, int64_t first, int keys,
-                         float *scores) {
-    int pieces = d / 32;
-    for (int u = 0; u < keys; u += 32) {
-        const uint32_t *left = packed_k + ((first + u) / 16) * pieces * TILE * 16, *right = left + pieces * TILE * 16;
+/* The scores of one block of keys, as a sequence of steps the softmax of the previous block runs
+ * between its rows, so the tile unit works while the vector units do: step (u, t) adds dims
+ * [32t, 32t + 32) of keys [first + 32u, first + 32u + 32) to scores[BQ][BK] (fp32, unscaled). */
+typedef struct {
+    const uint16_t *q_block;
+    const uint32_t *packed_k;
+    float *scores;
+    int64_t first;
+    int d, step, steps;
+} score_job;
+
+static score_job score_block(const uint16_t *q_block, int d, const uint32_t *packed_k, int64_t first, int keys,
+                             float *scores) {
+    return (score_job){q_block, packed_k, scores, first, d, 0, keys / 32 * (d / 32)};
+}
+
+static inline void score_step(score_job *job) {
+    if (job->step == job->steps) return;
+    int d = job->d, pieces = d / 32, u = job->step / pieces * 32, t = job->step % pieces;
+    const uint32_t *left = job->packed_k + (job->first + u) / 16 * pieces * TILE * 16, *right = left + pieces * TILE * 16;
+    if (t == 0) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int t = 0; t < pieces; t++) {
-            _tile_loadd(4, q_block + 32 * t, 2 * d);
-            _tile_loadd(5, q_block + TILE * d + 32 * t, 2 * d);
-            _tile_loadd(6, left + t * TILE * 16, 64);
-            _tile_loadd(7, right + t * TILE * 16, 64);
-            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, scores + u, 4 * BK);
-        _tile_stored(1, scores + u + 16, 4 * BK);
-        _tile_stored(2, scores + TILE * BK + u, 4 * BK);
-        _tile_stored(3, scores + TILE * BK + u + 16, 4 * BK);
     }
+    _tile_loadd(4, job->q_block + 32 * t, 2 * d);
+    _tile_loadd(5, job->q_block + TILE * d + 32 * t, 2 * d);
+    _tile_loadd(6, left + t * TILE * 16, 64);
+    _tile_loadd(7, right + t * TILE * 16, 64);
+    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    if (t == pieces - 1) {
+        _tile_stored(0, job->scores + u, 4 * BK);
+        _tile_stored(1, job->scores + u + 16, 4 * BK);
+        _tile_stored(2, job->scores + TILE * BK + u, 4 * BK);
+        _tile_stored(3, job->scores + TILE * BK + u + 16, 4 * BK);
+    }
+    job->step++;
+}
+
+static inline void finish(score_job *job) {
+    while (job->step < job->steps) score_step(job);
 }
 
 /* acc[BQ][d] (fp32) += weights[BQ][BK] (bf16) · values [first, first + keys), keys a multiple of 32. */
@@ -142,9 +164,10 @@ static inline __mmask16 first_lanes(int masked, int64_t count) {
 
 /* Online softmax of 16 rows over one block of `keys` scores: rows see their first visible[i] keys.
  * Updates the running maxima and sums, writes the bf16 weights and each row's rescale factor for
- * its earlier sums of values. Rows are reduced 16 at a time so no row waits on its own reduction. */
+ * its earlier sums of values. Rows are reduced 16 at a time so no row waits on its own reduction.
+ * Between rows it issues steps of the next block's scores. */
 static inline void softmax_rows(const float *scores, int keys, const int64_t *visible, int masked, float log2e_scale,
-                                float *maxima, float *sums, uint16_t *weights, float *rescale) {
+                                float *maxima, float *sums, uint16_t *weights, float *rescale, score_job *next) {
     __m512 lanes[16];
     for (int i = 0; i < 16; i++) {
         const float *s = scores + i * BK;
@@ -165,6 +188,7 @@ static inline void softmax_rows(const float *scores, int keys, const int64_t *vi
     _mm512_store_ps(shifts, _mm512_mul_ps(new_max, factor));
     for (int i = 0; i < 16; i++) {
         const float *s = scores + i * BK;
+        score_step(next);
         __m512 shift = _mm512_set1_ps(shifts[i]), sum0 = _mm512_setzero_ps(), sum1 = sum0;
         for (int j = 0; j < keys; j += 32) {
             __m512 p0 = _mm512_maskz_mov_ps(first_lanes(masked, visible[i] - j),
@@ -181,12 +205,18 @@ static inline void softmax_rows(const float *scores, int keys, const int64_t *vi
     _mm512_storeu_ps(sums, _mm512_add_ps(old_sums, sum_lanes_16(lanes)));
 }
 
+/* Keys of the block from `first` up to the last any row sees, rounded up to 32 (at most BK; 0 past it). */
+static inline int block_keys(int64_t last, int64_t first) {
+    int64_t keys = (last + 1 - first + 31) / 32 * 32;
+    return keys < 0 ? 0 : keys > BK ? BK : (int)keys;
+}
+
 /* Rows [first_row, first_row + BQ) of one query head (rows from lq on are padding) over its KV head. */
 static void attend_block(const uint16_t *q, int64_t q_row_stride, int64_t first_row, int64_t lq, int d,
                          const uint32_t *packed_k, const uint16_t *packed_v, int64_t lk, int causal, float scale,
                          uint16_t *out, float *lse) {
     _Alignas(64) uint16_t q_block[BQ * MAX_D];
-    _Alignas(64) float scores[BQ * BK];
+    _Alignas(64) float scores[2][BQ * BK]; /* this block's, and the next one's as they are computed */
     _Alignas(64) uint16_t weights[BQ * BK];
     _Alignas(64) float acc[BQ * MAX_D];
     float maxima[BQ], sums[BQ], rescale[BQ];
@@ -202,21 +232,25 @@ static void attend_block(const uint16_t *q, int64_t q_row_stride, int64_t first_
         sums[i] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * BQ * d);
+    score_job next = score_block(q_block, d, packed_k, 0, block_keys(block_last, 0), scores[0]);
+    finish(&next); /* the first block's scores; each later block's come during the softmax before it */
     for (int64_t first = 0; first <= block_last; first += BK) {
-        int keys = (int)((block_last + 1 - first + 31) / 32 * 32);
-        if (keys > BK) keys = BK;
-        block_scores(q_block, d, packed_k, first, keys, scores);
+        int keys = block_keys(block_last, first);
+        float *current = next.scores;
+        next = score_block(q_block, d, packed_k, first + BK, block_keys(block_last, first + BK),
+                           scores[(first / BK + 1) % 2]);
         for (int i = 0; i < BQ; i++) visible[i] = last_key[i] + 1 - first;
         for (int i = 0; i < BQ; i += 16) {
             int masked = 0;
             for (int r = i; r < i + 16; r++) masked |= visible[r] < keys;
             if (masked) /* the block crosses the diagonal or the end of the keys */
-                softmax_rows(scores + i * BK, keys, visible + i, 1, log2e_scale, maxima + i, sums + i,
-                             weights + i * BK, rescale + i);
+                softmax_rows(current + i * BK, keys, visible + i, 1, log2e_scale, maxima + i, sums + i,
+                             weights + i * BK, rescale + i, &next);
             else
-                softmax_rows(scores + i * BK, keys, visible + i, 0, log2e_scale, maxima + i, sums + i,
-                             weights + i * BK, rescale + i);
+                softmax_rows(current + i * BK, keys, visible + i, 0, log2e_scale, maxima + i, sums + i,
+                             weights + i * BK, rescale + i, &next);
         }
+        finish(&next); /* before the values take the tiles */
         for (int i = 0; i < BQ; i++)
             if (rescale[i] != 1.0f)
                 for (int x = 0; x < d; x += 16)
