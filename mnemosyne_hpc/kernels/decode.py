@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mnemosyne_hpc.kernels import profiled
 from mnemosyne_hpc.kernels.build import build
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -48,7 +49,7 @@ def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     lse = torch.empty(seqs, hkv, rows, dtype=torch.float32)
     tasks = TASKS_PER_THREAD * torch.get_num_threads()
     keys_per_split = min(max(math.ceil(int(lengths.sum()) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
-    with torch.profiler.record_function("mnemosyne::decode_attention"):  # named in torch profiles
+    with profiled("decode_attention"):
         _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0),
                                     k.stride(1), starts.data_ptr(), lengths.data_ptr(), d ** -0.5,
                                     keys_per_split, out.data_ptr(), lse.data_ptr())

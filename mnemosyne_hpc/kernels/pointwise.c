@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#define PARALLEL_ELEMENTS (1 << 16) /* fewer (a decode step's rows) run on the calling thread alone */
+
 static inline float from_bf16(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
@@ -27,7 +29,7 @@ static inline uint16_t to_bf16(float f) {
  * is given. Rows are `stride` elements apart in x and residual, contiguous in out. */
 void rms_norm(uint16_t *x, const uint16_t *residual, int64_t rows, int64_t stride, int64_t dim,
               const uint16_t *weight, float eps, uint16_t *out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *row = x + r * stride, *normed = out + r * dim;
         if (residual != NULL) {
@@ -59,7 +61,7 @@ static inline float exp_approx(float x) {
 
 /* out[r] = bf16(bf16(silu(gate)) · up) for gate_up[r] = [gate | up], each `width` wide. */
 void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * width >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *gate = gate_up + 2 * r * width, *up = gate + width;
         uint16_t *product = out + r * width;
@@ -77,7 +79,7 @@ void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *ou
 void rope(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int64_t dim, const uint16_t *cos,
           const uint16_t *signed_sin) {
     int64_t half = dim / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * heads * dim >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *c = cos + r * dim, *s = signed_sin + r * dim;
         for (int64_t h = 0; h < heads; h++) {

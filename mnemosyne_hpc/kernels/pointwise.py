@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mnemosyne_hpc.kernels import profiled
 from mnemosyne_hpc.kernels.build import build
 
 SOURCE = Path(__file__).with_name("pointwise.c")
@@ -31,7 +32,7 @@ def _library():
 
 
 def _run(kernel: str, *args) -> None:
-    with torch.profiler.record_function(f"mnemosyne::{kernel}"):  # named in torch profiles
+    with profiled(kernel):
         getattr(_library(), kernel)(*args)
 
 

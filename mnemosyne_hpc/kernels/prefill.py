@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mnemosyne_hpc.kernels import profiled
 from mnemosyne_hpc.kernels.build import build, cpu_flags
 
 SOURCE = Path(__file__).with_name("prefill.c")
@@ -49,7 +50,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return None
     out = torch.empty(hq, lq, d, dtype=torch.bfloat16)
     lse = torch.empty(hq, lq, dtype=torch.float32)
-    with torch.profiler.record_function("mnemosyne::prefill_attention"):  # named in torch profiles
+    with profiled("prefill_attention"):
         _library().prefill_attention(q.data_ptr(), hq, lq, q.stride(0), q.stride(1), k.data_ptr(), k.stride(0),
                                      k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), hkv, lk, d, int(causal),
                                      d ** -0.5, out.data_ptr(), lse.data_ptr())
