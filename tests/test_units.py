@@ -12,8 +12,8 @@ from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels import decode, pointwise, prefill
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.prefill import prefill_attention
-from mnemosyne_hpc.model.attention import (attention, chunk_attention, decode_batch_attention, math_attention,
-                                           merge_attention)
+from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, attention, chunk_attention, decode_batch_attention,
+                                           math_attention, merge_attention)
 from mnemosyne_hpc.kernels.pointwise import rms_norm, silu_mul
 from mnemosyne_hpc.model.layers import FEW_ROWS, RMSNorm, apply_rope_, linear, rope_tables
 
@@ -53,6 +53,17 @@ def test_cpu_kernel_matches_math_path_and_chunk_is_bottom_right_causal():
     full, _ = math_attention(q, k, v, causal=True)
     chunk, _ = chunk_attention(q[:, 6:], k[:, 6:], v[:, 6:], k[:, :6], v[:, :6])
     torch.testing.assert_close(chunk, full[:, 6:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_beyond_one_call_are_attended_in_pieces_merged_exactly(dtype):
+    torch.manual_seed(3)
+    lk = KEYS_PER_CALL + 1000  # two pieces
+    q, k, v = torch.randn(4, 20, 64), torch.randn(2, lk, 64), torch.randn(2, lk, 64)
+    out, lse = attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=False)
+    expected_out, expected_lse = math_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), False)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), expected_out, atol=4e-3 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, FEW_ROWS - 1, FEW_ROWS])
