@@ -118,7 +118,8 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
         _, [output] = timed_requests(engine, [request])
         tbt = statistics.median(output["tbt_s"])
         step_bytes = llama_bytes(model, decode_context + decode_steps // 2)
-        results[f"decode_{decode_context}"] = {"ttft_s": output["ttft_s"], "tbt_median_s": tbt, "tbt_s": output["tbt_s"],
+        results[f"decode_{decode_context}"] = {"ttft_s": output["ttft_s"], "tbt_median_s": tbt,
+                                               "tbt_s": output["tbt_s"],
                                                "gb_per_step": step_bytes / 1e9, "achieved_gbs": step_bytes / tbt / 1e9}
         print(f"decode at {decode_context}: TBT {1e3 * tbt:.1f} ms, {step_bytes / tbt / 1e9:.1f} GB/s", flush=True)
         if prefill_lengths:

@@ -1,4 +1,5 @@
-"""RMSNorm, SiLU(gate)·up and the rotary embedding on CPU in one pass each (`pointwise.c`), built on first use (see `build.py`).
+"""RMSNorm, SiLU(gate)·up and the rotary embedding on CPU in one pass each (`pointwise.c`), built
+on first use (see `build.py`).
 
 They return None where they do not apply (not bf16 on CPU, or no compiler) and callers use the
 torch ops, which round at the same points.
@@ -15,7 +16,7 @@ from mnemosyne_hpc.kernels import profiled
 from mnemosyne_hpc.kernels.build import build
 
 SOURCE = Path(__file__).with_name("pointwise.c")
-FLAGS = ("-mprefer-vector-width=512",)  # where the CPU has AVX-512; ignored elsewhere
+FLAGS = ("-mprefer-vector-width=512",)  # whole AVX-512 registers where the CPU has them
 
 
 @functools.cache

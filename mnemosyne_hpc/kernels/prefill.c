@@ -110,7 +110,8 @@ static score_job score_block(const uint16_t *q_block, int d, const uint32_t *pac
 static inline void score_step(score_job *job) {
     if (job->step == job->steps) return;
     int d = job->d, pieces = d / 32, u = job->step / pieces * 32, t = job->step % pieces;
-    const uint32_t *left = job->packed_k + (job->first + u) / 16 * pieces * TILE * 16, *right = left + pieces * TILE * 16;
+    const uint32_t *left = job->packed_k + (job->first + u) / 16 * pieces * TILE * 16;
+    const uint32_t *right = left + pieces * TILE * 16;
     if (t == 0) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     }
