@@ -12,3 +12,8 @@ def profiled(kernel: str):
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(f"mnemosyne::{kernel}")
     return contextlib.nullcontext()
+
+
+def bf16_rows_on_cpu(*tensors: torch.Tensor) -> bool:
+    """What the kernels read: bf16 CPU tensors whose last dimension is contiguous."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)

@@ -1,10 +1,10 @@
 """Builds a kernel's C source for this CPU on first use and loads it with ctypes.
 
 A library is built with the system C compiler (`$CC`, else `cc`) into `$MNEMOSYNE_CACHE/kernels`
-(default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source (and the headers beside it), the flags and the CPU.
-Its OpenMP runtime is the one torch already loaded, so kernels share torch's thread count. Without
-a compiler, or if the build fails, `build` warns and returns None, and callers use torch's kernels:
-the same attention, only slower.
+(default `~/.cache/mnemosyne_hpc/kernels`), named by a hash of the source, the headers beside it,
+the flags and the CPU. Its OpenMP runtime is the one torch already loaded, so kernels share torch's
+thread count. Without a compiler, or if the build fails, `build` warns and returns None, and callers
+use torch's ops: the same math, only slower.
 """
 from __future__ import annotations
 

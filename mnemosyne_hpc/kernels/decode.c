@@ -17,18 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "lanes.h"
 
 #define MAX_ROWS 16
 #define KEYS 16          /* keys per score block: one vector of scores */
 #define PREFETCH_KEYS 64 /* how far ahead the next keys and values are requested from memory */
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t widened = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
 
 static float dot_scalar(const uint16_t *a, const uint16_t *b, int d) {
     float s = 0.0f;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import profiled
+from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import build
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -31,8 +31,8 @@ def _library():
 
 
 def _applies(rows: int, d: int, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (rows <= MAX_ROWS and d in (64, 128) and k.dtype == v.dtype == torch.bfloat16 and k.device.type == "cpu"
-            and k.stride() == v.stride() and k.stride(2) == 1 and _library() is not None)
+    return (rows <= MAX_ROWS and d in (64, 128) and bf16_rows_on_cpu(k, v) and k.stride() == v.stride()
+            and _library() is not None)
 
 
 def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,

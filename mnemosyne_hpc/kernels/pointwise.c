@@ -2,28 +2,16 @@
  * takes two to five: RMSNorm (with the residual add before it), SiLU(gate)·up and the rotary embedding.
  *
  * Each rounds to bf16 exactly where the unfused torch ops (and Hugging Face's Llama) do, with the
- * math between roundings in fp32; only the order of the fp32 sum of squares may differ.
+ * math between roundings in fp32; only the order of the fp32 sum of squares and SiLU's exp may differ.
  * Plain C that the compiler vectorises for the CPU it is built on; rows are split over OpenMP threads.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PARALLEL_ELEMENTS (1 << 16) /* fewer (a decode step's rows) run on the calling thread alone */
-
-static inline float from_bf16(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest, ties to even (as torch converts), for the finite values these steps produce. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 /* out[r] = weight · bf16(x[r] / rms(x[r])), after x[r] = bf16(x[r] + residual[r]) in place when residual
  * is given. Rows are `stride` elements apart in x and residual, contiguous in out. */
@@ -35,15 +23,15 @@ void rms_norm(uint16_t *x, const uint16_t *residual, int64_t rows, int64_t strid
         if (residual != NULL) {
             const uint16_t *add = residual + r * stride;
 #pragma omp simd
-            for (int64_t i = 0; i < dim; i++) row[i] = to_bf16(from_bf16(row[i]) + from_bf16(add[i]));
+            for (int64_t i = 0; i < dim; i++) row[i] = float_to_bf16(bf16_to_float(row[i]) + bf16_to_float(add[i]));
         }
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; i++) squares += from_bf16(row[i]) * from_bf16(row[i]);
+        for (int64_t i = 0; i < dim; i++) squares += bf16_to_float(row[i]) * bf16_to_float(row[i]);
         float inverse = 1.0f / sqrtf(squares / (float)dim + eps);
 #pragma omp simd
         for (int64_t i = 0; i < dim; i++)
-            normed[i] = to_bf16(from_bf16(weight[i]) * from_bf16(to_bf16(from_bf16(row[i]) * inverse)));
+            normed[i] = float_to_bf16(bf16_to_float(weight[i]) * round_to_bf16(bf16_to_float(row[i]) * inverse));
     }
 }
 
@@ -55,8 +43,8 @@ void silu_mul(const uint16_t *gate_up, int64_t rows, int64_t width, uint16_t *ou
         uint16_t *product = out + r * width;
 #pragma omp simd
         for (int64_t i = 0; i < width; i++) {
-            float g = from_bf16(gate[i]);
-            product[i] = to_bf16(from_bf16(to_bf16(g / (1.0f + expf(-g)))) * from_bf16(up[i]));
+            float g = bf16_to_float(gate[i]);
+            product[i] = float_to_bf16(round_to_bf16(g / (1.0f + expf(-g))) * bf16_to_float(up[i]));
         }
     }
 }
@@ -69,14 +57,14 @@ void rope(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int64_t dim,
     int64_t half = dim / 2;
 #pragma omp parallel for schedule(static) if (rows * heads * dim >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *c = cos + r * dim, *s = signed_sin + r * dim;
+        const uint16_t *c = cos + r * dim, *s = signed_sin + r * dim, *c2 = c + half, *s2 = s + half;
         for (int64_t h = 0; h < heads; h++) {
             uint16_t *first = x + r * stride + h * dim, *second = first + half;
 #pragma omp simd
             for (int64_t i = 0; i < half; i++) {
-                float a = from_bf16(first[i]), b = from_bf16(second[i]);
-                first[i] = to_bf16(from_bf16(to_bf16(a * from_bf16(c[i]))) + b * from_bf16(s[i]));
-                second[i] = to_bf16(from_bf16(to_bf16(b * from_bf16(c[half + i]))) + a * from_bf16(s[half + i]));
+                float a = bf16_to_float(first[i]), b = bf16_to_float(second[i]);
+                first[i] = float_to_bf16(round_to_bf16(a * bf16_to_float(c[i])) + b * bf16_to_float(s[i]));
+                second[i] = float_to_bf16(round_to_bf16(b * bf16_to_float(c2[i])) + a * bf16_to_float(s2[i]));
             }
         }
     }

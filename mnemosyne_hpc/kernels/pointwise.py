@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import profiled
+from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import build
 
 SOURCE = Path(__file__).with_name("pointwise.c")
@@ -38,8 +38,7 @@ def _run(kernel: str, *args) -> None:
 
 
 def _applies(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors) and (
-        _library() is not None)
+    return bf16_rows_on_cpu(*tensors) and _library() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

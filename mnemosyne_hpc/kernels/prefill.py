@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import profiled
+from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import build, cpu_flags
 
 SOURCE = Path(__file__).with_name("prefill.c")
@@ -44,9 +44,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse [Hq, Lq]; `causal` lets row i see keys up to i + Lk − Lq. None where the kernel does not apply."""
     hq, lq, d = q.shape
     hkv, lk = k.shape[:2]
-    tensors = (q, k, v)
-    if not (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(2) == 1 for t in tensors)
-            and d in HEAD_DIMS and lk >= (lq if causal else 1) and _library() is not None):
+    if not (bf16_rows_on_cpu(q, k, v) and d in HEAD_DIMS and lk >= (lq if causal else 1) and _library() is not None):
         return None
     out = torch.empty(hq, lq, d, dtype=torch.bfloat16)
     lse = torch.empty(hq, lq, dtype=torch.float32)
