@@ -10,9 +10,10 @@ from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels import decode, pointwise, prefill
+from mnemosyne_hpc.kernels import gemv as gemv_kernel
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.prefill import prefill_attention
-from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, attention, chunk_attention, decode_batch_attention,
+from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, DecodeBatch, attention, chunk_attention, decode_batch_attention,
                                            math_attention, merge_attention)
 from mnemosyne_hpc.kernels.pointwise import rms_norm, silu_mul
 from mnemosyne_hpc.model.layers import FEW_ROWS, RMSNorm, apply_rope_, linear, rope_tables
@@ -74,6 +75,18 @@ def test_linear_is_x_times_w_transposed_for_any_row_count(rows, with_bias):
     y = linear(x, weight, bias)
     assert y.shape == (rows, 96) and y.is_contiguous()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(96, 64), (37, 70), (5, 7), (1100, 2816)])
+def test_gemv_kernel_rounds_the_fp32_sum_once(out_features, in_features):
+    if gemv_kernel._library() is None:
+        pytest.skip("no C compiler or no AVX512-BF16 here: torch's mv serves decode steps")
+    torch.manual_seed(out_features)
+    weight, x = torch.randn(out_features, in_features).bfloat16(), torch.randn(in_features).bfloat16()
+    y, exact = gemv_kernel.gemv(weight, x), weight.double() @ x.double()
+    torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=2**-8)  # within half a bf16 step
+    assert (y == exact.bfloat16()).float().mean() > 0.99  # the exact sum, rounded, but where fp32 sums tip a tie
+    torch.testing.assert_close(linear(x[None], weight), y[None], atol=0, rtol=0)  # a decode step's linear uses it
 
 
 def test_rope_is_hugging_face_rotate_half():
@@ -155,15 +168,18 @@ def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d
 def test_a_batch_of_decode_tokens_attends_each_to_its_own_slots(dtype):
     torch.manual_seed(3)
     k_cache, v_cache = torch.randn(2, 2, 9000, 64).to(dtype)
-    q = torch.randn(8, 4, 64).to(dtype)  # 8 query heads over 2 KV heads; 4 tokens, one per sequence
-    starts, lengths = [0, 5000, 300, 8999], [4000, 3999, 17, 1]
-    out, lse = decode_batch_attention(q, k_cache, v_cache, torch.tensor(starts), torch.tensor(lengths))
-    for i, (start, n) in enumerate(zip(starts, lengths)):
+    q = torch.randn(6, 8, 64).to(dtype)  # 6 tokens of 8 query heads over 2 KV heads; 4 of them decode
+    rows, starts, lengths = [5, 0, 3, 2], [0, 5000, 300, 8999], [4000, 3999, 17, 1]
+    out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:2], 7.0)
+    decode_batch_attention(q, k_cache, v_cache, DecodeBatch(torch.tensor(rows), torch.tensor(starts),
+                                                            torch.tensor(lengths), sum(lengths)), out, lse)
+    for row, start, n in zip(rows, starts, lengths):
         cached = slice(start, start + n)
-        reference, reference_lse = math_attention(q[:, i:i + 1].float(), k_cache[:, cached].float(),
+        reference, reference_lse = math_attention(q[row][:, None].float(), k_cache[:, cached].float(),
                                                   v_cache[:, cached].float(), causal=False)
-        torch.testing.assert_close(lse[:, i:i + 1], reference_lse, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(out[:, i:i + 1].float(), reference, atol=4e-3, rtol=8e-3)
+        torch.testing.assert_close(lse[row], reference_lse[:, 0], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out[row].float(), reference[:, 0], atol=4e-3, rtol=8e-3)
+    assert (out[[1, 4]] == 7).all() and (lse[[1, 4]] == 7).all()  # rows of other sequences untouched
 
 
 def test_decode_kernel_leaves_long_queries_and_fp32_to_the_flash_kernel():

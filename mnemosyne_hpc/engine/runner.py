@@ -25,7 +25,8 @@ from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
-from mnemosyne_hpc.model.llama import BatchMetadata, DecodeBatch, SequenceSlice
+from mnemosyne_hpc.model.attention import DecodeBatch
+from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
 from mnemosyne_hpc.model.loader import load_model
 
 
@@ -114,7 +115,7 @@ class ModelRunner:
         decode_batch = None
         if decodes:
             rows, first_slots, lengths = torch.tensor(decodes, dtype=torch.long).T.contiguous()
-            decode_batch = DecodeBatch(rows.to(device), first_slots, lengths)
+            decode_batch = DecodeBatch(rows, first_slots, lengths, int(lengths.sum()))
         cos, signed_sin = rope_tables(positions.to(device)[:, None].float() * self.inv_freq[None], self.dtype)
         write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
         return BatchMetadata(

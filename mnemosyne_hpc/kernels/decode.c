@@ -6,9 +6,10 @@
  * merged by their log-sum-exp. Products of bf16 values are exact in fp32 and every sum is an fp32
  * sum (AVX512-BF16 dot products for the scores), so this is the flash kernel's arithmetic.
  *
- * q: [hkv][rows][d] bf16 (rows = query heads per KV head × query tokens); k, v: element (h, j, x) at
- * h·head_stride + j·row_stride + x, bf16; out: [hkv][rows][d] fp32; lse: [hkv][rows] fp32.
- * Requires d ∈ {64, 128} and rows <= MAX_ROWS.
+ * A sequence's queries are one row of a packed batch: [hkv][rows][d] bf16 (rows = query heads per KV
+ * head × query tokens), read from a strided batch (a decode step's QKV projection) and written to
+ * dense ones: out [batch rows][hkv][rows][d] bf16, lse [batch rows][hkv][rows] fp32. k, v: element
+ * (h, j, x) at h·head_stride + j·row_stride + x, bf16. Requires d ∈ {64, 128} (MAX_D) and rows <= MAX_ROWS.
  */
 #include <float.h>
 #include <immintrin.h>
@@ -21,6 +22,7 @@
 #include "lanes.h"
 
 #define MAX_ROWS 16
+#define MAX_D 128
 #define KEYS 16          /* keys per score block: one vector of scores */
 #define PREFETCH_KEYS 64 /* how far ahead the next keys and values are requested from memory */
 
@@ -122,12 +124,13 @@ static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, 
     free(scores);
 }
 
-/* Sequence i's rows attend to its `lengths[i]` keys from slot `starts[i]` on. Tasks are (sequence,
- * KV head, split of at most `keys_per_split` keys); each sequence's splits are merged by LSE.
- * q: [seqs][hkv][rows][d] bf16; out: [seqs][hkv][rows][d] fp32; lse: [seqs][hkv][rows] fp32. */
-void decode_attention(const uint16_t *q, int seqs, int hkv, int rows, int d, const uint16_t *k, const uint16_t *v,
-                      int64_t head_stride, int64_t row_stride, const int64_t *starts, const int64_t *lengths,
-                      float scale, int64_t keys_per_split, float *out, float *lse) {
+/* Sequence i, at row batch_rows[i] of the batch (q + batch_rows[i]·q_stride), attends to its
+ * `lengths[i]` keys from slot `starts[i]` on. Tasks are (sequence, KV head, split of at most
+ * `keys_per_split` keys); each sequence's splits are merged by LSE. */
+void decode_attention(const uint16_t *q, int64_t q_stride, const int64_t *batch_rows, int seqs, int hkv, int rows,
+                      int d, const uint16_t *k, const uint16_t *v, int64_t head_stride, int64_t row_stride,
+                      const int64_t *starts, const int64_t *lengths, float scale, int64_t keys_per_split,
+                      uint16_t *out, float *lse) {
     int64_t *first_split = malloc(((size_t)seqs + 1) * sizeof(int64_t)); /* of each sequence, per head */
     first_split[0] = 0;
     for (int i = 0; i < seqs; i++) first_split[i + 1] = first_split[i] + (lengths[i] + keys_per_split - 1) / keys_per_split;
@@ -143,29 +146,28 @@ void decode_attention(const uint16_t *q, int seqs, int hkv, int rows, int d, con
         int64_t end = begin + keys_per_split < lengths[i] ? begin + keys_per_split : lengths[i];
         int64_t offset = h * head_stride + (starts[i] + begin) * row_stride;
         int64_t slot = (first_split[i] * hkv + (int64_t)h * (first_split[i + 1] - first_split[i]) + split - first_split[i]);
-        attend_split(q + ((size_t)i * hkv + h) * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin,
+        attend_split(q + batch_rows[i] * q_stride + (int64_t)h * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin,
                      scale, partial_out + (size_t)slot * rows * d, partial_lse + (size_t)slot * rows);
     }
     for (int i = 0; i < seqs; i++) {
         int64_t splits = first_split[i + 1] - first_split[i];
         for (int h = 0; h < hkv; h++) {
             int64_t base = first_split[i] * hkv + (int64_t)h * splits;
+            int64_t head = (batch_rows[i] * hkv + h) * rows; /* its first row in out and lse */
             for (int r = 0; r < rows; r++) {
-                float m = -FLT_MAX, sum = 0.0f;
+                float m = -FLT_MAX, sum = 0.0f, o[MAX_D] = {0};
                 for (int64_t s = 0; s < splits; s++) {
                     float l = partial_lse[(base + s) * rows + r];
                     if (l > m) m = l;
                 }
-                float *o = out + (((size_t)i * hkv + h) * rows + r) * d;
-                memset(o, 0, (size_t)d * sizeof(float));
                 for (int64_t s = 0; s < splits; s++) {
                     float w = expf(partial_lse[(base + s) * rows + r] - m);
                     const float *po = partial_out + ((base + s) * rows + r) * d;
                     for (int x = 0; x < d; x++) o[x] += w * po[x];
                     sum += w;
                 }
-                for (int x = 0; x < d; x++) o[x] /= sum;
-                lse[((size_t)i * hkv + h) * rows + r] = m + logf(sum);
+                for (int x = 0; x < d; x++) out[(head + r) * d + x] = float_to_bf16(o[x] / sum);
+                lse[head + r] = m + logf(sum);
             }
         }
     }

@@ -24,45 +24,45 @@ def _library():
     if library is not None:
         library.decode_attention.restype = None
         library.decode_attention.argtypes = [
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return library
 
 
-def _applies(rows: int, d: int, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (rows <= MAX_ROWS and d in (64, 128) and bf16_rows_on_cpu(k, v) and k.stride() == v.stride()
-            and _library() is not None)
-
-
-def decode_attention_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
-                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Sequence i's queries q[i] ([Hkv, rows, D]) attend, unmasked, to the `lengths[i]` keys and
-    values of k, v ([Hkv, slots, D]) from slot `starts[i]` on (starts, lengths: int64 CPU tensors).
-    Returns out [S, Hkv, rows, D] (q's dtype) and lse [S, Hkv, rows], or None where the kernel does
+def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_rows: torch.Tensor,
+                          starts: torch.Tensor, lengths: torch.Tensor, total_keys: int, out: torch.Tensor,
+                          lse: torch.Tensor) -> bool:
+    """Sequence i's queries q[batch_rows[i]] ([Hkv, rows, D]; q is [T, Hkv, rows, D], its last three
+    dimensions dense) attend, unmasked, to the `lengths[i]` (≥ 1; `total_keys` in all) keys and values
+    of k, v ([Hkv, slots, D]) from slot `starts[i]` on, into out[batch_rows[i]] and lse[batch_rows[i]]
+    (out: contiguous [T, Hkv, rows, D] in q's dtype, lse: contiguous [T, Hkv, rows] float32).
+    batch_rows, starts, lengths: int64 CPU tensors. False, with nothing written, where the kernel does
     not apply."""
-    seqs, hkv, rows, d = q.shape
-    if not (q.dtype == torch.bfloat16 and _applies(rows, d, k, v)) or int(lengths.min()) < 1:
-        return None
-    q = q.contiguous()
-    out = torch.empty(seqs, hkv, rows, d, dtype=torch.float32)
-    lse = torch.empty(seqs, hkv, rows, dtype=torch.float32)
+    _, hkv, rows, d = q.shape
+    if not (rows <= MAX_ROWS and d in (64, 128) and bf16_rows_on_cpu(q, k, v, out) and k.stride() == v.stride()
+            and q.stride()[1:] == (rows * d, d, 1) and out.is_contiguous() and lse.is_contiguous()
+            and _library() is not None):
+        return False
     tasks = TASKS_PER_THREAD * torch.get_num_threads()
-    keys_per_split = min(max(math.ceil(int(lengths.sum()) * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
+    keys_per_split = min(max(math.ceil(total_keys * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
     with profiled("decode_attention"):
-        _library().decode_attention(q.data_ptr(), seqs, hkv, rows, d, k.data_ptr(), v.data_ptr(), k.stride(0),
-                                    k.stride(1), starts.data_ptr(), lengths.data_ptr(), d ** -0.5,
-                                    keys_per_split, out.data_ptr(), lse.data_ptr())
-    return out.to(q.dtype), lse
+        _library().decode_attention(q.data_ptr(), q.stride(0), batch_rows.data_ptr(), len(batch_rows), hkv, rows, d,
+                                    k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), starts.data_ptr(),
+                                    lengths.data_ptr(), d ** -0.5, keys_per_split, out.data_ptr(), lse.data_ptr())
+    return True
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One sequence: q [Hq, Lq, D] over all of k, v [Hkv, L, D] → out [Hq, Lq, D], lse [Hq, Lq]."""
     hq, lq, d = q.shape
-    hkv = k.shape[0]
-    result = decode_attention_batch(q.reshape(1, hkv, hq // hkv * lq, d), k, v, torch.zeros(1, dtype=torch.long),
-                                    torch.tensor([k.shape[1]]))
-    if result is None:
+    hkv, keys = k.shape[:2]
+    if keys == 0 or lq * hq // hkv > MAX_ROWS:
         return None
-    out, lse = result
-    return out.reshape(hq, lq, d), lse.reshape(hq, lq)
+    out = q.new_empty(hq, lq, d)
+    lse = torch.empty(hq, lq, dtype=torch.float32)
+    zero = torch.zeros(1, dtype=torch.long)
+    if not decode_attention_into(q.contiguous().view(1, hkv, hq // hkv * lq, d), k, v, zero, zero,
+                                 torch.tensor([keys]), keys, out.view(1, hkv, -1, d), lse):
+        return None
+    return out, lse

@@ -5,10 +5,12 @@ results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from mnemosyne_hpc.kernels.decode import decode_attention, decode_attention_batch
+from mnemosyne_hpc.kernels.decode import decode_attention, decode_attention_into
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 
 try:  # GPU kernel; the math path below serves devices without it
@@ -54,21 +56,33 @@ def _cpu_attention(q, k, v, causal):
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
 
 
-def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor,
-                           lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-token queries q [Hq, S, D]: token i attends, unmasked, to the cached keys and values
-    [starts[i], starts[i] + lengths[i]) of k_cache, v_cache [Hkv, slots, D] (starts and lengths: int64
-    CPU tensors). On CPU in bf16 one kernel call serves them all; elsewhere each token is one call."""
-    hq, seqs, d = q.shape
+@dataclass
+class DecodeBatch:
+    """Single-token queries whose cached KV on this rank is one run of slots (their own K/V, if they
+    hold it, among them): one attention call serves them all. Built once a step, read by every layer."""
+
+    rows: torch.Tensor  # int64 on the CPU: their rows in the packed batch
+    starts: torch.Tensor  # int64 on the CPU: first cache slot each attends to
+    lengths: torch.Tensor  # int64 on the CPU: slots each attends to (at least one)
+    total_keys: int  # Σ lengths
+
+
+def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decodes: DecodeBatch,
+                           out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its run of cached keys and
+    values in k_cache, v_cache [Hkv, slots, D]; written to out [T, Hq, D] and lse [T, Hq] at those
+    rows. On CPU in bf16 one kernel call serves them all; elsewhere each token is one call."""
+    tokens, hq, d = q.shape
     hkv = k_cache.shape[0]
-    if q.device.type == "cpu":
-        grouped = q.view(hkv, hq // hkv, seqs, d).permute(2, 0, 1, 3)  # [S, Hkv, g, D]
-        if (result := decode_attention_batch(grouped, k_cache, v_cache, starts, lengths)) is not None:
-            out, lse = result
-            return out.permute(1, 2, 0, 3).reshape(hq, seqs, d), lse.permute(1, 2, 0).reshape(hq, seqs)
-    outs, lses = zip(*(attention(q[:, i:i + 1], k_cache[:, start:start + n], v_cache[:, start:start + n], causal=False)
-                       for i, (start, n) in enumerate(zip(starts.tolist(), lengths.tolist()))))
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    grouped = q.view(tokens, hkv, hq // hkv, d)
+    if q.device.type == "cpu" and decode_attention_into(grouped, k_cache, v_cache, decodes.rows, decodes.starts,
+                                                        decodes.lengths, decodes.total_keys, out.view(grouped.shape),
+                                                        lse.view(grouped.shape[:3])):
+        return
+    for row, start, n in zip(decodes.rows.tolist(), decodes.starts.tolist(), decodes.lengths.tolist()):
+        row_out, row_lse = attention(q[row][:, None], k_cache[:, start:start + n], v_cache[:, start:start + n],
+                                     causal=False)
+        out[row], lse[row] = row_out[:, 0], row_lse[:, 0]
 
 
 def math_attention(q, k, v, causal):

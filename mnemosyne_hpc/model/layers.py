@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mnemosyne_hpc.kernels.gemv import gemv
 from mnemosyne_hpc.kernels.pointwise import rms_norm, rope_
 
 
@@ -46,7 +47,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.shape[0]
     if x.device.type != "cpu" or x.dim() != 2 or rows >= FEW_ROWS:
         return F.linear(x, weight, bias)
-    y = torch.mv(weight, x[0])[None] if rows == 1 else torch.mm(weight, x.T).T.contiguous()
+    if rows == 1:  # our kernel, else torch's
+        y = gemv(weight, x[0])
+        y = (torch.mv(weight, x[0]) if y is None else y)[None]
+    else:
+        y = torch.mm(weight, x.T).T.contiguous()
     return y if bias is None else y.add_(bias)
 
 

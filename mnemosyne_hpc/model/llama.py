@@ -13,7 +13,8 @@ from torch import nn
 
 from mnemosyne_hpc.kernels.pointwise import silu_mul
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.attention import attention, chunk_attention, decode_batch_attention, merge_over_group
+from mnemosyne_hpc.model.attention import (DecodeBatch, attention, chunk_attention, decode_batch_attention,
+                                           merge_over_group)
 from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
                                         TensorParallel, VocabParallelEmbedding, apply_rope_, split_evenly)
 
@@ -29,16 +30,6 @@ class SequenceSlice:
     # False for a single token, whose own K/V is already stored (it is among the cached slots), and on a
     # KVP group that holds only earlier KV of the request (its shard is the cached slots).
     within_chunk: bool = True
-
-
-@dataclass
-class DecodeBatch:
-    """Single-token queries whose cached KV on this rank is one run of slots (their own K/V, if they
-    hold it, among them): one attention call serves them all. Built once a step, read by every layer."""
-
-    rows: torch.Tensor  # their rows in the packed batch
-    starts: torch.Tensor  # int64 on the CPU: first cache slot each attends to
-    lengths: torch.Tensor  # int64 on the CPU: slots each attends to
 
 
 @dataclass
@@ -64,42 +55,37 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
-        """Queries [Hq, T, D], keys and values [Hkv, T, D], RoPE applied to queries and keys."""
+        """Queries [T, Hq, D], keys and values [T, Hkv, D] (views of one projection), RoPE applied to
+        queries and keys."""
         tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         rotated = self.num_heads + self.num_kv_heads
         qk = apply_rope_(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
-        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        return q, k, qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
 
     def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
         q, k, v = self.project(x, meta.cos, meta.signed_sin)
         written = slice(None) if meta.write_rows is None else meta.write_rows
-        k_cache[:, meta.write_slots] = k[:, written]
-        v_cache[:, meta.write_slots] = v[:, written]
-        parts = []  # (rows, out, lse)
+        k_cache[:, meta.write_slots] = k[written].transpose(0, 1)
+        v_cache[:, meta.write_slots] = v[written].transpose(0, 1)
+        # Token-major results: the decode kernel writes its rows in place, and out is o_proj's input.
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:2], dtype=torch.float32)
         if meta.decodes is not None:
-            rows = meta.decodes.rows
-            parts.append((rows, *decode_batch_attention(q[:, rows], k_cache, v_cache, meta.decodes.starts,
-                                                        meta.decodes.lengths)))
+            decode_batch_attention(q, k_cache, v_cache, meta.decodes, out, lse)
         for seq in meta.sequences:
             rows, slots = slice(seq.start, seq.end), seq.cached_slots
+            q_seq, k_seq, v_seq = (t[rows].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
             k_cached, v_cached = (None, None) if slots is None else (k_cache[:, slots], v_cache[:, slots])
             if seq.within_chunk:
-                parts.append((rows, *chunk_attention(q[:, rows], k[:, rows], v[:, rows], k_cached, v_cached)))
+                seq_out, seq_lse = chunk_attention(q_seq, k_seq, v_seq, k_cached, v_cached)
             else:
-                parts.append((rows, *attention(q[:, rows], k_cached, v_cached, causal=False)))
-        if len(parts) == 1:  # every row
-            _, out, lse = parts[0]
-        else:
-            out, lse = torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-            for rows, part_out, part_lse in parts:
-                out[:, rows], lse[:, rows] = part_out, part_lse
-        if meta.merges:
-            for group, rows in meta.merges:
-                out[:, rows] = merge_over_group(out[:, rows], lse[:, rows], group)
-        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], self.num_heads * self.head_dim))
+                seq_out, seq_lse = attention(q_seq, k_cached, v_cached, causal=False)
+            out[rows], lse[rows] = seq_out.transpose(0, 1), seq_lse.T
+        for group, rows in meta.merges:
+            out[rows] = merge_over_group(out[rows], lse[rows], group)
+        return self.o_proj(out.view(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
