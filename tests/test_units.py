@@ -83,10 +83,10 @@ def test_gemv_kernel_rounds_the_fp32_sum_once(out_features, in_features):
         pytest.skip("no C compiler or no AVX512-BF16 here: torch's mv serves decode steps")
     torch.manual_seed(out_features)
     weight, x = torch.randn(out_features, in_features).bfloat16(), torch.randn(in_features).bfloat16()
-    y, exact = gemv_kernel.gemv(weight, x), weight.double() @ x.double()
+    y, exact = gemv_kernel.gemv(x[None], weight), (weight.double() @ x.double())[None]
     torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=2**-8)  # within half a bf16 step
     assert (y == exact.bfloat16()).float().mean() > 0.99  # the exact sum, rounded, but where fp32 sums tip a tie
-    torch.testing.assert_close(linear(x[None], weight), y[None], atol=0, rtol=0)  # a decode step's linear uses it
+    torch.testing.assert_close(linear(x[None], weight), y, atol=0, rtol=0)  # a decode step's linear uses it
 
 
 def test_rope_is_hugging_face_rotate_half():

@@ -16,4 +16,7 @@ def profiled(kernel: str):
 
 def bf16_rows_on_cpu(*tensors: torch.Tensor) -> bool:
     """What the kernels read: bf16 CPU tensors whose last dimension is contiguous."""
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+    for t in tensors:  # a loop, not all(...): this runs a few hundred times a decode step
+        if t.dtype != torch.bfloat16 or not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return True

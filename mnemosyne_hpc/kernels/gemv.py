@@ -22,13 +22,14 @@ def _library():
     return library
 
 
-def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in] · x [in], rounded to bf16 as `torch.mv`; None where the kernel does not apply
-    (not bf16 on CPU, weight not contiguous, or no compiler)."""
-    if not (x.dim() == 1 and weight.is_contiguous() and bf16_rows_on_cpu(weight, x) and _library() is not None):
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """One row x [1, in] times weightᵀ ([out, in]) → [1, out], rounded to bf16 as torch's matrix
+    products; None where the kernel does not apply (not bf16 on CPU, weight not contiguous, or no
+    compiler)."""
+    if not (x.shape[0] == 1 and weight.is_contiguous() and bf16_rows_on_cpu(x, weight) and _library() is not None):
         return None
     out_features, in_features = weight.shape
-    y = torch.empty(out_features, dtype=weight.dtype)
+    y = torch.empty(1, out_features, dtype=weight.dtype)
     with profiled("gemv"):
         _library().gemv(weight.data_ptr(), out_features, in_features, x.data_ptr(), y.data_ptr())
     return y

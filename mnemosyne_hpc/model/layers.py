@@ -45,12 +45,9 @@ FEW_ROWS = 256
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x·Wᵀ + b: the same sums either way; only the kernel that computes them differs."""
     rows = x.shape[0]
-    if x.device.type != "cpu" or x.dim() != 2 or rows >= FEW_ROWS:
+    if not x.is_cpu or x.dim() != 2 or rows >= FEW_ROWS:
         return F.linear(x, weight, bias)
-    if rows == 1:  # our kernel, else torch's
-        y = gemv(weight, x[0])
-        y = (torch.mv(weight, x[0]) if y is None else y)[None]
-    else:
+    if rows > 1 or (y := gemv(x, weight)) is None:  # one row: our kernel where it applies
         y = torch.mm(weight, x.T).T.contiguous()
     return y if bias is None else y.add_(bias)
 

@@ -66,9 +66,9 @@ class Attention(nn.Module):
 
     def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
         q, k, v = self.project(x, meta.cos, meta.signed_sin)
-        written = slice(None) if meta.write_rows is None else meta.write_rows
-        k_cache[:, meta.write_slots] = k[written].transpose(0, 1)
-        v_cache[:, meta.write_slots] = v[written].transpose(0, 1)
+        for cache, new in (k_cache, k), (v_cache, v):
+            written = new if meta.write_rows is None else new[meta.write_rows]
+            cache.index_copy_(1, meta.write_slots, written.transpose(0, 1))
         # Token-major results: the decode kernel writes its rows in place, and out is o_proj's input.
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)
