@@ -11,10 +11,11 @@ from mnemosyne_hpc.engine.sampler import _filter, sample
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels import decode, pointwise, prefill
 from mnemosyne_hpc.kernels import gemv as gemv_kernel
+from mnemosyne_hpc.kernels import skinny
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.prefill import prefill_attention
-from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, DecodeBatch, attention, chunk_attention, decode_batch_attention,
-                                           math_attention, merge_attention)
+from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, DecodeBatch, attention, chunk_attention,
+                                           decode_batch_attention, math_attention, merge_attention)
 from mnemosyne_hpc.kernels.pointwise import rms_norm, silu_mul
 from mnemosyne_hpc.model.layers import FEW_ROWS, RMSNorm, apply_rope_, linear, rope_tables
 
@@ -77,16 +78,25 @@ def test_linear_is_x_times_w_transposed_for_any_row_count(rows, with_bias):
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("out_features, in_features", [(96, 64), (37, 70), (5, 7), (1100, 2816)])
-def test_gemv_kernel_rounds_the_fp32_sum_once(out_features, in_features):
-    if gemv_kernel._library() is None:
-        pytest.skip("no C compiler or no AVX512-BF16 here: torch's mv serves decode steps")
-    torch.manual_seed(out_features)
-    weight, x = torch.randn(out_features, in_features).bfloat16(), torch.randn(in_features).bfloat16()
-    y, exact = gemv_kernel.gemv(x[None], weight), (weight.double() @ x.double())[None]
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 96, 64), (1, 37, 70), (1, 5, 7), (1, 1100, 2816),
+                                                           (2, 96, 64), (17, 37, 96), (64, 1100, 2816)])
+def test_few_row_linear_kernels_round_the_fp32_sum_once(rows, out_features, in_features):
+    kernel = gemv_kernel.gemv if rows == 1 else skinny.skinny_linear
+    if (gemv_kernel if rows == 1 else skinny)._library() is None:
+        pytest.skip("no C compiler, AVX512-BF16 or AMX here: torch's matrix products serve decode steps")
+    torch.manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features + 32).bfloat16()[:, :in_features]  # rows apart by more than their length
+    weight = torch.randn(out_features, in_features).bfloat16()
+    y, exact = kernel(x, weight), x.double() @ weight.double().T
     torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=2**-8)  # within half a bf16 step
     assert (y == exact.bfloat16()).float().mean() > 0.99  # the exact sum, rounded, but where fp32 sums tip a tie
-    torch.testing.assert_close(linear(x[None], weight), y, atol=0, rtol=0)  # a decode step's linear uses it
+    torch.testing.assert_close(linear(x, weight), y, atol=0, rtol=0)  # a decode step's linear uses it
+
+
+def test_skinny_kernel_leaves_many_rows_and_odd_widths_to_torch():
+    weight = torch.randn(16, 64).bfloat16()
+    assert skinny.skinny_linear(torch.randn(skinny.MAX_ROWS + 1, 64).bfloat16(), weight) is None
+    assert skinny.skinny_linear(torch.randn(4, 48).bfloat16(), torch.randn(16, 48).bfloat16()) is None
 
 
 def test_rope_is_hugging_face_rotate_half():

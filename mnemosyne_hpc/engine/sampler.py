@@ -15,14 +15,12 @@ _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed spac
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
     """logits [n, vocab] float32 → one token id per row; row i samples position `positions[i]`."""
-    tokens = []
-    for row, p, position in zip(logits, params, positions):
-        if p.greedy:
-            tokens.append(int(row.argmax()))
-            continue
-        generator = torch.Generator().manual_seed((p.seed ^ (position * _GOLDEN)) % 2**64)
-        probs = torch.softmax(_filter(row / p.temperature, p.top_k, p.top_p), dim=-1)
-        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
+    tokens = logits.argmax(dim=-1).tolist()  # the greedy rows' tokens: one op for all of them
+    for i, (row, p, position) in enumerate(zip(logits, params, positions)):
+        if not p.greedy:
+            generator = torch.Generator().manual_seed((p.seed ^ (position * _GOLDEN)) % 2**64)
+            probs = torch.softmax(_filter(row / p.temperature, p.top_k, p.top_p), dim=-1)
+            tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     return tokens
 
 

@@ -1,4 +1,4 @@
-/* Scalar bf16 conversions, shared by the kernels. */
+/* bf16 conversions, shared by the kernels. */
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -19,3 +19,15 @@ static inline uint16_t float_to_bf16(float value) {
 
 /* value rounded to bf16, kept as a float: where torch would store a bf16 intermediate. */
 static inline float round_to_bf16(float value) { return bf16_to_float(float_to_bf16(value)); }
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* float_to_bf16 of 16 lanes (the CPU's conversion instruction would also flush subnormals). */
+static inline __m256i floats_to_bf16(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+#endif

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
 
 
 @functools.cache
@@ -57,3 +58,22 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
                 return None
             os.replace(built, path)
     return ctypes.CDLL(str(path))
+
+
+def load(source: Path, functions: dict[str, list], flags: tuple[str, ...] = (),
+         amx: bool = False) -> ctypes.CDLL | None:
+    """`build`s `source` and declares its `functions` (name → argument types; none returns a value).
+    With `amx`, for a kernel that uses AMX bf16 tiles (it includes amx.h): None on CPUs without them,
+    or where the process is refused AMX state."""
+    if amx and not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return None
+    library = build(source, (*flags, *AMX_FLAGS) if amx else flags)
+    if library is None:
+        return None
+    if amx and not library.amx_init():
+        print(f"warning: {source.name} was refused AMX state; torch's kernels stand in for it", file=sys.stderr)
+        return None
+    for name, argtypes in functions.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = None, argtypes
+    return library

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
-from mnemosyne_hpc.kernels.build import build
+from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("decode.c")
 MAX_ROWS = 16  # query rows per KV head this kernel takes; longer queries go to the prefill kernel
@@ -20,14 +20,10 @@ TASKS_PER_THREAD = 4
 
 @functools.cache
 def _library():
-    library = build(SOURCE)
-    if library is not None:
-        library.decode_attention.restype = None
-        library.decode_attention.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    return library
+    return load(SOURCE, {"decode_attention": [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
 
 
 def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_rows: torch.Tensor,

@@ -8,21 +8,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "bf16.h"
 #include "lanes.h"
 
 #define BLOCK 16 /* rows of W per block: their 16 sums reduce into one vector of outputs */
 /* Each row's data two blocks ahead is requested into L2 as it is read: the hardware prefetchers alone
  * left the 33 matrices of a small model's decode step at 15-16 GB/s, this at 19-21 GB/s. */
 #define BLOCKS_AHEAD 2
-
-/* Round to nearest, ties to even, as `float_to_bf16` in bf16.h (the CPU's conversion instruction
- * would also flush subnormals). */
-static inline __m256i to_bf16(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
-}
 
 /* The next min(n, 32) bf16 values from p, zeros past n. */
 static inline __m512bh load_pairs(const uint16_t *p, int64_t n) {
@@ -46,6 +38,6 @@ void gemv(const uint16_t *w, int64_t out_features, int64_t in_features, const ui
                 sums[o] = _mm512_dpbf16_ps(sums[o], load_pairs(rows[o] + i, in_features - i), xs);
             }
         }
-        _mm256_mask_storeu_epi16(y + first, (__mmask16)((1u << n) - 1), to_bf16(sum_lanes_16(sums)));
+        _mm256_mask_storeu_epi16(y + first, (__mmask16)((1u << n) - 1), floats_to_bf16(sum_lanes_16(sums)));
     }
 }

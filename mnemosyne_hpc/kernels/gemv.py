@@ -8,18 +8,14 @@ from pathlib import Path
 import torch
 
 from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
-from mnemosyne_hpc.kernels.build import build
+from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("gemv.c")
 
 
 @functools.cache
 def _library():
-    library = build(SOURCE)
-    if library is not None:
-        library.gemv.restype = None
-        library.gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    return library
+    return load(SOURCE, {"gemv": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

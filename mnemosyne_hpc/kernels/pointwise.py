@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
-from mnemosyne_hpc.kernels.build import build
+from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("pointwise.c")
 FLAGS = ("-mprefer-vector-width=512",)  # whole AVX-512 registers where the CPU has them
@@ -21,15 +21,12 @@ FLAGS = ("-mprefer-vector-width=512",)  # whole AVX-512 registers where the CPU 
 
 @functools.cache
 def _library():
-    library = build(SOURCE, FLAGS)
-    if library is not None:
-        library.rms_norm.restype = library.silu_mul.restype = library.rope.restype = None
-        library.rms_norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
-        library.silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        library.rope.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_void_p, ctypes.c_void_p]
-    return library
+    return load(SOURCE, {
+        "rms_norm": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p],
+        "silu_mul": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+        "rope": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                 ctypes.c_void_p]}, FLAGS)
 
 
 def _run(kernel: str, *args) -> None:

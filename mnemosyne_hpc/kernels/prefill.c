@@ -19,38 +19,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx.h"
 #include "lanes.h"
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-#define TILE 16    /* rows of a tile; a tile row is 64 bytes: 16 fp32 or 32 bf16 */
 #define BQ 32      /* query rows per task: two tiles */
 #define BK 128     /* keys per softmax block */
 #define MAX_D 256
-
-/* Linux hands AMX state to a process only on request; returns 1 when granted. */
-int prefill_attention_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} tile_config;
-
-static void configure_tiles(void) {
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        config.bytes_per_row[t] = 64;
-        config.rows[t] = TILE;
-    }
-    __asm__ volatile("" ::: "memory"); /* else GCC 12 may drop the stores above as dead when inlined */
-    _tile_loadconfig(&config);
-}
 
 static inline __m512 exp2_ps(__m512 x) {
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

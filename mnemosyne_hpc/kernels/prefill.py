@@ -7,35 +7,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
 from pathlib import Path
 
 import torch
 
 from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
-from mnemosyne_hpc.kernels.build import build, cpu_flags
+from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("prefill.c")
-AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
 HEAD_DIMS = (64, 128)
 
 
 @functools.cache
 def _library():
-    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
-        return None
-    library = build(SOURCE, AMX_FLAGS)
-    if library is None:
-        return None
-    if not library.prefill_attention_init():
-        print("warning: the kernel refused AMX state; prefill attention uses torch's flash kernel", file=sys.stderr)
-        return None
-    library.prefill_attention.restype = None
-    library.prefill_attention.argtypes = [
+    return load(SOURCE, {"prefill_attention": [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-    return library
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]},
+        amx=True)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

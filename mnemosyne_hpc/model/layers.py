@@ -10,6 +10,7 @@ from torch import nn
 
 from mnemosyne_hpc.kernels.gemv import gemv
 from mnemosyne_hpc.kernels.pointwise import rms_norm, rope_
+from mnemosyne_hpc.kernels.skinny import skinny_linear
 
 
 class TensorParallel:
@@ -47,7 +48,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.shape[0]
     if not x.is_cpu or x.dim() != 2 or rows >= FEW_ROWS:
         return F.linear(x, weight, bias)
-    if rows > 1 or (y := gemv(x, weight)) is None:  # one row: our kernel where it applies
+    if (y := gemv(x, weight) if rows == 1 else skinny_linear(x, weight)) is None:  # ours where they apply
         y = torch.mm(weight, x.T).T.contiguous()
     return y if bias is None else y.add_(bias)
 
