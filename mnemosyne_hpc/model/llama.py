@@ -70,7 +70,7 @@ class Attention(nn.Module):
             written = new if meta.write_rows is None else new[meta.write_rows]
             cache.index_copy_(1, meta.write_slots, written.transpose(0, 1))
         # Token-major results: the decode kernel writes its rows in place, and out is o_proj's input.
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # dense, unlike q (a view of the projection)
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)
         if meta.decodes is not None:
             decode_batch_attention(q, k_cache, v_cache, meta.decodes, out, lse)
