@@ -175,18 +175,18 @@ def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_batch_of_decode_tokens_attends_each_to_its_own_slots(dtype):
+def test_a_batch_of_decode_tokens_attends_each_to_its_own_runs_of_slots(dtype):
     torch.manual_seed(3)
     k_cache, v_cache = torch.randn(2, 2, 9000, 64).to(dtype)
     q = torch.randn(6, 8, 64).to(dtype)  # 6 tokens of 8 query heads over 2 KV heads; 4 of them decode
-    rows, starts, lengths = [5, 0, 3, 2], [0, 5000, 300, 8999], [4000, 3999, 17, 1]
+    rows = [5, 0, 3, 2]
+    runs = [[(0, 4000)], [(5000, 2999), (100, 1000), (8990, 9)], [(300, 17)], [(8999, 1), (7, 1)]]
     out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:2], 7.0)
-    decode_batch_attention(q, k_cache, v_cache, DecodeBatch(torch.tensor(rows), torch.tensor(starts),
-                                                            torch.tensor(lengths), sum(lengths)), out, lse)
-    for row, start, n in zip(rows, starts, lengths):
-        cached = slice(start, start + n)
-        reference, reference_lse = math_attention(q[row][:, None].float(), k_cache[:, cached].float(),
-                                                  v_cache[:, cached].float(), causal=False)
+    decode_batch_attention(q, k_cache, v_cache, DecodeBatch.of(rows, runs), out, lse)
+    for row, seq_runs in zip(rows, runs):
+        slots = torch.cat([torch.arange(start, start + n) for start, n in seq_runs])
+        reference, reference_lse = math_attention(q[row][:, None].float(), k_cache[:, slots].float(),
+                                                  v_cache[:, slots].float(), causal=False)
         torch.testing.assert_close(lse[row], reference_lse[:, 0], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out[row].float(), reference[:, 0], atol=4e-3, rtol=8e-3)
     assert (out[[1, 4]] == 7).all() and (lse[[1, 4]] == 7).all()  # rows of other sequences untouched
@@ -276,3 +276,13 @@ def test_consecutive_blocks_give_a_slice():
     assert cache.index([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
     for table, start, end in [([2, 3, 4], 1, 10), ([7, 2, 3, 4], 5, 10), ([6, 7], 0, 8)]:
         assert list(range(8 * 4))[cache.index(table, start, end)] == cache.slots(table, start, end).tolist()
+
+
+def test_runs_of_consecutive_blocks_cover_the_slots_in_order():
+    cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert cache.runs([2, 3, 4], 1, 10) == [(9, 9)]
+    assert cache.runs([1, 2, 6, 0, 1], 3, 18) == [(7, 5), (24, 4), (0, 6)]
+    for table, start, end in [([5, 2], 2, 7), ([1, 2, 6, 0, 1], 3, 18), ([7, 2, 3, 4], 5, 10), ([3, 1], 4, 5)]:
+        slots = [slot for first, n in cache.runs(table, start, end) for slot in range(first, first + n)]
+        assert slots == cache.slots(table, start, end).tolist()
+

@@ -8,8 +8,9 @@ import torch
 
 
 class BlockAllocator:
-    """Rank 0's book of free blocks. It hands out consecutive blocks where it can: attention reads a
-    sequence whose blocks are consecutive in place, without gathering its KV."""
+    """Rank 0's book of free blocks. It hands out consecutive blocks where it can: decode attention
+    reads every run of consecutive blocks in place, and prefill attention reads a prefix in place
+    only when it is one run (else it gathers it)."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -158,13 +159,23 @@ class KVCache:
         table = torch.tensor(block_table, dtype=torch.long)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
+    def runs(self, block_table: list[int], start: int, end: int) -> list[tuple[int, int]]:
+        """Slots of positions [start, end) as runs of consecutive slots, (first slot, length) each: one
+        run per stretch of consecutive blocks, which attention reads in place."""
+        bs = self.block_size
+        first = start // bs
+        blocks = np.asarray(block_table[first: (end - 1) // bs + 1])
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(blocks) != 1) + 1, [len(blocks)]))
+        runs = []
+        for begin, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            position = max(start, (first + begin) * bs)  # of the run's first slot
+            runs.append((int(blocks[begin]) * bs + position - (first + begin) * bs,
+                         min(end, (first + stop) * bs) - position))
+        return runs
+
     def index(self, block_table: list[int], start: int, end: int) -> torch.Tensor | slice:
         """Slots of positions [start, end) as a slice when their blocks are consecutive (attention then
         reads the cache in place, and the cost does not grow with the context), else as a tensor."""
-        first = start // self.block_size
-        blocks = block_table[first: (end - 1) // self.block_size + 1]
-        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-            offset = (blocks[0] - first) * self.block_size
-            return slice(offset + start, offset + end)
+        if len(runs := self.runs(block_table, start, end)) == 1:
+            return slice(runs[0][0], runs[0][0] + runs[0][1])
         return self.slots(block_table, start, end)
-

@@ -103,19 +103,16 @@ class ModelRunner:
             # A single token attends to its own K/V in the cache with the rest, in one unmasked call.
             within_chunk = holds_chunk and len(chunk.token_ids) > 1
             attended = cached + (holds_chunk and not within_chunk)
-            slots = self.kv_cache.index(table, 0, attended) if attended else None
-            if isinstance(slots, slice) and len(chunk.token_ids) == 1 and not within_chunk:
-                decodes.append((start, slots.start, slots.stop - slots.start))
+            if attended and len(chunk.token_ids) == 1 and not within_chunk:
+                decodes.append((start, self.kv_cache.runs(table, 0, attended)))
             else:
+                slots = self.kv_cache.index(table, 0, attended) if attended else None
                 sequences.append(SequenceSlice(start, end, slots.to(device) if torch.is_tensor(slots) else slots,
                                                within_chunk))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
-        decode_batch = None
-        if decodes:
-            rows, first_slots, lengths = torch.tensor(decodes, dtype=torch.long).T.contiguous()
-            decode_batch = DecodeBatch(rows, first_slots, lengths, int(lengths.sum()))
+        decode_batch = DecodeBatch.of(*zip(*decodes)) if decodes else None
         cos, signed_sin = rope_tables(positions.to(device)[:, None].float() * self.inv_freq[None], self.dtype)
         write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
         return BatchMetadata(

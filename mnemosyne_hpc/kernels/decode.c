@@ -132,43 +132,59 @@ static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, 
     free(scores);
 }
 
-/* Sequence i, at row batch_rows[i] of the batch (q + batch_rows[i]·q_stride), attends to its
- * `lengths[i]` keys from slot `starts[i]` on. Tasks are (sequence, KV head, split of at most
- * `keys_per_split` keys); each sequence's splits are merged by LSE. */
-void decode_attention(const uint16_t *q, int64_t q_stride, const int64_t *batch_rows, int seqs, int hkv, int rows,
-                      int d, const uint16_t *k, const uint16_t *v, int64_t head_stride, int64_t row_stride,
-                      const int64_t *starts, const int64_t *lengths, float scale, int64_t keys_per_split,
+/* A piece of one sequence's keys: `n` slots from `slot` on. */
+typedef struct {
+    int64_t slot, n;
+    int seq;
+} Split;
+
+/* Sequence i, at row batch_rows[i] of the batch (q + batch_rows[i]·q_stride), attends to its keys:
+ * the runs first_run[i] .. first_run[i + 1] − 1, run r being `run_lengths[r]` slots from
+ * `run_starts[r]` on. Tasks are (split of at most `keys_per_split` keys of a run, KV head); each
+ * sequence's splits are merged by LSE. */
+void decode_attention(const uint16_t *q, int64_t q_stride, const int64_t *batch_rows, int seqs, const int64_t *first_run,
+                      const int64_t *run_starts, const int64_t *run_lengths, int hkv, int rows, int d, const uint16_t *k,
+                      const uint16_t *v, int64_t head_stride, int64_t row_stride, float scale, int64_t keys_per_split,
                       uint16_t *out, float *lse) {
     int64_t *first_split = malloc(((size_t)seqs + 1) * sizeof(int64_t)); /* of each sequence, per head */
     first_split[0] = 0;
-    for (int i = 0; i < seqs; i++) first_split[i + 1] = first_split[i] + (lengths[i] + keys_per_split - 1) / keys_per_split;
+    for (int i = 0; i < seqs; i++) {
+        first_split[i + 1] = first_split[i];
+        for (int64_t r = first_run[i]; r < first_run[i + 1]; r++)
+            first_split[i + 1] += (run_lengths[r] + keys_per_split - 1) / keys_per_split;
+    }
+    Split *splits = malloc((size_t)first_split[seqs] * sizeof(Split));
+    int64_t next = 0;
+    for (int i = 0; i < seqs; i++)
+        for (int64_t r = first_run[i]; r < first_run[i + 1]; r++)
+            for (int64_t begin = 0; begin < run_lengths[r]; begin += keys_per_split) {
+                int64_t left = run_lengths[r] - begin;
+                splits[next++] = (Split){run_starts[r] + begin, left < keys_per_split ? left : keys_per_split, i};
+            }
     int64_t tasks = first_split[seqs] * hkv;
     float *partial_out = malloc((size_t)tasks * rows * d * sizeof(float));
     float *partial_lse = malloc((size_t)tasks * rows * sizeof(float));
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; task++) {
-        int64_t split = task / hkv; /* the splits of all heads of a sequence are neighbours */
-        int h = (int)(task % hkv), i = 0;
-        while (first_split[i + 1] <= split) i++;
-        int64_t begin = (split - first_split[i]) * keys_per_split;
-        int64_t end = begin + keys_per_split < lengths[i] ? begin + keys_per_split : lengths[i];
-        int64_t offset = h * head_stride + (starts[i] + begin) * row_stride;
-        int64_t slot = (first_split[i] * hkv + (int64_t)h * (first_split[i + 1] - first_split[i]) + split - first_split[i]);
-        attend_split(q + batch_rows[i] * q_stride + (int64_t)h * rows * d, rows, d, k + offset, v + offset, row_stride, end - begin,
-                     scale, partial_out + (size_t)slot * rows * d, partial_lse + (size_t)slot * rows);
+        int64_t s = task / hkv; /* a split's heads are neighbouring tasks */
+        int h = (int)(task % hkv), i = splits[s].seq;
+        int64_t offset = h * head_stride + splits[s].slot * row_stride;
+        int64_t slot = (first_split[i] * hkv + (int64_t)h * (first_split[i + 1] - first_split[i]) + s - first_split[i]);
+        attend_split(q + batch_rows[i] * q_stride + (int64_t)h * rows * d, rows, d, k + offset, v + offset, row_stride,
+                     splits[s].n, scale, partial_out + (size_t)slot * rows * d, partial_lse + (size_t)slot * rows);
     }
     for (int i = 0; i < seqs; i++) {
-        int64_t splits = first_split[i + 1] - first_split[i];
+        int64_t pieces = first_split[i + 1] - first_split[i];
         for (int h = 0; h < hkv; h++) {
-            int64_t base = first_split[i] * hkv + (int64_t)h * splits;
+            int64_t base = first_split[i] * hkv + (int64_t)h * pieces;
             int64_t head = (batch_rows[i] * hkv + h) * rows; /* its first row in out and lse */
             for (int r = 0; r < rows; r++) {
                 float m = -FLT_MAX, sum = 0.0f, o[MAX_D] = {0};
-                for (int64_t s = 0; s < splits; s++) {
+                for (int64_t s = 0; s < pieces; s++) {
                     float l = partial_lse[(base + s) * rows + r];
                     if (l > m) m = l;
                 }
-                for (int64_t s = 0; s < splits; s++) {
+                for (int64_t s = 0; s < pieces; s++) {
                     float w = expf(partial_lse[(base + s) * rows + r] - m);
                     const float *po = partial_out + ((base + s) * rows + r) * d;
                     for (int x = 0; x < d; x++) o[x] += w * po[x];
@@ -180,6 +196,7 @@ void decode_attention(const uint16_t *q, int64_t q_stride, const int64_t *batch_
         }
     }
     free(first_split);
+    free(splits);
     free(partial_out);
     free(partial_lse);
 }

@@ -21,20 +21,20 @@ TASKS_PER_THREAD = 4
 @functools.cache
 def _library():
     return load(SOURCE, {"decode_attention": [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
 
 
 def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_rows: torch.Tensor,
-                          starts: torch.Tensor, lengths: torch.Tensor, total_keys: int, out: torch.Tensor,
-                          lse: torch.Tensor) -> bool:
+                          first_run: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, total_keys: int,
+                          out: torch.Tensor, lse: torch.Tensor) -> bool:
     """Sequence i's queries q[batch_rows[i]] ([Hkv, rows, D]; q is [T, Hkv, rows, D], its last three
-    dimensions dense) attend, unmasked, to the `lengths[i]` (≥ 1; `total_keys` in all) keys and values
-    of k, v ([Hkv, slots, D]) from slot `starts[i]` on, into out[batch_rows[i]] and lse[batch_rows[i]]
-    (out: contiguous [T, Hkv, rows, D] in q's dtype, lse: contiguous [T, Hkv, rows] float32).
-    batch_rows, starts, lengths: int64 CPU tensors. False, with nothing written, where the kernel does
-    not apply."""
+    dimensions dense) attend, unmasked, to the keys and values of k, v ([Hkv, slots, D]) in the runs
+    first_run[i] .. first_run[i + 1] − 1, run r being `lengths[r]` (≥ 1; `total_keys` in all) slots
+    from `starts[r]` on; into out[batch_rows[i]] and lse[batch_rows[i]] (out: contiguous
+    [T, Hkv, rows, D] in q's dtype, lse: contiguous [T, Hkv, rows] float32). batch_rows, first_run,
+    starts, lengths: int64 CPU tensors. False, with nothing written, where the kernel does not apply."""
     _, hkv, rows, d = q.shape
     if not (rows <= MAX_ROWS and d in (64, 128) and bf16_rows_on_cpu(q, k, v, out) and k.stride() == v.stride()
             and q.stride()[1:] == (rows * d, d, 1) and out.is_contiguous() and lse.is_contiguous()
@@ -43,9 +43,10 @@ def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bat
     tasks = TASKS_PER_THREAD * torch.get_num_threads()
     keys_per_split = min(max(math.ceil(total_keys * hkv / tasks), MIN_KEYS_PER_SPLIT), MAX_KEYS_PER_SPLIT)
     with profiled("decode_attention"):
-        _library().decode_attention(q.data_ptr(), q.stride(0), batch_rows.data_ptr(), len(batch_rows), hkv, rows, d,
-                                    k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), starts.data_ptr(),
-                                    lengths.data_ptr(), d ** -0.5, keys_per_split, out.data_ptr(), lse.data_ptr())
+        _library().decode_attention(q.data_ptr(), q.stride(0), batch_rows.data_ptr(), len(batch_rows),
+                                    first_run.data_ptr(), starts.data_ptr(), lengths.data_ptr(), hkv, rows, d,
+                                    k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), d ** -0.5, keys_per_split,
+                                    out.data_ptr(), lse.data_ptr())
     return True
 
 
@@ -58,7 +59,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     out = q.new_empty(hq, lq, d)
     lse = torch.empty(hq, lq, dtype=torch.float32)
     zero = torch.zeros(1, dtype=torch.long)
-    if not decode_attention_into(q.contiguous().view(1, hkv, hq // hkv * lq, d), k, v, zero, zero,
-                                 torch.tensor([keys]), keys, out.view(1, hkv, -1, d), lse):
+    if not decode_attention_into(q.contiguous().view(1, hkv, hq // hkv * lq, d), k, v, zero, torch.tensor([0, 1]),
+                                 zero, torch.tensor([keys]), keys, out.view(1, hkv, -1, d), lse):
         return None
     return out, lse

@@ -5,6 +5,7 @@ results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -58,30 +59,46 @@ def _cpu_attention(q, k, v, causal):
 
 @dataclass
 class DecodeBatch:
-    """Single-token queries whose cached KV on this rank is one run of slots (their own K/V, if they
-    hold it, among them): one attention call serves them all. Built once a step, read by every layer."""
+    """Single-token queries over their cached KV on this rank (their own K/V, if they hold it, among
+    it), each KV a list of runs of consecutive slots: one attention call serves them all, reading the
+    cache in place. Built once a step, read by every layer. Tensors: int64 on the CPU."""
 
-    rows: torch.Tensor  # int64 on the CPU: their rows in the packed batch
-    starts: torch.Tensor  # int64 on the CPU: first cache slot each attends to
-    lengths: torch.Tensor  # int64 on the CPU: slots each attends to (at least one)
+    rows: torch.Tensor  # [S]: their rows in the packed batch
+    first_run: torch.Tensor  # [S + 1]: sequence i's runs are first_run[i] .. first_run[i + 1] − 1
+    starts: torch.Tensor  # [runs]: first cache slot of each run
+    lengths: torch.Tensor  # [runs]: slots of each run (at least one)
     total_keys: int  # Σ lengths
+
+    @classmethod
+    def of(cls, rows: list[int], runs: list[list[tuple[int, int]]]) -> DecodeBatch:
+        """Row rows[i] attends to the runs runs[i], (first slot, length) each."""
+        flat = torch.tensor([run for seq in runs for run in seq], dtype=torch.long).reshape(-1, 2)
+        first_run = torch.tensor([0, *itertools.accumulate(map(len, runs))], dtype=torch.long)
+        return cls(torch.tensor(rows, dtype=torch.long), first_run, flat[:, 0].contiguous(), flat[:, 1].contiguous(),
+                   int(flat[:, 1].sum()))
+
+    def runs_of(self, i: int) -> list[slice]:
+        """Sequence i's runs as slices of the cache."""
+        bounds = range(*self.first_run[i: i + 2].tolist())
+        return [slice(start, start + n) for start, n in zip(self.starts[bounds].tolist(), self.lengths[bounds].tolist())]
 
 
 def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decodes: DecodeBatch,
                            out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its run of cached keys and
+    """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its runs of cached keys and
     values in k_cache, v_cache [Hkv, slots, D]; written to out [T, Hq, D] and lse [T, Hq] at those
     rows. On CPU in bf16 one kernel call serves them all; elsewhere each token is one call."""
     tokens, hq, d = q.shape
     hkv = k_cache.shape[0]
     grouped = q.view(tokens, hkv, hq // hkv, d)
-    if q.device.type == "cpu" and decode_attention_into(grouped, k_cache, v_cache, decodes.rows, decodes.starts,
-                                                        decodes.lengths, decodes.total_keys, out.view(grouped.shape),
-                                                        lse.view(grouped.shape[:3])):
+    if q.device.type == "cpu" and decode_attention_into(
+            grouped, k_cache, v_cache, decodes.rows, decodes.first_run, decodes.starts, decodes.lengths,
+            decodes.total_keys, out.view(grouped.shape), lse.view(grouped.shape[:3])):
         return
-    for row, start, n in zip(decodes.rows.tolist(), decodes.starts.tolist(), decodes.lengths.tolist()):
-        row_out, row_lse = attention(q[row][:, None], k_cache[:, start:start + n], v_cache[:, start:start + n],
-                                     causal=False)
+    for i, row in enumerate(decodes.rows.tolist()):
+        runs = decodes.runs_of(i)
+        row_out, row_lse = attention(q[row][:, None], torch.cat([k_cache[:, run] for run in runs], dim=1),
+                                     torch.cat([v_cache[:, run] for run in runs], dim=1), causal=False)
         out[row], lse[row] = row_out[:, 0], row_lse[:, 0]
 
 
