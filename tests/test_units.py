@@ -12,6 +12,7 @@ from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.kernels import decode, pointwise, prefill
 from mnemosyne_hpc.kernels import gemv as gemv_kernel
 from mnemosyne_hpc.kernels import skinny
+from mnemosyne_hpc.kernels.build import load
 from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import (KEYS_PER_CALL, DecodeBatch, attention, chunk_attention,
@@ -159,11 +160,13 @@ def test_freed_cpu_memory_is_kept_by_glibc():
     assert retain_freed_memory()  # this machine's C library is glibc: the thresholds were raised
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("hkv, group, lq, d, n", [(2, 4, 1, 64, 1000), (1, 1, 1, 128, 37), (4, 2, 8, 64, 40_001),
-                                                 (2, 1, 16, 128, 300), (3, 5, 1, 64, 16)])
-def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d, n):
-    if decode._library() is None:
-        pytest.skip("no C compiler or no AVX512-BF16 here: the flash kernel serves decode steps")
+                                                 (2, 1, 16, 128, 300), (3, 5, 1, 64, 16), (2, 3, 1, 64, 45)])
+def test_decode_kernel_matches_fp32_attention_over_cache_views(hkv, group, lq, d, n, amx, monkeypatch):
+    if (library := load(decode.SOURCE, decode.FUNCTIONS, amx=amx)) is None:
+        pytest.skip(f"no C compiler or no {'AMX' if amx else 'AVX512-BF16'} here: the decode kernel does without")
+    monkeypatch.setattr(decode, "_library", lambda: library)
     torch.manual_seed(n)
     k_cache, v_cache = torch.randn(2, hkv, n + 48, d).bfloat16()
     k, v = k_cache[:, 16:16 + n], v_cache[:, 16:16 + n]  # views into a larger pool, as the model passes them

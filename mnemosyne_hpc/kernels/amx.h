@@ -19,15 +19,18 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* All eight tiles 16 rows of 64 bytes, on the calling thread. */
-static void configure_tiles(void) {
+/* Tile t: 16 rows of bytes_per_row[t] bytes (none: unused), on the calling thread. */
+static void configure_tile_rows(const uint16_t bytes_per_row[8]) {
     tile_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
     for (int t = 0; t < 8; t++) {
-        config.bytes_per_row[t] = 64;
-        config.rows[t] = TILE;
+        config.bytes_per_row[t] = bytes_per_row[t];
+        config.rows[t] = bytes_per_row[t] ? TILE : 0;
     }
     __asm__ volatile("" ::: "memory"); /* else GCC 12 may drop the stores above as dead when inlined */
     _tile_loadconfig(&config);
 }
+
+/* All eight tiles 16 rows of 64 bytes, on the calling thread. */
+static void configure_tiles(void) { configure_tile_rows((const uint16_t[8]){64, 64, 64, 64, 64, 64, 64, 64}); }

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
+# WITH_AMX tells a kernel with and without an AMX path which to build (-march=native alone may enable
+# AMX instructions in a build whose process was never granted AMX state).
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-DWITH_AMX")
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def load(source: Path, functions: dict[str, list], flags: tuple[str, ...] = (),
     if library is None:
         return None
     if amx and not library.amx_init():
-        print(f"warning: {source.name} was refused AMX state; torch's kernels stand in for it", file=sys.stderr)
+        print(f"warning: {source.name} was refused AMX state; its AMX build is not used", file=sys.stderr)
         return None
     for name, argtypes in functions.items():
         function = getattr(library, name)

@@ -18,12 +18,16 @@ MAX_KEYS_PER_SPLIT = 8192  # a split's scores stay in L2 between its key and val
 TASKS_PER_THREAD = 4
 
 
+FUNCTIONS = {"decode_attention": [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+    ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]}
+
+
 @functools.cache
 def _library():
-    return load(SOURCE, {"decode_attention": [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
+    # AMX tiles compute the scores where the CPU has them, AVX512-BF16 dot products elsewhere.
+    return load(SOURCE, FUNCTIONS, amx=True) or load(SOURCE, FUNCTIONS)
 
 
 def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch_rows: torch.Tensor,
