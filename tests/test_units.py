@@ -270,6 +270,7 @@ def test_block_pool_hands_out_consecutive_blocks_where_it_can():
 def test_slots_follow_the_block_table():
     cache = KVCache(1, 1, 4, num_blocks=8, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
     assert cache.slots([5, 2], 2, 7).tolist() == [22, 23, 8, 9, 10]
+    assert cache.slots([5, 2, 7], 6, 10).tolist() == [10, 11, 28, 29]  # starting in a later block
 
 
 def test_consecutive_blocks_give_a_slice():

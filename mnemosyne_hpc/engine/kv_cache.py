@@ -155,9 +155,10 @@ class KVCache:
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slots of token positions [start, end) of a sequence with this block table."""
-        positions = torch.arange(start, end)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        first = start // self.block_size  # only the blocks in the range: a decode's table grows with its context
+        blocks = torch.tensor(block_table[first: (end - 1) // self.block_size + 1], dtype=torch.long)
+        positions = torch.arange(start, end) - first * self.block_size
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def runs(self, block_table: list[int], start: int, end: int) -> list[tuple[int, int]]:
         """Slots of positions [start, end) as runs of consecutive slots, (first slot, length) each: one
