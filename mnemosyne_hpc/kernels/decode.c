@@ -149,7 +149,7 @@ static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int6
         for (int r = 0; r < padded; r++) {
             __m512 acc[KEYS];
             for (int j = 0; j < KEYS; j++) acc[j] = _mm512_setzero_ps();
-            for (int t = 0; r < rows && t < pieces; t++) {
+            for (int t = 0; t < (r < rows ? pieces : 0); t++) { /* a padding row's sums stay zero */
                 __m512bh at = (__m512bh)_mm512_loadu_si512(a + r * d + 32 * t);
                 for (int j = 0; j < KEYS; j++)
                     acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(b + (j0 + j) * row_stride + 32 * t), at);
