@@ -153,19 +153,24 @@ class KVCache:
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype.itemsize
 
+    def _blocks(self, block_table: list[int], start: int, end: int) -> tuple[int, list[int]]:
+        """The table index of the block holding position `start`, and the blocks holding [start, end):
+        only those, since a decode's table grows with its context."""
+        first = start // self.block_size
+        return first, block_table[first: (end - 1) // self.block_size + 1]
+
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slots of token positions [start, end) of a sequence with this block table."""
-        first = start // self.block_size  # only the blocks in the range: a decode's table grows with its context
-        blocks = torch.tensor(block_table[first: (end - 1) // self.block_size + 1], dtype=torch.long)
+        first, blocks = self._blocks(block_table, start, end)
         positions = torch.arange(start, end) - first * self.block_size
-        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+        return torch.tensor(blocks)[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def runs(self, block_table: list[int], start: int, end: int) -> list[tuple[int, int]]:
         """Slots of positions [start, end) as runs of consecutive slots, (first slot, length) each: one
         run per stretch of consecutive blocks, which attention reads in place."""
         bs = self.block_size
-        first = start // bs
-        blocks = np.asarray(block_table[first: (end - 1) // bs + 1])
+        first, blocks = self._blocks(block_table, start, end)
+        blocks = np.asarray(blocks)
         bounds = np.concatenate(([0], np.flatnonzero(np.diff(blocks) != 1) + 1, [len(blocks)]))
         runs = []
         for begin, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):

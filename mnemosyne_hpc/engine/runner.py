@@ -97,18 +97,20 @@ class ModelRunner:
             holds_chunk = group == chunk.owner
             # this group's KV of the request before the chunk: its whole shard, unless it holds the chunk
             cached = chunk.start_pos - shard * self.group_tokens if holds_chunk else self.group_tokens
-            if holds_chunk:
-                write_slots.append(self.kv_cache.slots(table, cached, cached + len(chunk.token_ids)))
-                write_rows.append(torch.arange(start, end))
             # A single token attends to its own K/V in the cache with the rest, in one unmasked call.
             within_chunk = holds_chunk and len(chunk.token_ids) > 1
             attended = cached + (holds_chunk and not within_chunk)
+            runs = None
             if attended and len(chunk.token_ids) == 1 and not within_chunk:
-                decodes.append((start, self.kv_cache.runs(table, 0, attended)))
+                decodes.append((start, runs := self.kv_cache.runs(table, 0, attended)))
             else:
                 slots = self.kv_cache.index(table, 0, attended) if attended else None
                 sequences.append(SequenceSlice(start, end, slots.to(device) if torch.is_tensor(slots) else slots,
                                                within_chunk))
+            if holds_chunk:  # a decode's own slot is the last one it attends to
+                write_slots.append(torch.tensor([runs[-1][0] + runs[-1][1] - 1]) if runs else
+                                   self.kv_cache.slots(table, cached, cached + len(chunk.token_ids)))
+                write_rows.append(torch.arange(start, end))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end

@@ -39,24 +39,29 @@ static float dot_scalar(const uint16_t *a, const uint16_t *b, int d) {
     return s;
 }
 
+/* Requests the row `PREFETCH_KEYS` rows after `row` into L1 and the one `PREFETCH_KEYS_L2` after it
+ * into L2 (rows of d bf16 values, row_stride apart). */
+static inline void prefetch_row(const uint16_t *row, int64_t row_stride, int d) {
+    for (int byte = 0; byte < 2 * d; byte += 64) {
+        _mm_prefetch((const char *)(row + PREFETCH_KEYS * row_stride) + byte, _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + PREFETCH_KEYS_L2 * row_stride) + byte, _MM_HINT_T1);
+    }
+}
+
 static inline __m512 widen(const uint16_t *bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)bf16)), 16));
 }
 
-/* out[g] += Σ_j p[j·p_stride + g] · v_j for G rows of weights and values of 16·T dims: every value
+/* out[g] = Σ_j p[j·p_stride + g] · v_j for G rows of weights and values of 16·T dims: every value
  * row is widened once and the G×T accumulators stay in registers. */
-#define ADD_VALUES(T, G)                                                                                 \
-    static void add_values_##T##x##G(const float *p, int p_stride, int64_t n, const uint16_t *v,         \
-                                     int64_t row_stride, float *out) {                                   \
+#define WEIGH_VALUES(T, G)                                                                               \
+    static void weigh_values_##T##x##G(const float *p, int p_stride, int64_t n, const uint16_t *v,       \
+                                       int64_t row_stride, float *out) {                                 \
         __m512 acc[G][T];                                                                                \
         for (int g = 0; g < G; g++)                                                                      \
-            for (int t = 0; t < T; t++) acc[g][t] = _mm512_loadu_ps(out + g * 16 * T + 16 * t);          \
+            for (int t = 0; t < T; t++) acc[g][t] = _mm512_setzero_ps();                                 \
         for (int64_t j = 0; j < n; j++) {                                                                \
-            for (int t = 0; t < T; t += 2) {                                                             \
-                const uint16_t *at = v + j * row_stride + 16 * t;                                        \
-                _mm_prefetch((const char *)(at + PREFETCH_KEYS * row_stride), _MM_HINT_T0);              \
-                _mm_prefetch((const char *)(at + PREFETCH_KEYS_L2 * row_stride), _MM_HINT_T1);           \
-            }                                                                                            \
+            prefetch_row(v + j * row_stride, row_stride, 16 * T);                                        \
             __m512 row[T];                                                                               \
             for (int t = 0; t < T; t++) row[t] = widen(v + j * row_stride + 16 * t);                     \
             for (int g = 0; g < G; g++) {                                                                \
@@ -67,10 +72,10 @@ static inline __m512 widen(const uint16_t *bf16) {
         for (int g = 0; g < G; g++)                                                                      \
             for (int t = 0; t < T; t++) _mm512_storeu_ps(out + g * 16 * T + 16 * t, acc[g][t]);          \
     }
-ADD_VALUES(4, 4)
-ADD_VALUES(4, 1)
-ADD_VALUES(8, 2)
-ADD_VALUES(8, 1)
+WEIGH_VALUES(4, 4)
+WEIGH_VALUES(4, 1)
+WEIGH_VALUES(8, 2)
+WEIGH_VALUES(8, 1)
 
 /* Scores are key-major: y[j·R + r] = Σ_x a[r·d + x] · b[j·row_stride + x] for query row r and key j,
  * with R = `padded_rows(rows)`, a power of two, so that lane l of every vector of scores belongs to
@@ -83,16 +88,11 @@ static int padded_rows(int rows) {
 }
 
 static void prefetch_keys(const uint16_t *b, int64_t row_stride, int d, int64_t j0) {
-    for (int j = 0; j < KEYS; j++)
-        for (int64_t byte = 0; byte < 2 * d; byte += 64) {
-            _mm_prefetch((const char *)(b + (j0 + PREFETCH_KEYS + j) * row_stride) + byte, _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + (j0 + PREFETCH_KEYS_L2 + j) * row_stride) + byte, _MM_HINT_T1);
-        }
+    for (int j = 0; j < KEYS; j++) prefetch_row(b + (j0 + j) * row_stride, row_stride, d);
 }
 
-static void dot_tail(const uint16_t *a, int rows, int d, const uint16_t *b, int64_t row_stride, int64_t from,
-                     int64_t n, float *y) {
-    int padded = padded_rows(rows);
+static void dot_tail(const uint16_t *a, int rows, int padded, int d, const uint16_t *b, int64_t row_stride,
+                     int64_t from, int64_t n, float *y) {
     for (int64_t j = from; j < n; j++)
         for (int r = 0; r < padded; r++) y[j * padded + r] = r < rows ? dot_scalar(a + r * d, b + j * row_stride, d) : 0.0f;
 }
@@ -105,8 +105,9 @@ static void configure_score_tiles(int padded) {
     configure_tile_rows((const uint16_t[8]){scores, 64, 64, 0, scores, scores, scores, scores});
 }
 
-static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int64_t row_stride, int64_t n, float *y) {
-    int padded = padded_rows(rows), chunks = d / 32, stride = (int)(2 * row_stride);
+static void dot_rows(const uint16_t *a, int rows, int padded, int d, const uint16_t *b, int64_t row_stride, int64_t n,
+                     float *y) {
+    int chunks = d / 32, stride = (int)(2 * row_stride);
     uint32_t queries[MAX_D / 32][TILE][MAX_ROWS]; /* [chunk][pair p][row]: dims 32·chunk + 2p, + 2p + 1 */
     memset(queries, 0, sizeof queries);
     for (int r = 0; r < rows; r++)
@@ -135,12 +136,13 @@ static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int6
         }
         _tile_stored(0, y + j0 * padded, 4 * padded);
     }
-    dot_tail(a, rows, d, b, row_stride, full, n, y);
+    dot_tail(a, rows, padded, d, b, row_stride, full, n, y);
 }
 #else
 /* Without AMX: AVX512-BF16 dot products, 16 keys' sums reduced together and scattered key-major. */
-static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int64_t row_stride, int64_t n, float *y) {
-    int padded = padded_rows(rows), pieces = d / 32;
+static void dot_rows(const uint16_t *a, int rows, int padded, int d, const uint16_t *b, int64_t row_stride, int64_t n,
+                     float *y) {
+    int pieces = d / 32;
     const __m512i spread = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32(padded));
     int64_t full = n - n % KEYS;
@@ -157,7 +159,7 @@ static void dot_rows(const uint16_t *a, int rows, int d, const uint16_t *b, int6
             _mm512_i32scatter_ps(y + j0 * padded + r, spread, sum_lanes_16(acc), 4);
         }
     }
-    dot_tail(a, rows, d, b, row_stride, full, n, y);
+    dot_tail(a, rows, padded, d, b, row_stride, full, n, y);
 }
 #endif
 
@@ -204,17 +206,16 @@ static void attend_split(const uint16_t *q, int rows, int d, const uint16_t *k, 
     int padded = padded_rows(rows);
     float *scores = malloc((size_t)padded * n * sizeof(float));
     float maxima[MAX_ROWS], sums[MAX_ROWS];
-    dot_rows(q, rows, d, k, row_stride, n, scores);
+    dot_rows(q, rows, padded, d, k, row_stride, n, scores);
     softmax_rows(scores, n, padded, scale, maxima, sums);
-    memset(out, 0, (size_t)rows * d * sizeof(float));
     int group = d == 64 ? 4 : 2, r = 0;
     for (; r + group <= rows; r += group) {
-        if (d == 64) add_values_4x4(scores + r, padded, n, v, row_stride, out + r * d);
-        else add_values_8x2(scores + r, padded, n, v, row_stride, out + r * d);
+        if (d == 64) weigh_values_4x4(scores + r, padded, n, v, row_stride, out + r * d);
+        else weigh_values_8x2(scores + r, padded, n, v, row_stride, out + r * d);
     }
     for (; r < rows; r++) {
-        if (d == 64) add_values_4x1(scores + r, padded, n, v, row_stride, out + r * d);
-        else add_values_8x1(scores + r, padded, n, v, row_stride, out + r * d);
+        if (d == 64) weigh_values_4x1(scores + r, padded, n, v, row_stride, out + r * d);
+        else weigh_values_8x1(scores + r, padded, n, v, row_stride, out + r * d);
     }
     for (int r = 0; r < rows; r++) {
         float inverse = 1.0f / sums[r];
