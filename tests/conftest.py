@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined: Triton's runs in its interpreter
 
 from models import TINY_CONFIGS, load_reference, make_tiny_model  # noqa: E402
 

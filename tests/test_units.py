@@ -185,14 +185,19 @@ def test_a_batch_of_decode_tokens_attends_each_to_its_own_runs_of_slots(dtype):
     rows = [5, 0, 3, 2]
     runs = [[(0, 4000)], [(5000, 2999), (100, 1000), (8990, 9)], [(300, 17)], [(8999, 1), (7, 1)]]
     out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:2], 7.0)
-    decode_batch_attention(q, k_cache, v_cache, DecodeBatch.of(rows, runs), out, lse)
+    decode_batch_attention(q, k_cache, v_cache, DecodeBatch.of(rows, runs, "cpu"), out, lse)
+    assert_each_row_attended_to_its_runs(q, k_cache, v_cache, rows, runs, out, lse, atol=4e-3, rtol=8e-3)
+    assert (out[[1, 4]] == 7).all() and (lse[[1, 4]] == 7).all()  # rows of other sequences untouched
+
+
+def assert_each_row_attended_to_its_runs(q, k_cache, v_cache, rows, runs, out, lse, atol, rtol):
+    """out[row], lse[row] against fp32 math attention of q[row] over the gathered slots of its runs."""
     for row, seq_runs in zip(rows, runs):
         slots = torch.cat([torch.arange(start, start + n) for start, n in seq_runs])
         reference, reference_lse = math_attention(q[row][:, None].float(), k_cache[:, slots].float(),
                                                   v_cache[:, slots].float(), causal=False)
         torch.testing.assert_close(lse[row], reference_lse[:, 0], atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(out[row].float(), reference[:, 0], atol=4e-3, rtol=8e-3)
-    assert (out[[1, 4]] == 7).all() and (lse[[1, 4]] == 7).all()  # rows of other sequences untouched
+        torch.testing.assert_close(out[row].float(), reference[:, 0], atol=atol, rtol=rtol)
 
 
 def test_decode_kernel_leaves_long_queries_and_fp32_to_the_flash_kernel():

@@ -114,7 +114,7 @@ class ModelRunner:
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
             start = end
-        decode_batch = DecodeBatch.of(*zip(*decodes)) if decodes else None
+        decode_batch = DecodeBatch.of(*zip(*decodes), device) if decodes else None
         cos, signed_sin = rope_tables(positions.to(device)[:, None].float() * self.inv_freq[None], self.dtype)
         write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
         return BatchMetadata(

@@ -5,12 +5,14 @@ results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from mnemosyne_hpc.kernels import triton_decode
 from mnemosyne_hpc.kernels.decode import decode_attention, decode_attention_into
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 
@@ -28,6 +30,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
         out, lse, _ = flash_attn_func(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                       causal=causal, return_attn_probs=True)
         return out[0].transpose(0, 1), lse[0]
+    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+        return _gpu_attention(q, k, v, causal)
     return math_attention(q, k, v, causal)
 
 
@@ -51,9 +55,30 @@ def _cpu_attention(q, k, v, causal):
         return merge_attention([out for out, _ in pieces], [lse for _, lse in pieces])
     if (result := prefill_attention(q, k, v, causal)) is not None:
         return result
+    return _torch_flash(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, causal, maps_heads=True)
+
+
+_cuda_flash = torch.ops.aten._scaled_dot_product_flash_attention
+
+
+def _gpu_attention(q, k, v, causal):
+    """torch's CUDA flash kernel (FlashAttention-2 inside torch), where the flash-attn package is not
+    installed. A causal GQA call repeats each KV head for its g query heads: those K/V are the
+    chunk's own, not the cached prefix (which is unmasked)."""
+    return _torch_flash(_cuda_flash, q, k, v, causal, maps_heads=False)
+
+
+def _torch_flash(kernel, q, k, v, causal, maps_heads: bool):
+    """One of torch's flash kernels, which return the LSE. Without a mask, the g query heads of a KV
+    head fold into one longer query: no K/V copies, and it runs faster. With one, the kernel maps
+    query head h to KV head h // g itself if `maps_heads`; otherwise K/V are repeated."""
+    hq, lq, d = q.shape
+    hkv = k.shape[0]
     if not causal:
         q = q.reshape(hkv, (hq // hkv) * lq, d)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, causal)[:2]
+    elif not maps_heads and hq != hkv:
+        k, v = k.repeat_interleave(hq // hkv, dim=0), v.repeat_interleave(hq // hkv, dim=0)
+    out, lse = kernel(q[None], k[None], v[None], 0.0, causal)[:2]
     return out[0].reshape(hq, lq, d), lse[0].reshape(hq, lq)
 
 
@@ -68,14 +93,20 @@ class DecodeBatch:
     starts: torch.Tensor  # [runs]: first cache slot of each run
     lengths: torch.Tensor  # [runs]: slots of each run (at least one)
     total_keys: int  # Σ lengths
+    device: torch.device  # the cache's
 
     @classmethod
-    def of(cls, rows: list[int], runs: list[list[tuple[int, int]]]) -> DecodeBatch:
-        """Row rows[i] attends to the runs runs[i], (first slot, length) each."""
+    def of(cls, rows: list[int], runs: list[list[tuple[int, int]]], device: torch.device) -> DecodeBatch:
+        """Row rows[i] attends to the runs runs[i], (first slot, length) each, in a cache on `device`."""
         flat = torch.tensor([run for seq in runs for run in seq], dtype=torch.long).reshape(-1, 2)
         first_run = torch.tensor([0, *itertools.accumulate(map(len, runs))], dtype=torch.long)
         return cls(torch.tensor(rows, dtype=torch.long), first_run, flat[:, 0].contiguous(), flat[:, 1].contiguous(),
-                   int(flat[:, 1].sum()))
+                   int(flat[:, 1].sum()), torch.device(device))
+
+    @functools.cached_property
+    def splits(self) -> triton_decode.Splits:
+        """The runs cut into the GPU kernel's splits, on the device (once a step, for every layer)."""
+        return triton_decode.Splits.of(self.rows, self.first_run, self.starts, self.lengths, self.device)
 
     def runs_of(self, i: int) -> list[slice]:
         """Sequence i's runs as slices of the cache."""
@@ -87,13 +118,17 @@ def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor, lse: torch.Tensor) -> None:
     """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its runs of cached keys and
     values in k_cache, v_cache [Hkv, slots, D]; written to out [T, Hq, D] and lse [T, Hq] at those
-    rows. On CPU in bf16 one kernel call serves them all; elsewhere each token is one call."""
+    rows. In bf16 one kernel call serves them all (decode.c on CPU, Triton on GPU); else each token
+    is one call."""
     tokens, hq, d = q.shape
     hkv = k_cache.shape[0]
     grouped = q.view(tokens, hkv, hq // hkv, d)
-    if q.device.type == "cpu" and decode_attention_into(
-            grouped, k_cache, v_cache, decodes.rows, decodes.first_run, decodes.starts, decodes.lengths,
-            decodes.total_keys, out.view(grouped.shape), lse.view(grouped.shape[:3])):
+    grouped_out, grouped_lse = out.view(grouped.shape), lse.view(grouped.shape[:3])
+    if q.is_cpu:
+        if decode_attention_into(grouped, k_cache, v_cache, decodes.rows, decodes.first_run, decodes.starts,
+                                 decodes.lengths, decodes.total_keys, grouped_out, grouped_lse):
+            return
+    elif triton_decode.decode_attention_into(grouped, k_cache, v_cache, decodes.splits, grouped_out, grouped_lse):
         return
     for i, row in enumerate(decodes.rows.tolist()):
         runs = decodes.runs_of(i)
