@@ -12,7 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined: Triton's runs in its interpreter
+if not torch.cuda.is_available():  # before any kernel is defined: Triton's run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from models import TINY_CONFIGS, load_reference, make_tiny_model  # noqa: E402
 
