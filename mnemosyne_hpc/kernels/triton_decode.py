@@ -60,8 +60,8 @@ def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spl
         return False
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot takes blocks of at least 16 rows
     num_splits = len(splits.row)
-    partial_out = torch.empty(num_splits, hkv, group_pad, d, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(num_splits, hkv, group_pad, dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(num_splits, hkv, group, d, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(num_splits, hkv, group, dtype=torch.float32, device=q.device)
     _attend_splits[(num_splits, hkv)](q, k, v, splits.row, splits.start, splits.length, partial_out, partial_lse,
                                       d ** -0.5, q.stride(0), k.stride(0), k.stride(1), GROUP=group,
                                       GROUP_PAD=group_pad, D=d, BLOCK=BLOCK_KEYS, SPLIT=SPLIT_KEYS)
@@ -100,9 +100,9 @@ if triton is not None:
             acc = acc * rescale[:, None] + tl.dot(weights.to(kv), values)
             total = total * rescale + tl.sum(weights, 1)
             best = new_best
-        at = (split * heads + head) * GROUP_PAD + g
-        tl.store(partial_out + at[:, None] * D + d[None, :], acc / total[:, None])
-        tl.store(partial_lse + at, best + tl.log(total))
+        at = (split * heads + head) * GROUP + g  # the padding rows are not stored
+        tl.store(partial_out + at[:, None] * D + d[None, :], acc / total[:, None], mask=g[:, None] < GROUP)
+        tl.store(partial_lse + at, best + tl.log(total), mask=g < GROUP)
 
     @triton.jit
     def _merge_splits(partial_out, partial_lse, seq_first, seq_row, out, lse,
@@ -115,11 +115,13 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         for i in range(0, MAX_SPLITS):  # splits past `last` are masked out; a sequence has at least one
             valid = first + i < last
-            at = ((first + i) * heads + head) * GROUP_PAD + g
-            split_lse = tl.load(partial_lse + at, mask=valid, other=float("-inf"))
-            new_best = tl.maximum(best, split_lse)
-            rescale, weight = tl.exp(best - new_best), tl.exp(split_lse - new_best)
-            split_out = tl.load(partial_out + at[:, None] * D + d[None, :], mask=valid, other=0.0)
+            at = ((first + i) * heads + head) * GROUP + g
+            rows = valid & (g < GROUP)  # padding rows read 0, computed and never stored
+            split_lse = tl.load(partial_lse + at, mask=rows, other=0.0)
+            new_best = tl.where(valid, tl.maximum(best, split_lse), best)
+            rescale = tl.exp(best - new_best)
+            weight = tl.where(valid, tl.exp(split_lse - new_best), 0.0)
+            split_out = tl.load(partial_out + at[:, None] * D + d[None, :], mask=rows[:, None], other=0.0)
             acc = acc * rescale[:, None] + weight[:, None] * split_out
             total = total * rescale + weight
             best = new_best
