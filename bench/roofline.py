@@ -100,6 +100,8 @@ def decode_kernel_bandwidth(model: dict, contexts: list[int], repeats: int) -> d
         q = torch.randn(1, hkv, hq // hkv, d, dtype=torch.bfloat16, device="cuda")
         out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="cuda")
         splits = DecodeBatch.of([0], [[(0, n)]], "cuda").splits
+        if not triton_decode.decode_attention_into(q, k, v, splits, out, lse):  # else the timing would be of nothing
+            raise RuntimeError("the Triton decode kernel does not apply here (is Triton installed?)")
         seconds = median_time(lambda: triton_decode.decode_attention_into(q, k, v, splits, out, lse), repeats, "cuda")
         results[f"decode_{n}"] = {"seconds": seconds, "gbs": 2 * k.nbytes / seconds / 1e9}
         print(f"decode attention {n:8d} keys: {1e6 * seconds:7.1f} µs, {2 * k.nbytes / seconds / 1e9:6.0f} GB/s",
@@ -113,7 +115,7 @@ def profile_table(function, device: str) -> str:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         function()
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_ROWS)
 
 

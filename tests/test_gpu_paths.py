@@ -1,14 +1,14 @@
 """The GPU attention paths. On a GPU, they run there in bf16. Without one, the Triton decode kernel
 runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), and torch's CUDA flash kernel
-is replaced by a stand-in that runs torch's CPU flash kernel and insists on what the CUDA one needs."""
+is replaced by a stand-in that runs torch's CPU flash kernel and insists on what the CUDA one needs.
+`attention` calls `_torch_flash` with that kernel on a GPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mnemosyne_hpc.kernels import triton_decode
-from mnemosyne_hpc.model import attention as attention_module
-from mnemosyne_hpc.model.attention import DecodeBatch, math_attention
+from mnemosyne_hpc.model.attention import DecodeBatch, _torch_flash, math_attention
 from test_units import assert_each_row_attended_to_its_runs
 
 pytest.importorskip("triton", reason="Triton comes with the test extras (and with torch's CUDA builds)")
@@ -59,14 +59,16 @@ def cuda_flash_stand_in(q, k, v, dropout_p, is_causal):
     return out.to(q.dtype), lse
 
 
+CUDA_FLASH = torch.ops.aten._scaled_dot_product_flash_attention if DEVICE == "cuda" else cuda_flash_stand_in
+
+
 @pytest.mark.parametrize("causal, lq, lk", [(True, 40, 40), (False, 3, 500), (False, 1, 70)])
-def test_gpu_attention_folds_or_repeats_heads_for_torchs_cuda_flash_kernel(causal, lq, lk, monkeypatch):
-    if DEVICE == "cpu":
-        monkeypatch.setattr(attention_module, "_cuda_flash", cuda_flash_stand_in)
+def test_gpu_attention_folds_or_repeats_heads_for_torchs_cuda_flash_kernel(causal, lq, lk):
     torch.manual_seed(lk)
     q = torch.randn(8, lq, 64).bfloat16()
     k, v = torch.randn(2, 2, lk, 64).bfloat16()
-    out, lse = (t.cpu() for t in attention_module._gpu_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal))
+    out, lse = (t.cpu() for t in _torch_flash(CUDA_FLASH, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal,
+                                              maps_heads=False))
     reference, reference_lse = math_attention(q.float(), k.float(), v.float(), causal)
     torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(out.float(), reference, atol=4e-3, rtol=8e-3)

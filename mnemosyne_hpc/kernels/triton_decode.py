@@ -43,9 +43,9 @@ class Splits:
         offset = (torch.arange(len(run)) - first_piece[run]) * SPLIT_KEYS
         seq = torch.repeat_interleave(torch.diff(first_run))
         first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(pieces, 0)])[first_run]
-        return cls(*(t.to(device=device, dtype=torch.int32) for t in (
-            rows[seq[run]], starts[run] + offset, torch.clamp(lengths[run] - offset, max=SPLIT_KEYS), first, rows)),
-                   most=int(torch.diff(first).max()))
+        parts = (rows[seq[run]], starts[run] + offset, torch.clamp(lengths[run] - offset, max=SPLIT_KEYS), first, rows)
+        on_device = torch.cat(parts).to(device=device, dtype=torch.int32)  # one copy to the device
+        return cls(*on_device.split([len(part) for part in parts]), most=int(torch.diff(first).max()))
 
 
 def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: Splits, out: torch.Tensor,
@@ -53,7 +53,7 @@ def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spl
     """Each sequence's queries q[seq_row[i]] ([Hkv, G, D]; q is [T, Hkv, G, D]) attend, unmasked, to its
     splits of k, v ([Hkv, slots, D]); into out (contiguous, q's shape and dtype) and lse (contiguous
     [T, Hkv, G], float32) at those rows. False, with nothing written, where the kernel does not apply."""
-    tokens, hkv, group, d = q.shape
+    _, hkv, group, d = q.shape
     if not (triton is not None and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
             and d in (64, 128, 256) and q.stride()[1:] == (group * d, d, 1) and k.stride() == v.stride()
             and k.stride(-1) == 1 and out.is_contiguous() and lse.is_contiguous()):

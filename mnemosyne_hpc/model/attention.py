@@ -31,7 +31,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
                                       causal=causal, return_attn_probs=True)
         return out[0].transpose(0, 1), lse[0]
     if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
-        return _gpu_attention(q, k, v, causal)
+        # torch's CUDA flash kernel (FlashAttention-2). A causal call is a chunk over its own K/V, the
+        # only K/V it repeats; the cached prefix is unmasked and folded.
+        return _torch_flash(torch.ops.aten._scaled_dot_product_flash_attention, q, k, v, causal, maps_heads=False)
     return math_attention(q, k, v, causal)
 
 
@@ -56,16 +58,6 @@ def _cpu_attention(q, k, v, causal):
     if (result := prefill_attention(q, k, v, causal)) is not None:
         return result
     return _torch_flash(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, causal, maps_heads=True)
-
-
-_cuda_flash = torch.ops.aten._scaled_dot_product_flash_attention
-
-
-def _gpu_attention(q, k, v, causal):
-    """torch's CUDA flash kernel (FlashAttention-2 inside torch), where the flash-attn package is not
-    installed. A causal GQA call repeats each KV head for its g query heads: those K/V are the
-    chunk's own, not the cached prefix (which is unmasked)."""
-    return _torch_flash(_cuda_flash, q, k, v, causal, maps_heads=False)
 
 
 def _torch_flash(kernel, q, k, v, causal, maps_heads: bool):
