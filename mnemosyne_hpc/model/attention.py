@@ -110,8 +110,8 @@ def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor, lse: torch.Tensor) -> None:
     """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its runs of cached keys and
     values in k_cache, v_cache [Hkv, slots, D]; written to out [T, Hq, D] and lse [T, Hq] at those
-    rows. In bf16 one kernel call serves them all (decode.c on CPU, Triton on GPU); else each token
-    is one call."""
+    rows. In bf16 one kernel call serves them all (decode.c on CPU, Triton on GPU); else each run of
+    each token is one call, read in place, and a token's runs are merged by LSE."""
     tokens, hq, d = q.shape
     hkv = k_cache.shape[0]
     grouped = q.view(tokens, hkv, hq // hkv, d)
@@ -123,9 +123,9 @@ def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     elif triton_decode.decode_attention_into(grouped, k_cache, v_cache, decodes.splits, grouped_out, grouped_lse):
         return
     for i, row in enumerate(decodes.rows.tolist()):
-        runs = decodes.runs_of(i)
-        row_out, row_lse = attention(q[row][:, None], torch.cat([k_cache[:, run] for run in runs], dim=1),
-                                     torch.cat([v_cache[:, run] for run in runs], dim=1), causal=False)
+        pieces = [attention(q[row][:, None], k_cache[:, run], v_cache[:, run], causal=False)
+                  for run in decodes.runs_of(i)]
+        row_out, row_lse = merge_attention([piece[0] for piece in pieces], [piece[1] for piece in pieces])
         out[row], lse[row] = row_out[:, 0], row_lse[:, 0]
 
 
