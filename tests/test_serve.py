@@ -82,6 +82,43 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, statu
                                               max_tokens=2).usage.completion_tokens == 2
 
 
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("completions", json.dumps({"prompt": "abc \ud800 def"}).encode(), "lone UTF-16 surrogate"),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "abc \udfff"}]}).encode(),
+     "lone UTF-16 surrogate"),
+    ("completions", DEEP, "nested too deeply"),
+    ("chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("completions", b'{"prompt": "hi", "temperature": NaN}', "NaN is not a JSON value"),
+    ("completions", b'{"prompt": "hi", "top_p": Infinity}', "Infinity is not a JSON value"),
+    ("completions", json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), "temperature"),
+    ("completions", json.dumps({"prompt": "hi", "n": True}).encode(), "n must be 1"),
+])
+def test_bodies_that_once_ended_the_job_get_a_400_and_the_server_keeps_serving(server, path, body, message):
+    address, process = server
+    response = httpx.post(f"{address}/v1/{path}", content=body, headers=HEADERS, timeout=60)
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    assert client(address).completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert process.poll() is None
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-45}, {"temperature": 1e-300},
+                                      {"temperature": 1.0, "top_p": 1e-300}])
+def test_extreme_sampling_values_give_the_greedy_limit(server, sampling):
+    address, process = server
+    prompt = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6}
+    greedy = httpx.post(f"{address}/v1/completions", json=prompt, headers=HEADERS, timeout=60)
+    extreme = httpx.post(f"{address}/v1/completions", json={**prompt, **sampling, "seed": 3}, headers=HEADERS,
+                         timeout=60)
+    assert extreme.status_code == 200, extreme.text
+    assert extreme.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    assert process.poll() is None
+
+
 def test_api_key_is_required(server):
     address, _ = server
     response = httpx.post(f"{address}/v1/completions", json={"prompt": "hi"}, timeout=60)

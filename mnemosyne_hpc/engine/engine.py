@@ -15,6 +15,7 @@ from mnemosyne_hpc.engine.perf_model import PerfModel
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.engine.sampler import FAILED
 from mnemosyne_hpc.engine.scheduler import Scheduler
 
 
@@ -100,7 +101,10 @@ class Engine:
                 raise RequestError("prompt must be a string")
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer; send prompt_token_ids")
-            prompt_token_ids = self.tokenizer.encode(prompt)
+            try:
+                prompt_token_ids = self.tokenizer.encode(prompt)
+            except Exception as e:  # noqa: BLE001 - any text the tokenizer refuses is this request's error
+                raise RequestError(f"the prompt could not be tokenised: {type(e).__name__}: {e}") from None
         elif not isinstance(prompt_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
             raise RequestError("prompt_token_ids must be a list of integers")
@@ -133,6 +137,10 @@ class Engine:
         self.sampled = []
         for row, (chunk, token) in enumerate(zip(sampled_chunks, tokens)):
             request = self.requests[chunk.request_id]
+            if token == FAILED:  # its sampling raised on the last stage: this request ends, the others go on
+                request.finish_reason = "error"
+                finished.append(self._finish(request, now))
+                continue
             request.output_token_ids.append(token)
             request.token_times.append(now)
             self.sampled.append(request)

@@ -1,6 +1,7 @@
 """Requests as rank 0 tracks them, and their sampling parameters."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
@@ -45,8 +46,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def _check(self) -> None:
-        def number(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        def number(x):  # finite, and within a float's range
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                return False
+            try:
+                return math.isfinite(float(x))
+            except OverflowError:
+                return False
 
         def integer(x):
             return isinstance(x, int) and not isinstance(x, bool)
@@ -89,7 +95,7 @@ class Request:
     preemptions: int = 0
     finish_time: Optional[float] = None
     text: str = ""  # set when the request finishes
-    finish_reason: Optional[str] = None  # "stop" | "length"
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" (sampling failed)
 
     def __post_init__(self):
         self.prefill_len = self.prefill_len or len(self.prompt_token_ids)

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from mnemosyne_hpc.serving.loop import Event, ServingLoop
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
+SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
 IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "logprobs", "echo",
                   "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix", "max_completion_tokens"}
 
@@ -105,20 +106,20 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
         if tokenizer is None or tokenizer.chat_template is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions")
-        ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as e:  # noqa: BLE001 - the template or tokenizer refused this conversation
+            raise ApiError(400, f"messages could not be formatted or tokenised: {type(e).__name__}: {e}") from None
         return await _respond(body, {"prompt_token_ids": list(ids)}, chat=True)
 
     async def _body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON: {e}") from None
+        body = _parse_json(await request.body())
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if body.get("model", model) != model:
             raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {model!r}", "not_found_error")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
             raise ApiError(400, "n must be 1")
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, "stream must be true or false")
@@ -135,7 +136,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         first = await events.__anext__()  # the first event tells a rejected request apart
         if first.kind == "error":
             await events.aclose()
-            raise ApiError(400, first.text)
+            raise ApiError(first.status, first.text, "invalid_request_error" if first.status < 500 else "server_error")
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream", False):
@@ -144,6 +145,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         async for event in _chain(first, events):
             text += event.text
             done = event
+        if done.finish_reason == "error":
+            raise ApiError(500, SAMPLING_FAILED, "server_error")
         return _full_response(completion_id, created, chat, text, done)
 
     def _submit(engine_request: dict):
@@ -178,6 +181,9 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
         try:
             async for event in _chain(first, events):
+                if event.finish_reason == "error":
+                    yield _sse({"error": {"message": SAMPLING_FAILED, "type": "server_error", "code": 500}})
+                    break
                 if event.text or event.kind == "done":
                     choice = {"index": 0, "finish_reason": event.finish_reason}
                     choice.update({"delta": {"content": event.text} if event.text else {}} if chat else
@@ -201,6 +207,24 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                 "model": model, "choices": [choice], "usage": usage}
 
     return app
+
+
+def _parse_json(data: bytes):
+    """A request body as JSON, or a 400: malformed, nested too deeply to parse, NaN or Infinity (not
+    JSON), or text with a lone UTF-16 surrogate (not Unicode: no tokenizer takes it)."""
+    def not_json(constant: str):
+        raise ValueError(f"{constant} is not a JSON value")
+
+    try:
+        body = json.loads(data, parse_constant=not_json)
+        json.dumps(body, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request holds a lone UTF-16 surrogate (such as \\ud800), which is not text") from None
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    return body
 
 
 def _sse(payload: dict) -> str:

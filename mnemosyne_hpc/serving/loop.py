@@ -20,6 +20,7 @@ from mnemosyne_hpc.engine.request import Request, RequestError
 class Event:
     kind: str  # "text": new text of the request; "done": it finished; "error": it was rejected
     text: str = ""
+    status: int = 400  # of an "error": the HTTP status it means
     finish_reason: Optional[str] = None
     request: Optional[Request] = None  # with "done": token counts and times
 
@@ -95,6 +96,8 @@ class ServingLoop:
                 self._tickets[ticket.request_id] = ticket
             except RequestError as e:
                 ticket.on_event(Event("error", text=str(e)))
+            except Exception as e:  # noqa: BLE001 - one request's failure must not end the job
+                ticket.on_event(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
 
     def _emit(self, sampled: list[Request], finished: list[Request]) -> None:
         for request in sampled:
