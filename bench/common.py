@@ -118,26 +118,6 @@ def timed_requests(engine, requests: list[dict]) -> tuple[float, list[dict]]:
     return time.perf_counter() - started, results
 
 
-def median_time(function, repeats: int, device: str = "cpu") -> float:
-    """Median wall seconds of `function()` over `repeats` calls, after one warm-up call; on a GPU,
-    each timed call ends when its kernels have finished."""
-    import statistics
-    import time
-
-    import torch
-
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    function()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        started = time.perf_counter()
-        function()
-        synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def _widths(model: dict) -> tuple[int, int, int, int]:
     """hidden size, layers, query width and KV width of a Llama config."""
     hidden = model["hidden_size"]

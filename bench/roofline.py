@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from mnemosyne_hpc.kernels import triton_decode
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import DecodeBatch
+from mnemosyne_hpc.perf.timing import median_time
 
-from common import (llama_bytes, llama_flops, median_time, random_llama, random_prompt, run_in_process,
-                    timed_requests, write_results)
+from common import (llama_bytes, llama_flops, random_llama, random_prompt, run_in_process, timed_requests,
+                    write_results)
 
 WIDE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=1 << 17,

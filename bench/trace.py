@@ -155,7 +155,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     print("profiling", flush=True)
     subprocess.run([sys.executable, "-m", "mnemosyne_hpc.profile", *base], cwd=ROOT, env=env, check=True)
-    from mnemosyne_hpc.engine.perf_model import PerfModel
+    from mnemosyne_hpc.perf.model import PerfModel
 
     perf_model = PerfModel.load(profile)
     shorts = read_trace(TRACE, args.requests, args.stretch)

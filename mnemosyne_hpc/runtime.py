@@ -24,7 +24,11 @@ from mnemosyne_hpc.engine.engine import Engine, follow
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.gguf import convert_gguf, converted_dir
-from mnemosyne_hpc.profile import load_or_profile
+from mnemosyne_hpc.perf.calibrate import load_or_profile
+from mnemosyne_hpc.perf.model import PerfModel
+
+# Called on every rank once the model is loaded: rank 0's performance model (None on the others).
+PerfModelSource = Callable[[Config, ModelRunner], PerfModel | None]
 
 
 class ModelDirError(ValueError):
@@ -81,9 +85,10 @@ def _raised_in_collective(e: BaseException) -> bool:
     return any(f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
-def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = False,
+def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSource = load_or_profile,
         followers_ignore: tuple[signal.Signals, ...] = (), **engine_options) -> None:
-    """Start this rank; rank 0 calls `leader(engine)`. `force_profile` re-takes the performance model.
+    """Start this rank; rank 0 calls `leader(engine)`. The engine's performance model comes from
+    `perf_model` (by default the stored profile, or one taken now, where the scheduler uses one).
     Ranks other than 0 ignore `followers_ignore`: rank 0 alone decides what a signal means (a
     launcher forwards a terminal's Ctrl-C, or a scheduler's SIGTERM, to every rank)."""
     try:
@@ -103,11 +108,9 @@ def run(cfg: Config, leader: Callable[[Engine], None], force_profile: bool = Fal
             raise ValueError(f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
                              f"max_position_embeddings = {args.max_position_embeddings}")
         runner = ModelRunner(cfg, ctx, model_dir, args)
-        perf_model = None
-        if force_profile or cfg.scheduler.needs_perf_model:
-            perf_model = load_or_profile(cfg, runner, force=force_profile)
+        model = perf_model(cfg, runner)
         if info.rank == 0:
-            engine = Engine(cfg, runner, load_tokenizer(model_dir), perf_model, **engine_options)
+            engine = Engine(cfg, runner, load_tokenizer(model_dir), model, **engine_options)
             leader(engine)
             engine.shutdown()
         else:

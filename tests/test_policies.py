@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import run_engine, run_ranks, together_and_solo_cases, tiny_overrides
-from mnemosyne_hpc.engine.perf_model import PerfModel, SequenceShape
+from mnemosyne_hpc.perf.model import PerfModel, SequenceShape
 from test_exactness import assert_matches_reference, reference_greedy
 
 POLICIES = [{"chunking": c, "priority": p} for c in ("adaptive", "fixed") for p in ("lars", "edf", "fcfs")]

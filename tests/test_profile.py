@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import run_ranks, tiny_overrides
-from mnemosyne_hpc.engine.perf_model import PerfModel
+from mnemosyne_hpc.perf.model import PerfModel
 from models import make_tiny_model
 from test_scheduler import Simulation
 

@@ -6,9 +6,9 @@ import pytest
 
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
-from mnemosyne_hpc.engine.perf_model import AttentionFit, Curve, PerfModel, SequenceShape
 from mnemosyne_hpc.engine.request import Request, SamplingParams
 from mnemosyne_hpc.engine.scheduler import Scheduler
+from mnemosyne_hpc.perf.model import AttentionFit, Curve, PerfModel, SequenceShape
 
 # 1 ms per step, 2 µs per token of linear layers, attention 10 ns per query token per cached token
 SYNTHETIC = PerfModel(key="synthetic", layers=1, stages=1, linear=Curve([0, 1000], [0.0, 2e-3]),

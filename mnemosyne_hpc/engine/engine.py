@@ -11,12 +11,12 @@ import torch.distributed as dist
 
 from mnemosyne_hpc.config import Config, kvp_group_tokens
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
-from mnemosyne_hpc.engine.perf_model import PerfModel
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.sampler import FAILED
 from mnemosyne_hpc.engine.scheduler import Scheduler
+from mnemosyne_hpc.perf.model import PerfModel
 
 
 PLAN_BUFFER_BYTES = 1 << 14

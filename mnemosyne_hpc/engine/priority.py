@@ -8,8 +8,8 @@ The smallest key goes first; the largest key is the first to be preempted.
 from __future__ import annotations
 
 from mnemosyne_hpc.config import SchedulerConfig
-from mnemosyne_hpc.engine.perf_model import PerfModel
 from mnemosyne_hpc.engine.request import Request
+from mnemosyne_hpc.perf.model import PerfModel
 
 
 class Priority:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
-from mnemosyne_hpc.engine.perf_model import PerfModel, SequenceShape
 from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
 from mnemosyne_hpc.engine.priority import Priority
 from mnemosyne_hpc.engine.request import Request
+from mnemosyne_hpc.perf.model import PerfModel, SequenceShape
 
 
 @dataclass

@@ -7,17 +7,15 @@ A KVP group's micro-batch on one pipeline stage costs
       + w_lm_head · lm_head(R) + layers · merge(M) + hand_over(T)
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
-over KVP groups and R sampled rows. Every curve is measured by `python -m mnemosyne_hpc.profile` on
-the real kernels; the overheads and the weights w (a kernel runs faster or slower inside a whole step
+over KVP groups and R sampled rows. Every curve is measured on the real kernels by `calibrate.py`
+(`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the weights w (a kernel runs faster or slower inside a whole step
 than alone, as caches hold other data) are fitted to whole engine steps.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,31 +121,3 @@ class PerfModel:
                       "merge": curve(data["merge"]), "hand_over": curve(data["hand_over"]),
                       "attention": AttentionFit(curve(data["attention"]["intercept"]),
                                                 curve(data["attention"]["slope"]))})
-
-
-def hardware_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} × {torch.get_num_threads()} threads"
-
-
-PROFILE_FORMAT = 4  # part of the key: a profile of an older format is never loaded
-
-
-def profile_key(args, dtype: str, hardware: str, layout: dict) -> str:
-    """Profiles are kept per model shape, dtype, hardware and parallel layout."""
-    shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
-                                           "num_kv_heads", "head_dim", "vocab_size")}
-    text = json.dumps({"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout,
-                       "format": PROFILE_FORMAT}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,95 @@
+"""This rank's engine step taken apart, for timing its parts one by one (the performance model's
+calibration). Each method returns a callable that runs one part the way a step runs it, with this
+rank's shard shapes, on random inputs of the given size.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from mnemosyne_hpc.engine.request import SamplingParams
+from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.engine.sampler import sample
+from mnemosyne_hpc.model.attention import attention, chunk_attention, merge_over_group
+
+GREEDY = SamplingParams(seed=0)
+
+
+class StepProbes:
+    def __init__(self, runner: ModelRunner):
+        self.ctx, self.dtype, self.device = runner.ctx, runner.dtype, runner.ctx.device
+        self.head_dim, self.hidden_size = runner.args.head_dim, runner.args.hidden_size
+        self._model, self._kv_cache = runner.model, runner.kv_cache
+        self._layer = next(iter(runner.model.layers.values()))
+        self.num_heads = self._layer.self_attn.num_heads  # query heads on this rank
+
+    def fill_cache(self, slots: int) -> None:
+        """Random values in the first `slots` KV slots of every layer: timing must not meet NaN paths."""
+        self._kv_cache.k[:, :, :slots].normal_()
+        self._kv_cache.v[:, :, :slots].normal_()
+
+    def linear(self, tokens: int) -> Callable:
+        """One layer without its attention kernel: norm, QKV projection and RoPE, output projection, MLP
+        (with their TP all-reduces)."""
+        layer, attn = self._layer, self._layer.self_attn
+        x = self._hidden(tokens)
+        angles = self._random(tokens, self.head_dim)
+        attended = self._random(tokens, self.num_heads * self.head_dim)
+
+        def fn():
+            attn.project(layer.input_layernorm(x), angles, angles)
+            return layer.feed_forward(attn.o_proj(attended), x)
+        return fn
+
+    def attention(self, queries: int, context: int, pool: int) -> Callable:
+        """One layer's attention of `queries` tokens over `context` cached ones. Each call reads its
+        context from another layer and another part of the first `pool` slots, as a step reads KV that
+        no cache holds: timing one prefix again and again would find it in the CPU's caches."""
+        attn, d, kv = self._layer.self_attn, self.head_dim, self._kv_cache
+        query = self._random(attn.num_heads, queries, d)
+        key = self._random(attn.num_kv_heads, queries, d)
+        span = context + (queries == 1)
+        starts = itertools.cycle(range(0, pool - span + 1, max(span, pool // 64)) if span else [0])
+        layers = itertools.cycle(range(kv.k.shape[0]))
+
+        def fn():  # as the model runs it: a single token reads its own K/V from the cache with the rest
+            layer, start = next(layers), next(starts)
+            cached = slice(start, start + span)
+            if queries == 1:
+                return attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
+            return chunk_attention(query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if context
+                                                      else (None, None)))
+        return fn
+
+    def lm_head(self, rows: int) -> Callable:
+        """Final norm, LM head and greedy sampling of `rows` rows (on the last stage)."""
+        hidden, positions = self._hidden(rows), list(range(rows))
+        return lambda: sample(self._model.logits(hidden), [GREEDY] * rows, positions)
+
+    def merge(self, rows: int) -> Callable:
+        """One layer's merge of `rows` rows' partial attentions over every KVP group."""
+        out = self._random(self.num_heads, rows, self.head_dim)
+        lse = torch.randn(self.num_heads, rows, dtype=torch.float32, device=self.device)
+        group = self.ctx.kvp_groups[0, self.ctx.kvp_size - 1]
+        return lambda: merge_over_group(out, lse, group)
+
+    def hand_over(self, tokens: int) -> Callable:
+        """The SPP hand-over of `tokens` hidden states: sent to the next stage, received from the previous."""
+        x, received = self._hidden(tokens), self._hidden(tokens)
+
+        def fn():
+            send = dist.isend(x, dst=self.ctx.next_rank) if self.ctx.next_rank is not None else None
+            if self.ctx.prev_rank is not None:
+                dist.recv(received, src=self.ctx.prev_rank)
+            if send is not None:
+                send.wait()
+        return fn
+
+    def _hidden(self, tokens: int) -> torch.Tensor:
+        return self._random(tokens, self.hidden_size)
+
+    def _random(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=self.dtype, device=self.device)

@@ -1,0 +1,228 @@
+"""Calibrates the performance model on this hardware and this parallel layout, and measures its error.
+
+1. Every rank times the parts of its engine step (`StepProbes`), with its own shard shapes: one
+   layer's linear part against batch tokens, attention against query tokens × cached tokens, the LM
+   head and sampling against sampled rows, and the layout's collectives (KVP merge, SPP hand-over).
+2. Rank 0 fits the terms of `PerfModel` and then times whole engine steps (plan broadcast and
+   every rank executing it) on random batch shapes: one set fits the per-step overhead, a
+   held-out set measures the prediction error, which is printed and stored with the profile.
+"""
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mnemosyne_hpc.config import Config, kvp_group_tokens
+from mnemosyne_hpc.distributed.mesh import stage_layers
+from mnemosyne_hpc.engine.engine import broadcast_plan, follow
+from mnemosyne_hpc.engine.plan import Chunk, StepPlan
+from mnemosyne_hpc.engine.probes import GREEDY, StepProbes
+from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.perf.hardware import hardware_name, profile_path
+from mnemosyne_hpc.perf.model import FITTED_TERMS, AttentionFit, Curve, PerfModel, SequenceShape
+from mnemosyne_hpc.perf.timing import median_time
+
+
+def load_or_profile(cfg: Config, runner: ModelRunner) -> PerfModel | None:
+    """On every rank, where the scheduler uses a performance model: rank 0 gets the stored profile,
+    or all ranks take one now (`scheduler.profile_quick`: on a coarse grid) and rank 0 gets it."""
+    if not cfg.scheduler.needs_perf_model:
+        return None
+    path = profile_path(cfg, runner.args, runner.ctx.device)
+    stored = [path.exists()]
+    dist.broadcast_object_list(stored, src=0, group=runner.ctx.cpu_group)
+    if stored[0]:
+        return PerfModel.load(path) if runner.ctx.rank == 0 else None
+    return calibrate(cfg, runner, quick=cfg.scheduler.profile_quick)
+
+
+def calibrate(cfg: Config, runner: ModelRunner, quick: bool = False) -> PerfModel | None:
+    """On every rank: take a new profile (a full one unless `quick`); rank 0 stores and returns it."""
+    path = profile_path(cfg, runner.args, runner.ctx.device)
+    if runner.ctx.rank == 0:
+        print(f"profiling this hardware for the performance model (stored in {path})", file=sys.stderr)
+    model = Profiler(cfg, runner).run(quick)
+    if model is not None:
+        model.key = path.stem
+        model.save(path)
+    return model
+
+
+class Profiler:
+    def __init__(self, cfg: Config, runner: ModelRunner):
+        self.cfg, self.runner, self.ctx, self.device = cfg, runner, runner.ctx, runner.ctx.device
+        self.probes = StepProbes(runner)
+        self.group_tokens = kvp_group_tokens(cfg)
+        self.capacity = runner.num_blocks * cfg.cache.block_size  # slots in this rank's KV pool
+        self.max_tokens = min(cfg.scheduler.max_num_batched_tokens, self.capacity // 2)
+        self.max_context = min(self.group_tokens, self.capacity - self.max_tokens)
+        self.used_slots = self.max_context + self.max_tokens
+
+    @torch.inference_mode()
+    def run(self, quick: bool) -> PerfModel | None:
+        self.reps = 3 if quick else 5
+        self.probes.fill_cache(self.used_slots)
+        measured = self._components(quick)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, measured, group=self.ctx.cpu_group)
+        if self.ctx.rank != 0:
+            follow(self.runner)  # rank 0 now times whole steps
+            return None
+        model = self._fit_components(gathered)
+        slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
+        calibration, held_out = (self._shapes(model, seed, count, slowest)
+                                 for seed, count in ((1, 16 if quick else 40), (2, 8 if quick else 24)))
+        steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
+                                                                   file=sys.stderr, leave=False)]
+        broadcast_plan(StepPlan(shutdown=True), self.ctx.cpu_group)
+        self._fit_overhead(model, steps[: len(calibration)])
+        errors = [abs(self._predict(model, shape) - seconds) / seconds for shape, seconds in steps[len(calibration):]]
+        model.report = {
+            "hardware": hardware_name(self.device), "dtype": self.cfg.model.dtype, "quick": quick,
+            "layout": {"tp": self.cfg.parallel.tp, "spp": self.cfg.parallel.spp, "kvp": self.cfg.parallel.kvp},
+            "held_out_steps": len(errors), "median_abs_error": statistics.median(errors),
+            "p90_abs_error": float(np.percentile(errors, 90)), "max_abs_error": max(errors),
+            "held_out": [{"sequences": [list(seq) for seq in shape], "measured_s": seconds,
+                          "predicted_s": self._predict(model, shape)} for shape, seconds in steps[len(calibration):]],
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(f"performance model: median |error| {model.report['median_abs_error']:.1%}, p90 "
+              f"{model.report['p90_abs_error']:.1%}, max {model.report['max_abs_error']:.1%} "
+              f"over {len(errors)} held-out batch shapes", file=sys.stderr)
+        return model
+
+    # --- 1. kernels on every rank ----------------------------------------------------------------
+    def _grids(self, quick: bool):
+        tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if t <= self.max_tokens]
+        queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if q <= self.max_tokens]
+        contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if n <= self.max_context]
+        if quick:
+            tokens, queries = tokens[::2] + tokens[-1:], queries[::2] + queries[-1:]
+        return sorted(set(tokens)), sorted(set(queries)), contexts
+
+    def _components(self, quick: bool) -> dict:
+        tokens, queries, contexts = self._grids(quick)
+        heads, d = self.probes.num_heads, self.runner.args.head_dim
+        flop_cap = 2e10 if quick else 1e11  # skip attention points slower than about a second
+        measured = {"linear": {}, "attention": {}, "lm_head": {}, "merge": {}, "hand_over": {}}
+        points = [("linear", t) for t in tokens] + [("attention", (q, n)) for q in queries for i, n in enumerate(contexts)
+                                                    if i < 2 or 4 * q * n * heads * d <= flop_cap]
+        points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs] if self.ctx.last_stage else []
+        points += [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
+        points += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
+        for kind, point in tqdm(points, desc="kernels", file=sys.stderr, leave=False, disable=self.ctx.rank != 0):
+            probe = getattr(self.probes, kind)
+            fn = probe(*point, self.used_slots) if kind == "attention" else probe(point)
+            measured[kind][point] = median_time(fn, self.reps, self.device)
+        return measured
+
+    # --- 2. fit, then whole steps driven by rank 0 -----------------------------------------------
+    def _fit_components(self, gathered: list[dict]) -> PerfModel:
+        def worst(kind):  # the slowest rank sets the pace of a lock-step iteration
+            points = {}
+            for measured in gathered:
+                for point, seconds in measured[kind].items():
+                    points[point] = max(points.get(point, 0.0), seconds)
+            return points
+
+        def curve(points):
+            return Curve(*map(list, zip(*sorted(points.items())))) if points else None
+
+        attention = worst("attention")
+        queries = sorted({q for q, _ in attention})
+        intercepts, slopes = [], []
+        for q in queries:
+            n, seconds = zip(*sorted((n, s) for (q2, n), s in attention.items() if q2 == q))
+            slope, intercept = np.polyfit(n, seconds, 1)
+            intercepts.append(float(intercept))
+            slopes.append(float(max(slope, 0.0)))
+        return PerfModel(key="", layers=len(stage_layers(self.runner.args.num_layers, self.ctx.num_stages, 0)),
+                         stages=self.ctx.num_stages, linear=curve(worst("linear")),
+                         attention=AttentionFit(Curve(queries, intercepts), Curve(queries, slopes)),
+                         lm_head=curve(worst("lm_head")), merge=curve(worst("merge")),
+                         hand_over=curve(worst("hand_over")))
+
+    def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int, bool]]]:
+        """Random batches of (query tokens, cached tokens, sampled), each predicted to take at most
+        `slowest` seconds: up to 32 decodes and up to two prefill chunks, sizes and contexts log-uniform
+        so that small steps are as common as big ones."""
+        rng = random.Random(seed)
+
+        def log_uniform(low: int, high: int) -> int:
+            return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
+        seqs, shapes, attempts = self.cfg.scheduler.max_num_seqs, [], 0
+        while len(shapes) < count:
+            decodes = [(1, log_uniform(1, self.max_context), True) for _ in range(rng.randint(0, min(seqs, 32)))]
+            room = self.max_tokens - len(decodes)
+            chunks = []
+            for _ in range(rng.randint(0 if decodes else 1, min(2, seqs - len(decodes)))):
+                if room < 1:
+                    break
+                q = log_uniform(1, min(room, 2048))
+                # a prompt's last chunk samples, the others do not
+                chunks.append((q, rng.choice([0, log_uniform(1, self.max_context)]), rng.random() < 0.5))
+                room -= q
+            shape = decodes + chunks
+            attempts += 1
+            if shape and (self._predict(model, shape) <= slowest or attempts > 1000):  # a slow model: take any
+                shapes.append(shape)
+        return shapes
+
+    def _groups(self, shape) -> list[tuple[list[SequenceShape], int]]:
+        """Per KVP group: its sequences and sampled rows (sequence i runs on group i mod K)."""
+        mine = [[seq for i, seq in enumerate(shape) if i % self.ctx.kvp_size == g] for g in range(self.ctx.kvp_size)]
+        return [([SequenceShape(q, n) for q, n, _ in seqs], sum(sampled for *_, sampled in seqs)) for seqs in mine]
+
+    def _predict(self, model: PerfModel, shape) -> float:
+        return max(model.batch_time(seqs, sampled) for seqs, sampled in self._groups(shape))
+
+    def _time_step(self, shape) -> float:
+        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
+        table = list(range(self.runner.num_blocks))
+        chunks = [Chunk(request_id=i, token_ids=[1] * q, start_pos=n, first_group=i % self.ctx.kvp_size,
+                        num_groups=1, sampling=GREEDY if sampled else None) for i, (q, n, sampled) in enumerate(shape)]
+        tables = {i: (i % self.ctx.kvp_size, [table]) for i in range(len(shape))}
+        stages = self.ctx.num_stages
+        ticks = []
+        for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
+            plan = StepPlan(stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else []
+                                    for s in range(stages)], block_tables=tables if tick == 0 else {})
+            start = time.perf_counter()
+            broadcast_plan(plan, self.ctx.cpu_group)
+            self.runner.execute(plan)
+            ticks.append(time.perf_counter() - start)
+        return statistics.median(ticks[stages: stages + self.reps])
+
+    def _fit_overhead(self, model: PerfModel, steps) -> None:
+        """Whole step ≈ overhead + per_sequence × sequences + collectives + Σ weight × measured term, by
+        non-negative least squares on the relative error (short steps count as much as long ones)."""
+        features, targets = [], []
+        for shape, seconds in steps:
+            seqs, sampled = max(self._groups(shape), key=lambda group: model.batch_time(*group))
+            terms = model.terms(seqs, sampled)
+            features.append([1.0, len(seqs)] + [terms[name] for name in FITTED_TERMS])
+            targets.append((seconds - terms["collectives"]) / seconds)
+        features = np.array(features) / np.array([seconds for _, seconds in steps])[:, None]
+        overhead, per_sequence, *weights = nonnegative_least_squares(features, np.array(targets))
+        model.overhead_s, model.per_sequence_s = overhead, per_sequence
+        model.weights = dict(zip(FITTED_TERMS, weights))
+
+
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """min |a x − b| with x >= 0: least squares, dropping the most negative unknown until none is."""
+    free = list(range(a.shape[1]))
+    while True:
+        x = np.zeros(a.shape[1])
+        x[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
+        if x.min() >= 0:
+            return [float(v) for v in x]
+        free.remove(int(np.argmin(x)))
