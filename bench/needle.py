@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from common import RESULTS, qwen_gguf, run_generate, write_results
-from mnemosyne_hpc.config import compose, kvp_group_tokens
+from mnemosyne_hpc.config import compose
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -85,7 +86,7 @@ def main() -> None:
     same = engine["token_ids"] == reference_ids
     record = {"benchmark": "needle", "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF, float32 compute)",
               "prompt_tokens": len(prompt), "kvp": args.kvp,
-              "tokens_per_kvp_group": kvp_group_tokens(compose(overrides)),
+              "tokens_per_kvp_group": KVPLayout.of(compose(overrides)).group_tokens,
               "pass_key": key, "depth": args.depth, "engine_text": engine["text"],
               "engine_token_ids": engine["token_ids"],
               "reference_text": reference_text, "reference_token_ids": reference_ids, "identical": same,

@@ -84,7 +84,7 @@ def engine_worker(spec: dict) -> dict:
                                                                     "temperature": 0.0, "ignore_eos": True})
                 finished = []
                 while engine.has_unfinished:
-                    finished += engine.step()
+                    finished += engine.step().finished
                 finished.sort(key=lambda request: request.id)
                 results[name].append([{"submitted": q.arrival, "token_times": q.token_times,
                                        "token_ids": q.output_token_ids} for q in finished])

@@ -166,8 +166,8 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
             results["profile_prefill"] = profile_table(lambda: timed_requests(engine, [longest]), device)
         request_id = engine.add_request(None, random_prompt(decode_context, 3, model["vocab_size"]),
                                         {"max_tokens": decode_steps + 1, "ignore_eos": True})
-        while request_id not in [r.id for r in engine.sampled]:  # its prefill
-            engine.step()
+        while request_id not in [r.id for r in engine.step().sampled]:  # its prefill
+            pass
         results["profile_decode"] = profile_table(lambda: [engine.step() for _ in range(decode_steps)], device)
 
     max_len = max(prefill_lengths + [decode_context]) + decode_steps + 1

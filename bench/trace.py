@@ -77,7 +77,7 @@ def worker(spec_path: str) -> None:
                 time.sleep(min(pending[0]["arrival_s"] - now, 0.05))
                 continue
             step_start = time.perf_counter()
-            for request in engine.step():
+            for request in engine.step().finished:
                 records.append({"kind": kinds[request.id], **request_record(request, start)})
             entering = engine.last_plan.entering
             steps.append({"start_s": step_start - start, "seconds": time.perf_counter() - step_start,

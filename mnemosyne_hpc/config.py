@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -200,17 +201,9 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if p.max_tokens_per_kvp_group < 0 or p.kvp * kvp_group_tokens(cfg) < c.max_model_len:
+    if p.max_tokens_per_kvp_group < 0 or p.kvp * KVPLayout.of(cfg).group_tokens < c.max_model_len:
         raise ConfigError(f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
                           f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)")
-
-
-def kvp_group_tokens(cfg: Config) -> int:
-    """L, the tokens of one request that one KVP group holds."""
-    if cfg.parallel.max_tokens_per_kvp_group:
-        return cfg.parallel.max_tokens_per_kvp_group
-    blocks = math.ceil(math.ceil(cfg.cache.max_model_len / cfg.parallel.kvp) / cfg.cache.block_size)
-    return blocks * cfg.cache.block_size
 
 
 def config_digest(cfg: Config) -> str:

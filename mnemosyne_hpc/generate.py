@@ -58,7 +58,7 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> tuple[list
             results[index] = {"index": index, "error": str(e)}
     with tqdm(total=len(index_of), desc="requests", unit="req", disable=not progress, file=sys.stderr) as bar:
         while engine.has_unfinished:
-            for request in engine.step():
+            for request in engine.step().finished:
                 results[index_of[request.id]] = {
                     "index": index_of[request.id],
                     "prompt_tokens": len(request.prompt_token_ids),

@@ -20,7 +20,8 @@ from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.distributed.launch import fail, init_distributed
 from mnemosyne_hpc.distributed.mesh import build_mesh
-from mnemosyne_hpc.engine.engine import Engine, follow
+from mnemosyne_hpc.engine.engine import Engine
+from mnemosyne_hpc.engine.executor import Executor
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.gguf import convert_gguf, converted_dir
@@ -114,7 +115,7 @@ def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSour
             leader(engine)
             engine.shutdown()
         else:
-            follow(runner)
+            Executor(runner).follow()
     except KeyboardInterrupt:
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow

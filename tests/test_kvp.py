@@ -6,6 +6,7 @@ import random
 import pytest
 
 from conftest import greedy_cases, run_engine, together_and_solo_cases, tiny_overrides
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from test_exactness import DECODE_STEPS, assert_matches_reference, reference_greedy
 
@@ -79,8 +80,8 @@ def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_
 
 
 def test_placement_spans_consecutive_groups_and_spreads_short_requests():
-    placement = KVPlacement(num_groups=3, num_blocks=10, block_size=16, group_tokens=64)
-    assert placement.shard_tokens(150) == [64, 64, 22]
+    placement = KVPlacement(KVPLayout(num_groups=3, group_tokens=64), num_blocks=10, block_size=16)
+    assert placement.layout.shard_tokens(150) == [64, 64, 22]
     first, tables = placement.reserve(150, 150)
     assert first == 0 and [len(t) for t in tables] == [4, 4, 2]
     assert placement.reserve(30, 30)[0] == 2  # the group the long request leaves emptiest
@@ -94,7 +95,7 @@ def test_placement_spans_consecutive_groups_and_spreads_short_requests():
 
 
 def test_placement_reserves_the_prompt_and_grows_block_by_block():
-    placement = KVPlacement(num_groups=2, num_blocks=10, block_size=16, group_tokens=64)
+    placement = KVPlacement(KVPLayout(num_groups=2, group_tokens=64), num_blocks=10, block_size=16)
     first, tables = placement.reserve(20, 100)  # a 20-token prompt that may grow to 100 tokens
     assert first == 0 and tables == [[0, 1]] and placement.promised == [2, 3]
     assert placement.covers(tables, 31) and not placement.covers(tables, 32)

@@ -7,12 +7,11 @@ BROADCAST = """
 import sys
 import torch.distributed as dist
 from mnemosyne_hpc.distributed.launch import init_distributed
-from mnemosyne_hpc.engine.engine import PLAN_BUFFER_BYTES, broadcast_plan
+from mnemosyne_hpc.engine.executor import PLAN_BUFFER_BYTES, broadcast_plan
 from mnemosyne_hpc.engine.plan import Chunk, StepPlan
 info = init_distributed("cpu", "gloo", 30)
 for tokens in (3, PLAN_BUFFER_BYTES):  # the second plan pickles to several buffers' worth
-    chunk = Chunk(request_id=7, token_ids=list(range(tokens)), start_pos=5, first_group=0, num_groups=2,
-                  sampling=None)
+    chunk = Chunk(request_id=7, token_ids=list(range(tokens)), start_pos=5, groups=range(0, 2), sampling=None)
     sent = StepPlan(stages=[[chunk], []], block_tables={7: (0, [[1, 2], [9]])}, released=[3], return_logits=True)
     received = broadcast_plan(sent if info.rank == 0 else None, dist.group.WORLD)
     if received != sent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mnemosyne_hpc.config import SchedulerConfig
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.request import Request, SamplingParams
 from mnemosyne_hpc.engine.scheduler import Scheduler
@@ -23,7 +24,7 @@ class Simulation:
         self.now = 0.0
         self.cfg = SchedulerConfig(**{"max_num_batched_tokens": 100_000, "slo_headroom": 0.0, **scheduler})
         self.perf_model = perf_model
-        self.placement = KVPlacement(1, num_blocks, block_size, group_tokens=num_blocks * block_size)
+        self.placement = KVPlacement(KVPLayout(1, group_tokens=num_blocks * block_size), num_blocks, block_size)
         self.scheduler = Scheduler(self.cfg, self.placement, perf_model=perf_model, clock=lambda: self.now)
         self.steps: list[dict] = []  # request id → (start, length) of its chunk, per step
         self.finished: list[Request] = []

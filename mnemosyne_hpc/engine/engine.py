@@ -1,15 +1,13 @@
-"""Rank 0 owns the requests and drives every rank, one broadcast step plan at a time."""
+"""Rank 0 owns the requests: each step, the scheduler forms a plan, the executor runs it on every
+rank, and the sampled tokens update the requests."""
 from __future__ import annotations
 
 import itertools
-import pickle
 import time
-from typing import Optional
+from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
-from mnemosyne_hpc.config import Config, kvp_group_tokens
+from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.engine.executor import Executor
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
@@ -19,41 +17,13 @@ from mnemosyne_hpc.engine.scheduler import Scheduler
 from mnemosyne_hpc.perf.model import PerfModel
 
 
-PLAN_BUFFER_BYTES = 1 << 14
-_LENGTH_BYTES = 8
+@dataclass
+class StepOutput:
+    """What one step did: the requests that got a token (finished ones included), and those that
+    finished (stopped, reached their length, were aborted, or failed)."""
 
-
-def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
-    """Rank 0's plan to every rank: its length and pickle in one fixed-size broadcast, and a second
-    broadcast only for the part of a larger plan that does not fit. Per step: one collective's latency."""
-    if dist.get_world_size(group) == 1:
-        return plan
-    packed = b""
-    if plan is not None:
-        data = pickle.dumps(plan)
-        packed = len(data).to_bytes(_LENGTH_BYTES, "little") + data
-    buffer = torch.empty(PLAN_BUFFER_BYTES, dtype=torch.uint8)
-    head = packed[:PLAN_BUFFER_BYTES]
-    if head:
-        buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    dist.broadcast(buffer, src=0, group=group)
-    received = buffer.numpy().tobytes()
-    end = _LENGTH_BYTES + int.from_bytes(received[:_LENGTH_BYTES], "little")
-    if end > PLAN_BUFFER_BYTES:
-        rest = torch.empty(end - PLAN_BUFFER_BYTES, dtype=torch.uint8)
-        if plan is not None:
-            rest[:] = torch.frombuffer(bytearray(packed[PLAN_BUFFER_BYTES:]), dtype=torch.uint8)
-        dist.broadcast(rest, src=0, group=group)
-        received += rest.numpy().tobytes()
-    return plan if plan is not None else pickle.loads(received[_LENGTH_BYTES:end])
-
-
-def follow(runner: ModelRunner) -> None:
-    """The loop of every rank but 0: run each plan rank 0 sends until it says shut down. A plan with
-    no stages is rank 0 keeping in touch while it has no work."""
-    while not (plan := broadcast_plan(None, runner.ctx.cpu_group)).shutdown:
-        if plan.stages:
-            runner.execute(plan)
+    sampled: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
 
 
 class Engine:
@@ -62,14 +32,13 @@ class Engine:
         self.cfg, self.runner, self.tokenizer, self.perf_model = cfg, runner, tokenizer, perf_model
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
-        self.placement = KVPlacement(runner.ctx.kvp_size, runner.num_blocks, cfg.cache.block_size,
-                                     kvp_group_tokens(cfg))
+        self.executor = Executor(runner)
+        self.placement = KVPlacement(runner.layout, runner.num_blocks, cfg.cache.block_size)
         self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages, perf_model)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
         self._ids = itertools.count()
-        self.sampled: list[Request] = []  # requests that got a token in the last step
         self.last_plan: StepPlan | None = None
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
@@ -119,40 +88,37 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
-    def step(self) -> list[Request]:
-        """Run one pipeline tick on every rank; return the requests that finished in it."""
+    def step(self) -> StepOutput:
+        """Run one pipeline tick on every rank."""
         stages = [self.scheduler.schedule()] + self.in_flight
         released, changed = self.scheduler.take_changes()
         tables = {r.id: (r.first_group, [list(t) for t in r.block_tables]) for r in changed}
         plan = StepPlan(stages=stages, block_tables=tables, released=released, return_logits=self.record_logits)
-        broadcast_plan(plan, self.runner.ctx.cpu_group)
         self.last_plan = plan
-        tokens, logits = self.runner.execute(plan)
+        results = self.executor.run(plan)
         self.in_flight = stages[:-1]
         now = time.perf_counter()
-        finished = []
-        sampled_chunks = [c for c in plan.leaving if c.sampling is not None]
+        out = StepOutput()
         for chunk in plan.leaving:
             self.requests[chunk.request_id].num_computed += len(chunk.token_ids)
-        self.sampled = []
-        for row, (chunk, token) in enumerate(zip(sampled_chunks, tokens)):
-            request = self.requests[chunk.request_id]
-            if token == FAILED:  # its sampling raised on the last stage: this request ends, the others go on
+        for chunk in plan.sampled:
+            request, result = self.requests[chunk.request_id], results[chunk.request_id]
+            if result.token == FAILED:  # its sampling raised on the last stage: this request ends, the others go on
                 request.finish_reason = "error"
-                finished.append(self._finish(request, now))
+                out.finished.append(self._finish(request, now))
                 continue
-            request.output_token_ids.append(token)
+            request.output_token_ids.append(result.token)
             request.token_times.append(now)
-            self.sampled.append(request)
+            out.sampled.append(request)
             if self.record_logits:
-                self.logits.setdefault(request.id, []).append(logits[row])
-            if self._check_finished(request, token):
-                finished.append(self._finish(request, now))
+                self.logits.setdefault(request.id, []).append(result.logits)
+            if self._check_finished(request, result.token):
+                out.finished.append(self._finish(request, now))
         for chunk in plan.leaving:  # aborted while in the pipeline: finished once nothing of it is left there
             request = self.requests.get(chunk.request_id)
             if request is not None and request.finish_reason == "abort" and not request.in_flight:
-                finished.append(self._finish(request, now))
-        return finished
+                out.finished.append(self._finish(request, now))
+        return out
 
     def abort(self, request_id: int) -> Request | None:
         """Stop a request (a client went away) with reason "abort": returned finished now if nothing of
@@ -172,7 +138,7 @@ class Engine:
 
     def keep_alive(self) -> None:
         """An empty plan: the other ranks' wait for the next plan starts over (parallel.timeout_s)."""
-        broadcast_plan(StepPlan(), self.runner.ctx.cpu_group)
+        self.executor.keep_alive()
 
     def _check_finished(self, request: Request, token: int) -> bool:
         params = request.sampling
@@ -201,4 +167,4 @@ class Engine:
         return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
 
     def shutdown(self) -> None:
-        broadcast_plan(StepPlan(shutdown=True), self.runner.ctx.cpu_group)
+        self.executor.shutdown()

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
+
 
 class BlockAllocator:
     """Rank 0's book of free blocks. It hands out consecutive blocks where it can: decode attention
@@ -47,22 +49,16 @@ class BlockAllocator:
 
 
 class KVPlacement:
-    """Rank 0's book of the blocks of every KVP group, and of where a request's KV goes.
+    """Rank 0's book of the blocks of every KVP group, and of where a request's KV goes (`layout`).
 
-    A request of up to `max_len` tokens spans consecutive groups; the i-th holds its positions
-    [i·L, (i+1)·L) with L = `group_tokens`. Admission reserves the blocks of the prompt in every group
-    it spans; decoding takes one block at a time from the group its new position falls in.
+    Admission reserves the blocks of the prompt in every group it spans; decoding takes one block at
+    a time from the group its new position falls in.
     """
 
-    def __init__(self, num_groups: int, num_blocks: int, block_size: int, group_tokens: int):
-        self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(num_groups)]
-        self.group_tokens = group_tokens
-        self.promised = [0] * num_groups  # blocks that placed requests may still take as they grow
-
-    def shard_tokens(self, num_tokens: int) -> list[int]:
-        """Tokens each spanned group holds of a sequence of `num_tokens` tokens."""
-        L = self.group_tokens
-        return [min(L, num_tokens - start) for start in range(0, num_tokens, L)]
+    def __init__(self, layout: KVPLayout, num_blocks: int, block_size: int):
+        self.layout = layout
+        self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(layout.num_groups)]
+        self.promised = [0] * layout.num_groups  # blocks that placed requests may still take as they grow
 
     @property
     def blocks_per_group(self) -> int:
@@ -82,14 +78,14 @@ class KVPlacement:
 
     def blocks_needed(self, max_len: int) -> int:
         """Blocks the request's largest shard needs from one group."""
-        return self.allocators[0].blocks_for(self.shard_tokens(max_len)[0])
+        return self.allocators[0].blocks_for(self.layout.shard_tokens(max_len)[0])
 
     def reserve(self, num_tokens: int, max_len: int) -> tuple[int, list[list[int]]] | None:
         """Blocks for the first `num_tokens` positions of a request that may grow to `max_len`:
         (first group, block table per spanned group), or None while no run of groups has room.
         Picks the run with the most free blocks, which spreads short requests over the groups."""
-        shards = self.shard_tokens(num_tokens)
-        span = len(self.shard_tokens(max_len))
+        shards = self.layout.shard_tokens(num_tokens)
+        span = len(self.layout.shard_tokens(max_len))
         runs = [first for first in range(len(self.allocators) - span + 1)
                 if all(self.allocators[first + i].can_reserve(n) for i, n in enumerate(shards))]
         if not runs:
@@ -104,25 +100,22 @@ class KVPlacement:
         return self.allocators[group].num_free - self.promised[group]
 
     def _promise(self, first_group: int, tables: list[list[int]], max_len: int, sign: int) -> None:
-        for i, n in enumerate(self.shard_tokens(max_len)):
+        for i, n in enumerate(self.layout.shard_tokens(max_len)):
             held = len(tables[i]) if i < len(tables) else 0
             self.promised[first_group + i] += sign * (self.allocators[0].blocks_for(n) - held)
 
-    def group_of(self, first_group: int, position: int) -> int:
-        return first_group + position // self.group_tokens
-
     def covers(self, tables: list[list[int]], position: int) -> bool:
-        shard = position // self.group_tokens
-        return shard < len(tables) and position % self.group_tokens < len(tables[shard]) * self.block_size
+        shard = self.layout.shard(position)
+        return shard < len(tables) and position % self.layout.group_tokens < len(tables[shard]) * self.block_size
 
     def extend(self, first_group: int, tables: list[list[int]], position: int) -> bool:
         """Add the block holding `position` to the tables; False when its group has no free block."""
-        group = self.group_of(first_group, position)
+        group, shard = self.layout.group_of(first_group, position), self.layout.shard(position)
         if self.allocators[group].num_free == 0:
             return False
-        while len(tables) <= position // self.group_tokens:
+        while len(tables) <= shard:
             tables.append([])
-        table = tables[position // self.group_tokens]
+        table = tables[shard]
         table.extend(self.allocators[group].reserve(1, after=table[-1] if table else None))
         self.promised[group] -= 1
         return True

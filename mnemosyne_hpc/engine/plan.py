@@ -9,23 +9,19 @@ from mnemosyne_hpc.engine.request import SamplingParams
 
 @dataclass
 class Chunk:
-    """Tokens of one request to run this step: a prefill chunk or a single decode token.
-
-    The request's KV is split over consecutive KVP groups `first_group`, `first_group + 1`, …, the
-    i-th of them holding positions [i·L, (i+1)·L). Every group in `groups` holds part of the KV
-    before this chunk and runs the chunk; the last of them, `owner`, also holds the chunk's own KV.
-    """
+    """Tokens of one request to run this step: a prefill chunk or a single decode token, run by the
+    KVP groups `groups` (its holders, `KVPLayout.holders`): the last of them stores its KV, the first
+    (the request's first group) samples."""
 
     request_id: int
     token_ids: list[int]
     start_pos: int  # position of token_ids[0]; tokens before it are in the KV cache
-    first_group: int
-    num_groups: int  # groups holding the request's KV up to the end of this chunk
+    groups: range
     sampling: Optional[SamplingParams]  # set when the chunk ends the known tokens: sample the next one
 
     @property
-    def groups(self) -> range:
-        return range(self.first_group, self.first_group + self.num_groups)
+    def first_group(self) -> int:
+        return self.groups.start
 
     @property
     def owner(self) -> int:
@@ -63,3 +59,8 @@ class StepPlan:
     @property
     def leaving(self) -> MicroBatch:
         return self.stages[-1]
+
+    @property
+    def sampled(self) -> MicroBatch:
+        """The chunks that leave the pipeline this tick with a token to sample."""
+        return [c for c in self.leaving if c.sampling is not None]

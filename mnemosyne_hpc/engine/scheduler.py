@@ -50,7 +50,7 @@ class GroupLoad:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, placement: KVPlacement, num_stages: int = 1,
                  perf_model: PerfModel | None = None, clock=time.perf_counter):
-        self.cfg, self.placement, self.num_stages = cfg, placement, num_stages
+        self.cfg, self.placement, self.layout, self.num_stages = cfg, placement, placement.layout, num_stages
         self.perf_model, self.clock = perf_model, clock
         self.priority = Priority(cfg, perf_model)
         self.waiting: list[Request] = []
@@ -120,22 +120,22 @@ class Scheduler:
         return self.cfg.space_share > 0 and self.perf_model is not None and self.priority.slack(request, now) > 0
 
     def _groups(self, request: Request) -> range:
-        """KVP groups holding the request's KV up to its next token."""
-        return range(request.first_group, self.placement.group_of(request.first_group, request.num_scheduled) + 1)
+        """KVP groups that run the request's next chunk."""
+        return self.layout.holders(request.first_group, request.num_scheduled)
 
     def _shapes(self, request: Request, size: int):
         """(group, its sequence shape, sampled rows, merged rows) for a chunk of `size` tokens."""
-        start, groups, L = request.num_scheduled, self._groups(request), self.placement.group_tokens
+        start, groups = request.num_scheduled, self._groups(request)
         sampled = int(start + size == request.num_tokens)
         merged = size if len(groups) > 1 else 0
         for g in groups:
-            cached = start - (g - request.first_group) * L if g == groups[-1] else L
+            cached = self.layout.cached_tokens(request.first_group, start, g)
             yield g, SequenceShape(size, cached), sampled if g == request.first_group else 0, merged
 
     def _chunk_size(self, loads: list[GroupLoad], request: Request, leave_share: bool) -> int:
         start, groups = request.num_scheduled, self._groups(request)
         limit = min(request.num_unscheduled, min(loads[g].tokens_left for g in groups),
-                    self.placement.group_tokens - start % self.placement.group_tokens)  # stop at the boundary
+                    self.layout.tokens_to_boundary(start))
         if limit <= 0:
             return 0
         if self.cfg.chunking == "fixed":
@@ -172,8 +172,7 @@ class Scheduler:
         start = request.num_scheduled
         end = request.num_scheduled = start + size
         chunks.append(Chunk(request_id=request.id, token_ids=request.token_ids(start, end), start_pos=start,
-                            first_group=request.first_group, num_groups=len(groups),
-                            sampling=request.sampling if end == request.num_tokens else None))
+                            groups=groups, sampling=request.sampling if end == request.num_tokens else None))
 
     def _make_room(self, request: Request, now: float) -> bool:
         """Make sure the KV block of the request's next position is reserved, preempting if needed.
@@ -183,7 +182,7 @@ class Scheduler:
             if self.placement.extend(request.first_group, request.block_tables, position):
                 self.tables_changed[request.id] = request
                 continue
-            group = self.placement.group_of(request.first_group, position)
+            group = self.layout.group_of(request.first_group, position)
             victims = [r for r in self.running if not r.in_flight and self._holds_blocks(r, group)]
             if not victims:
                 return False  # the holders all have work in the pipeline: try again next tick

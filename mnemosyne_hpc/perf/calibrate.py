@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mnemosyne_hpc.config import Config, kvp_group_tokens
+from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.distributed.mesh import stage_layers
-from mnemosyne_hpc.engine.engine import broadcast_plan, follow
+from mnemosyne_hpc.engine.executor import Executor
 from mnemosyne_hpc.engine.plan import Chunk, StepPlan
 from mnemosyne_hpc.engine.probes import GREEDY, StepProbes
 from mnemosyne_hpc.engine.runner import ModelRunner
@@ -60,7 +61,8 @@ class Profiler:
     def __init__(self, cfg: Config, runner: ModelRunner):
         self.cfg, self.runner, self.ctx, self.device = cfg, runner, runner.ctx, runner.ctx.device
         self.probes = StepProbes(runner)
-        self.group_tokens = kvp_group_tokens(cfg)
+        self.executor = Executor(runner)
+        self.group_tokens = KVPLayout.of(cfg).group_tokens
         self.capacity = runner.num_blocks * cfg.cache.block_size  # slots in this rank's KV pool
         self.max_tokens = min(cfg.scheduler.max_num_batched_tokens, self.capacity // 2)
         self.max_context = min(self.group_tokens, self.capacity - self.max_tokens)
@@ -74,7 +76,7 @@ class Profiler:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, measured, group=self.ctx.cpu_group)
         if self.ctx.rank != 0:
-            follow(self.runner)  # rank 0 now times whole steps
+            self.executor.follow()  # rank 0 now times whole steps
             return None
         model = self._fit_components(gathered)
         slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
@@ -82,7 +84,7 @@ class Profiler:
                                  for seed, count in ((1, 16 if quick else 40), (2, 8 if quick else 24)))
         steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
                                                                    file=sys.stderr, leave=False)]
-        broadcast_plan(StepPlan(shutdown=True), self.ctx.cpu_group)
+        self.executor.shutdown()
         self._fit_overhead(model, steps[: len(calibration)])
         errors = [abs(self._predict(model, shape) - seconds) / seconds for shape, seconds in steps[len(calibration):]]
         model.report = {
@@ -188,8 +190,9 @@ class Profiler:
     def _time_step(self, shape) -> float:
         """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
         table = list(range(self.runner.num_blocks))
-        chunks = [Chunk(request_id=i, token_ids=[1] * q, start_pos=n, first_group=i % self.ctx.kvp_size,
-                        num_groups=1, sampling=GREEDY if sampled else None) for i, (q, n, sampled) in enumerate(shape)]
+        groups = [range(i % self.ctx.kvp_size, i % self.ctx.kvp_size + 1) for i in range(len(shape))]
+        chunks = [Chunk(request_id=i, token_ids=[1] * q, start_pos=n, groups=groups[i],
+                        sampling=GREEDY if sampled else None) for i, (q, n, sampled) in enumerate(shape)]
         tables = {i: (i % self.ctx.kvp_size, [table]) for i in range(len(shape))}
         stages = self.ctx.num_stages
         ticks = []
@@ -197,8 +200,7 @@ class Profiler:
             plan = StepPlan(stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else []
                                     for s in range(stages)], block_tables=tables if tick == 0 else {})
             start = time.perf_counter()
-            broadcast_plan(plan, self.ctx.cpu_group)
-            self.runner.execute(plan)
+            self.executor.run(plan)
             ticks.append(time.perf_counter() - start)
         return statistics.median(ticks[stages: stages + self.reps])
 

@@ -70,8 +70,8 @@ class ServingLoop:
         while not self._stopping.is_set():
             self._take_inbox(block=not self.engine.has_unfinished, until=last_contact + self.heartbeat_s)
             if self.engine.has_unfinished:
-                finished = self.engine.step()
-                self._emit(self.engine.sampled, finished)
+                out = self.engine.step()
+                self._emit(out.sampled, out.finished)
                 last_contact = time.monotonic()
             elif time.monotonic() >= last_contact + self.heartbeat_s:
                 self.engine.keep_alive()
