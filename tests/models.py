@@ -1,6 +1,8 @@
-"""Tiny random-weight Hugging Face checkpoints for exactness tests (made locally, no download)."""
+"""Tiny random-weight Hugging Face checkpoints for exactness tests (made locally, no download), and
+the transformers reference that the engine's runs are held to."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -39,3 +41,33 @@ def load_reference(directory: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+# the exactness workload: prompts of these lengths, each decoded greedily for DECODE_STEPS tokens
+PROMPT_LENGTHS = (97, 13, 130)
+DECODE_STEPS = 64
+
+
+def prompts(vocab_size: int) -> list[list[int]]:
+    rng = random.Random(1234)
+    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding with transformers, recomputing the whole sequence each step."""
+    tokens, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            last = model(torch.tensor([tokens])).logits[0, -1].float()
+            logits.append(last)
+            tokens.append(int(last.argmax()))
+    return tokens[len(prompt):], torch.stack(logits)
+
+
+def assert_matches_reference(output: dict, ref_tokens: list[int], ref_logits: torch.Tensor, label: str) -> None:
+    logits = output["logits"]
+    assert logits.shape == ref_logits.shape, label
+    error = (logits - ref_logits).abs().max().item()
+    scale = ref_logits.abs().max().item()
+    assert error <= 1e-3 * scale, f"{label}: max |Δlogit| = {error:.2e} > 1e-3 × {scale:.2f}"
+    assert output["token_ids"] == ref_tokens, f"{label}: greedy tokens differ"

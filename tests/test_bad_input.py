@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from conftest import MPIRUN, ROOT, run_ranks, tiny_overrides
 from mnemosyne_hpc.config import ConfigError, SamplingConfig, compose
 from mnemosyne_hpc.engine.request import RequestError, SamplingParams
+from ranks import MPIRUN, ROOT, run_ranks, tiny_overrides
 
 GOOD = {"prompt_token_ids": [5, 6, 7, 8], "max_tokens": 5}
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_engine, together_and_solo_cases, tiny_overrides
+from ranks import run_engine, tiny_overrides, together_and_solo_cases
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -6,37 +6,10 @@ import random
 import pytest
 import torch
 
-from conftest import greedy_cases, run_engine, tiny_overrides
-from models import make_tiny_model
+from models import DECODE_STEPS, assert_matches_reference, make_tiny_model, prompts, reference_greedy
+from ranks import greedy_cases, run_engine, tiny_overrides
 
-PROMPT_LENGTHS = (97, 13, 130)
-DECODE_STEPS = 64
 CHUNK_SIZES = (1, 7, 64, 0)  # 0: the whole prompt in one chunk
-
-
-def prompts(vocab_size: int) -> list[list[int]]:
-    rng = random.Random(1234)
-    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
-
-
-def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding with transformers, recomputing the whole sequence each step."""
-    tokens, logits = list(prompt), []
-    with torch.no_grad():
-        for _ in range(steps):
-            last = model(torch.tensor([tokens])).logits[0, -1].float()
-            logits.append(last)
-            tokens.append(int(last.argmax()))
-    return tokens[len(prompt):], torch.stack(logits)
-
-
-def assert_matches_reference(output: dict, ref_tokens: list[int], ref_logits: torch.Tensor, label: str) -> None:
-    logits = output["logits"]
-    assert logits.shape == ref_logits.shape, label
-    error = (logits - ref_logits).abs().max().item()
-    scale = ref_logits.abs().max().item()
-    assert error <= 1e-3 * scale, f"{label}: max |Δlogit| = {error:.2e} > 1e-3 × {scale:.2f}"
-    assert output["token_ids"] == ref_tokens, f"{label}: greedy tokens differ"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

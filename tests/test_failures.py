@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_overrides
+from ranks import ROOT, tiny_overrides
 
 TIMEOUT_S = 8
 

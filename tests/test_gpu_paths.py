@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attention_reference import assert_each_row_attended_to_its_runs
 from mnemosyne_hpc.kernels import triton_decode
 from mnemosyne_hpc.model.attention import DecodeBatch, _torch_flash, math_attention
-from test_units import assert_each_row_attended_to_its_runs
 
 pytest.importorskip("triton", reason="Triton comes with the test extras (and with torch's CUDA builds)")
 

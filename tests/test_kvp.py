@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from conftest import greedy_cases, run_engine, together_and_solo_cases, tiny_overrides
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
-from test_exactness import DECODE_STEPS, assert_matches_reference, reference_greedy
+from models import DECODE_STEPS, assert_matches_reference, reference_greedy
+from ranks import greedy_cases, run_engine, tiny_overrides, together_and_solo_cases
 
 GROUP_TOKENS = 80  # L: small, so short prompts cross several group boundaries
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from ranks import ROOT
 
 
 def test_needle_at_8k_tokens_with_kvp2_matches_transformers(tmp_path):

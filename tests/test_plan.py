@@ -1,7 +1,7 @@
 """Step plans reach every rank intact, whether they fit the broadcast buffer or not."""
 from __future__ import annotations
 
-from conftest import run_ranks
+from ranks import run_ranks
 
 BROADCAST = """
 import sys

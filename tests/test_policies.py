@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from conftest import run_engine, run_ranks, together_and_solo_cases, tiny_overrides
 from mnemosyne_hpc.perf.model import PerfModel, SequenceShape
-from test_exactness import assert_matches_reference, reference_greedy
+from models import assert_matches_reference, reference_greedy
+from ranks import run_engine, run_ranks, tiny_overrides, together_and_solo_cases
 
 POLICIES = [{"chunking": c, "priority": p} for c in ("adaptive", "fixed") for p in ("lars", "edf", "fcfs")]
 

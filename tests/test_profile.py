@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from conftest import run_ranks, tiny_overrides
 from mnemosyne_hpc.perf.model import PerfModel
 from models import make_tiny_model
-from test_scheduler import Simulation
+from ranks import run_ranks, tiny_overrides
+from simulation import Simulation
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import time
 
 import pexpect
 
-from conftest import MPIRUN, ROOT
+from ranks import MPIRUN, ROOT
 
 
 def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import MPIRUN, ROOT
+from ranks import MPIRUN, ROOT
 
 KEY = "test-key"
 TIMEOUT_S = 6  # parallel.timeout_s: the idle test waits twice as long

@@ -10,7 +10,7 @@ import time
 import pytest
 from openai import OpenAI
 
-from conftest import ROOT
+from ranks import ROOT
 
 CONF = """ClusterName=ci
 SlurmctldHost=localhost

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from conftest import greedy_cases, run_engine, together_and_solo_cases, tiny_overrides
 from mnemosyne_hpc.distributed.mesh import stage_layers
-from test_exactness import DECODE_STEPS, assert_matches_reference, prompts, reference_greedy
+from models import DECODE_STEPS, assert_matches_reference, prompts, reference_greedy
+from ranks import greedy_cases, run_engine, tiny_overrides, together_and_solo_cases
 
 
 def test_stage_layers_are_balanced_and_cover_the_model():
