@@ -18,6 +18,7 @@ def long_context_model(tmp_path_factory):
     return make_tiny_model("llama", tmp_path_factory.mktemp("long") / "llama", max_position_embeddings=16384)
 
 
+@pytest.mark.slow  # calibrates this machine twice (1 and 2 ranks)
 @pytest.mark.parametrize("layout", [{}, {"parallel.kvp": 2}])
 def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_model, tmp_path):
     ranks = layout.get("parallel.kvp", 1)

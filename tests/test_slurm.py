@@ -61,6 +61,7 @@ def cluster(tmp_path):
                 os.kill(int(pid_file.read_text()), 15)
 
 
+@pytest.mark.slow  # a SLURM cluster started, a job queued, the model loaded, the cluster stopped
 def test_sbatch_serve_answers_openai_clients_and_stops_cleanly(cluster):
     env, directory = cluster
     address_file = directory / "address"
