@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_llama, random_prompt, run_in_process, write_results
 from tqdm import tqdm
+
+from common import random_llama, random_prompt, run_in_process, write_results
 
 MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=1,
              num_key_value_heads=1, head_dim=64, max_position_embeddings=1 << 23, rope_theta=1e8,

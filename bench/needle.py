@@ -62,8 +62,8 @@ def main() -> None:
     print(f"prompt: {len(prompt)} tokens, pass key {key} at depth {args.depth}", flush=True)
 
     max_model_len = len(prompt) + args.max_tokens
-    overrides = [f"model.path={gguf}", f"parallel.kvp={args.kvp}", "scheduler.chunking=fixed", "scheduler.priority=fcfs",
-                 f"cache.max_model_len={max_model_len}",
+    overrides = [f"model.path={gguf}", f"parallel.kvp={args.kvp}", "scheduler.chunking=fixed",
+                 "scheduler.priority=fcfs", f"cache.max_model_len={max_model_len}",
                  "cache.kv_memory_gib=1", "parallel.timeout_s=1800"]
     started = time.perf_counter()
     engine = run_generate(args.kvp, overrides, [{"prompt_token_ids": prompt, "max_tokens": args.max_tokens}],

@@ -227,8 +227,9 @@ def main() -> None:
                                                           / systems[peer][f"tbt_{tokens}"]["median_s"])
         ratios[f"trace_throughput_engine_over_{peer}"] = (systems["engine"]["trace"]["output_tokens_per_s"]
                                                           / systems[peer]["trace"]["output_tokens_per_s"])
-    write_results(f"peers_{args.model}.json", {"benchmark": "peers", "model_name": args.model, "model": model, "dtype": "bfloat16", "cores": os.cpu_count(),
-                                 "chunk": CHUNK, "systems": systems, "ratios": ratios})
+    write_results(f"peers_{args.model}.json", {"benchmark": "peers", "model_name": args.model, "model": model,
+                                               "dtype": "bfloat16", "cores": os.cpu_count(), "chunk": CHUNK,
+                                               "systems": systems, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import llama_bytes, llama_flops, random_llama, random_prompt, run_in_process, timed_requests, write_results
 from mnemosyne_hpc.kernels import triton_decode
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import DecodeBatch
 from mnemosyne_hpc.perf.timing import median_time
-
-from common import (llama_bytes, llama_flops, random_llama, random_prompt, run_in_process, timed_requests,
-                    write_results)
 
 WIDE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=1 << 17,
@@ -84,7 +83,8 @@ def attention_kernels(model: dict, lengths: list[int], repeats: int) -> dict:
         torch_flash = median_time(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[None], k[None], v[None], 0.0, True), repeats)
         results[f"causal_{tokens}"] = {"ours_s": ours, "torch_flash_s": torch_flash,
-                                       "ours_gflops": flops / ours / 1e9, "torch_flash_gflops": flops / torch_flash / 1e9,
+                                       "ours_gflops": flops / ours / 1e9,
+                                       "torch_flash_gflops": flops / torch_flash / 1e9,
                                        "speedup": torch_flash / ours}
         print(f"prefill attention {tokens:7d}: ours {flops / ours / 1e9:5.0f} GFLOP/s, torch flash "
               f"{flops / torch_flash / 1e9:5.0f} GFLOP/s ({torch_flash / ours:.2f}x)", flush=True)
@@ -209,7 +209,8 @@ def main() -> None:
         decode["bandwidth_utilisation"] = decode["achieved_gbs"] / read_gbs
     ratios = {f"mfu_prefill_{n}": wide[f"prefill_{n}"]["mfu"] for n in args.prefill}
     ratios.update({f"prefill_attention_{name}_ours_over_torch_flash": r["speedup"] for name, r in kernels.items()})
-    ratios[f"bandwidth_decode_{args.decode_context}_wide"] = wide[f"decode_{args.decode_context}"]["bandwidth_utilisation"]
+    ratios[f"bandwidth_decode_{args.decode_context}_wide"] = (
+        wide[f"decode_{args.decode_context}"]["bandwidth_utilisation"])
     ratios[f"bandwidth_decode_{args.long_context}_long_kv"] = (
         long_kv[f"decode_{args.long_context}"]["bandwidth_utilisation"])
     record = {"benchmark": "roofline", "device": device, "threads": torch.get_num_threads(),

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/spp.py --tokens 16384
 
-Writes bench/results/spp_<tokens>tok_chunk<chunk>.json. All runs use the same random-weight Llama (bf16), prompt and chunk size.
+Writes bench/results/spp_<tokens>tok_chunk<chunk>.json. All runs use the same random-weight Llama (bf16),
+prompt and chunk size.
 """
 from __future__ import annotations
 

@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     args = parser.parse_args()
     if importlib.util.find_spec("matplotlib") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "requirements-plot.txt")],
-                       check=True)
+        requirements = ROOT / "bench" / "requirements-plot.txt"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)], check=True)
 
     model_dir = random_llama(args.workdir / "llama-sweep-2x256", **MODEL)
     points = []

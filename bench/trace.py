@@ -38,7 +38,8 @@ MODEL = dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidde
              num_key_value_heads=1, head_dim=64, max_position_embeddings=1 << 17, rope_theta=1e6,
              tie_word_embeddings=False)
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
-FIXED = {f"fixed{size}-fcfs": {"chunking": "fixed", "chunk_size": size, "priority": "fcfs"} for size in (256, 1024, 4096)}
+FIXED = {f"fixed{size}-fcfs": {"chunking": "fixed", "chunk_size": size, "priority": "fcfs"}
+         for size in (256, 1024, 4096)}
 ADAPTIVE = {"adaptive-fcfs": {"chunking": "adaptive", "priority": "fcfs"},
             "adaptive-lars": {"chunking": "adaptive", "priority": "lars"}}
 
@@ -186,8 +187,8 @@ def main() -> None:
         print(f"{label:24s} long TTFT {r['long_ttft_s']:6.2f} s | short TTFT p50/p99 {r['short_ttft_p50_s']:.2f}/"
               f"{r['short_ttft_p99_s']:.2f} s | short TBT while the long prefill ran p50/p99 "
               f"{1e3 * (r['short_tbt_during_long_prefill_p50_s'] or 0):.1f}/"
-              f"{1e3 * (r['short_tbt_during_long_prefill_p99_s'] or 0):.1f} ms | {r['output_tokens_per_s']:.1f} tok/s | "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+              f"{1e3 * (r['short_tbt_during_long_prefill_p99_s'] or 0):.1f} ms | "
+              f"{r['output_tokens_per_s']:.1f} tok/s | {time.perf_counter() - started:.0f} s", flush=True)
 
     best_fixed = min(FIXED, key=lambda k: results[k]["long_ttft_s"])
     by_slo = {}

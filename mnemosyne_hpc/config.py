@@ -171,7 +171,8 @@ def _register_defaults() -> None:
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
     """Compose `conf/<config_name>.yaml` with command-line overrides into a checked `Config`."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

@@ -98,7 +98,8 @@ def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSour
         if info.rank != 0:
             for signum in followers_ignore:
                 signal.signal(signum, signal.SIG_IGN)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         if device.type == "cpu":
             retain_freed_memory()
         ctx = build_mesh(cfg.parallel, device)

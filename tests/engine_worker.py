@@ -36,7 +36,8 @@ def run_case(engine: Engine, case: dict) -> dict:
             sampling = {k: v for k, v in spec.items() if k not in ("prompt_token_ids", "arrival_step")}
             index_of[engine.add_request(prompt_token_ids=spec["prompt_token_ids"], sampling=sampling)] = index
         if engine.has_unfinished:
-            prompt_len = {r.id: len(r.prompt_token_ids) for r in engine.scheduler.running + list(engine.scheduler.waiting)}
+            live = engine.scheduler.running + list(engine.scheduler.waiting)
+            prompt_len = {r.id: len(r.prompt_token_ids) for r in live}
             for request in engine.step().finished:
                 outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
                                                  "logits": torch.stack(engine.logits.pop(request.id)),

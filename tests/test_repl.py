@@ -51,7 +51,8 @@ def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):
         repl.expect(r"\[TTFT \d+ ms.*4 tokens, length\]")
         repl.sendline("/stats")
         repl.expect(r"answers: 3; TTFT median \d+ ms; TBT median [\d.]+ ms")
-        repl.expect(r"engine: 0 running, 0 waiting, KV blocks 0/\d+; sampling \{'max_tokens': 4, 'ignore_eos': True\}; context 27")
+        repl.expect(r"engine: 0 running, 0 waiting, KV blocks 0/\d+; "
+                    r"sampling \{'max_tokens': 4, 'ignore_eos': True\}; context 27")
         repl.sendline("/quit")
         repl.expect(pexpect.EOF)
     finally:

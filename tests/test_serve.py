@@ -32,7 +32,8 @@ def server(tmp_path_factory):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     while not (address_file.exists() and address_file.read_text().strip()):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() else "slow"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            process.stdout.read() if process.poll() else "slow")
         time.sleep(0.2)
     yield address_file.read_text().strip(), process
     os.kill(_rank_pids(process.pid)[0], signal.SIGTERM)  # a clean stop: rank 0 tells the others to shut down

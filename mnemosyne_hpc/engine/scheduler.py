@@ -9,8 +9,8 @@ boundary.
 Chunking. `fixed` gives a prefill `chunk_size` tokens. `adaptive` gives it the largest size
 `min_chunk + k · chunk_step <= max_chunk` whose predicted micro-batch time, with everything already
 in the batch, fits the tick's share of the TBT SLO (`(1 − slo_headroom) × tbt_slo_ms / stages`), so
-the chunks of a long prompt shrink as its prefix grows. When the most urgent prefill has slack and others wait behind it,
-it leaves `space_share` of that time to them.
+the chunks of a long prompt shrink as its prefix grows. When the most urgent prefill has slack and others
+wait behind it, it leaves `space_share` of that time to them.
 
 Memory. Admission reserves every KV block of what is to be prefilled, in every group it spans; a
 decode takes a block when its position needs one. When that block's group has none free, the

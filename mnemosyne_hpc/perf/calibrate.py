@@ -115,9 +115,11 @@ class Profiler:
         heads, d = self.probes.num_heads, self.runner.args.head_dim
         flop_cap = 2e10 if quick else 1e11  # skip attention points slower than about a second
         measured = {"linear": {}, "attention": {}, "lm_head": {}, "merge": {}, "hand_over": {}}
-        points = [("linear", t) for t in tokens] + [("attention", (q, n)) for q in queries for i, n in enumerate(contexts)
-                                                    if i < 2 or 4 * q * n * heads * d <= flop_cap]
-        points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs] if self.ctx.last_stage else []
+        points = [("linear", t) for t in tokens]
+        points += [("attention", (q, n)) for q in queries for i, n in enumerate(contexts)
+                   if i < 2 or 4 * q * n * heads * d <= flop_cap]
+        if self.ctx.last_stage:
+            points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs]
         points += [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
         points += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
         for kind, point in tqdm(points, desc="kernels", file=sys.stderr, leave=False, disable=self.ctx.rank != 0):

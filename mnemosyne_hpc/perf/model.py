@@ -8,8 +8,9 @@ A KVP group's micro-batch on one pipeline stage costs
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
 over KVP groups and R sampled rows. Every curve is measured on the real kernels by `calibrate.py`
-(`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the weights w (a kernel runs faster or slower inside a whole step
-than alone, as caches hold other data) are fitted to whole engine steps.
+(`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the
+weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data) are
+fitted to whole engine steps.
 """
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+        authorized = request.headers.get("authorization") == f"Bearer {api_key}"
+        if api_key and request.url.path.startswith("/v1") and not authorized:
             return error_response(401, "missing or wrong API key", "authentication_error")
         return await call_next(request)
 
@@ -118,7 +119,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if body.get("model", model) != model:
-            raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {model!r}", "not_found_error")
+            raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {model!r}",
+                           "not_found_error")
         if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
             raise ApiError(400, "n must be 1")
         if not isinstance(body.get("stream", False), bool):
@@ -140,7 +142,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream", False):
-            return StreamingResponse(_stream(first, events, completion_id, created, chat), media_type="text/event-stream")
+            return StreamingResponse(_stream(first, events, completion_id, created, chat),
+                                     media_type="text/event-stream")
         text, done = "", first
         async for event in _chain(first, events):
             text += event.text
@@ -177,8 +180,9 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
     async def _stream(first: Event, events, completion_id: str, created: int, chat: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
         if chat:
+            delta = {"role": "assistant", "content": ""}
             yield _sse({"id": completion_id, "object": kind, "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
         try:
             async for event in _chain(first, events):
                 if event.finish_reason == "error":
