@@ -64,7 +64,7 @@ def main() -> None:
     done = {}
 
     def leader(engine) -> None:
-        request_id = engine.add_request(None, prompt, {"max_tokens": args.decode + 1, "ignore_eos": True})
+        request_id = engine.add_request(prompt, {"max_tokens": args.decode + 1, "ignore_eos": True})
         done["request"] = request = engine.requests[request_id]
         with tqdm(total=args.tokens, desc="prefill", unit="tok") as bar:
             while engine.has_unfinished:

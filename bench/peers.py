@@ -80,7 +80,7 @@ def engine_worker(spec: dict) -> dict:
             results[name] = []
             for batch in batches:
                 for r in batch:
-                    engine.add_request(None, r["prompt_token_ids"], {"max_tokens": r["max_tokens"],
+                    engine.add_request(r["prompt_token_ids"], {"max_tokens": r["max_tokens"],
                                                                     "temperature": 0.0, "ignore_eos": True})
                 finished = []
                 while engine.has_unfinished:

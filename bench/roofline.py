@@ -164,7 +164,7 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
             longest = {"prompt_token_ids": random_prompt(prefill_lengths[-1], 2, model["vocab_size"]), "max_tokens": 1,
                        "ignore_eos": True}
             results["profile_prefill"] = profile_table(lambda: timed_requests(engine, [longest]), device)
-        request_id = engine.add_request(None, random_prompt(decode_context, 3, model["vocab_size"]),
+        request_id = engine.add_request(random_prompt(decode_context, 3, model["vocab_size"]),
                                         {"max_tokens": decode_steps + 1, "ignore_eos": True})
         while request_id not in [r.id for r in engine.step().sampled]:  # its prefill
             pass

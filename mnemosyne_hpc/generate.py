@@ -22,6 +22,7 @@ from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.metrics import format_summary, request_record, summarize
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.runtime import run
+from mnemosyne_hpc.serving.inputs import InputProcessor
 
 REQUEST_FIELDS = ("prompt", "prompt_token_ids")
 
@@ -46,13 +47,15 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> tuple[list
     results: list[dict] = [{} for _ in entries]
     records: list[dict] = []
     index_of = {}
+    inputs = InputProcessor(engine.tokenizer)
     start = time.perf_counter()
     for index, entry in enumerate(entries):
         try:
             if isinstance(entry, str):
                 raise RequestError(entry)
             sampling = {k: v for k, v in entry.items() if k not in REQUEST_FIELDS}
-            request_id = engine.add_request(entry.get("prompt"), entry.get("prompt_token_ids"), sampling)
+            token_ids = inputs.prompt_tokens(entry.get("prompt"), entry.get("prompt_token_ids"))
+            request_id = engine.add_request(token_ids, sampling)
             index_of[request_id] = index
         except RequestError as e:
             results[index] = {"index": index, "error": str(e)}

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
-from mnemosyne_hpc.engine.request import SamplingParams
+from mnemosyne_hpc.engine.request import RequestError, SamplingParams
 from mnemosyne_hpc.runtime import run
+from mnemosyne_hpc.serving.inputs import InputProcessor
 from mnemosyne_hpc.serving.loop import ServingLoop, Ticket
 
 HELP = __doc__.split("Commands:\n", 1)[1].split("Ctrl-C", 1)[0]
@@ -34,6 +35,7 @@ class Repl:
     def __init__(self, cfg: Config, engine: Engine, out=sys.stdout):
         self.engine, self.out = engine, out
         self.loop = ServingLoop(engine, heartbeat_s=cfg.parallel.timeout_s / 4)
+        self.inputs = InputProcessor(engine.tokenizer)
         self.sampling: dict = {}
         self.context = ""
         self.current: Ticket | None = None
@@ -98,7 +100,7 @@ class Repl:
             except OSError as e:
                 self.print(f"error: {e}")
                 return
-            tokens = len(self.engine.tokenizer.encode(self.context)) if self.engine.tokenizer else 0
+            tokens = len(self.inputs.prompt_tokens(self.context)) if self.engine.tokenizer else 0
             self.print(f"loaded {len(self.context)} characters ({tokens} tokens) as the context of the next prompts")
         elif name == "/reset":
             self.context, self.sampling = "", {}
@@ -109,8 +111,13 @@ class Repl:
             self.print(f"unknown command {name}; /help lists the commands")
 
     def _answer(self, prompt: str) -> None:
+        try:  # on this conversation thread, not the one driving the ranks
+            token_ids = self.inputs.prompt_tokens(prompt)
+        except RequestError as e:
+            self.print(f"error: {e}")
+            return
         events: queue.Queue = queue.Queue()
-        self.current = self.loop.submit(events.put, prompt=prompt, sampling=self.sampling)
+        self.current = self.loop.submit(events.put, prompt_token_ids=token_ids, sampling=self.sampling)
         while True:
             event = events.get()
             if event.kind == "error":

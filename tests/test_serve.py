@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +118,45 @@ def test_extreme_sampling_values_give_the_greedy_limit(server, sampling):
                          timeout=60)
     assert extreme.status_code == 200, extreme.text
     assert extreme.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    assert process.poll() is None
+
+
+def test_a_long_text_prompt_does_not_stall_a_running_stream(server):
+    """The prompt's text is tokenised off the thread that drives the ranks (about a second for these
+    600k tokens, which once stopped every stream), so the stream's tokens keep coming meanwhile."""
+    address, process = server
+    window = []
+
+    def send_long_prompt():
+        time.sleep(2)  # the stream is flowing
+        window.append(time.monotonic())
+        response = httpx.post(f"{address}/v1/completions", headers=HEADERS, timeout=120,
+                              json={"model": MODEL, "prompt": "word " * 600_000, "max_tokens": 1})
+        window.append(time.monotonic())
+        window.append(response)
+
+    sender = threading.Thread(target=send_long_prompt)
+    sender.start()
+    arrivals = []
+    with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=120,
+                      json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+                            "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic())
+            if len(window) == 3 and arrivals[-1] > window[1] + 1:
+                break
+    sender.join()
+    start, end, refused = window
+    assert refused.status_code == 400 and "max_model_len" in refused.json()["error"]["message"]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    before = sorted(b - a for a, b in zip(arrivals, arrivals[1:]) if b < start)
+    during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > start and a < end]
+    assert before and during and arrivals[-1] > end, (start, end, arrivals[0], arrivals[-1])
+    typical = before[len(before) // 2]
+    print(f"tokenised in {end - start:.2f} s; gaps before: median {1e3 * typical:.0f} ms; "
+          f"during: max {1e3 * max(during):.0f} ms over {len(during)} gaps; all: max {1e3 * max(gaps):.0f} ms")
+    assert max(during) < max(0.5 * (end - start), 4 * typical), (end - start, typical, during)
     assert process.poll() is None
 
 

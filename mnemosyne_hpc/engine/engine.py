@@ -43,11 +43,12 @@ class Engine:
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
 
-    def add_request(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                    sampling: dict | None = None, arrival: float | None = None) -> int:
-        """Queue a request; raises RequestError (nothing queued) when its input is bad."""
+    def add_request(self, prompt_token_ids: list[int], sampling: dict | None = None,
+                    arrival: float | None = None) -> int:
+        """Queue a request; raises RequestError (nothing queued) when its input is bad. Text is
+        tokenised by the front ends (`serving/inputs.py`), not on this thread."""
         params = SamplingParams.from_request(self.cfg.sampling, sampling)
-        token_ids = self._tokens(prompt, prompt_token_ids)
+        token_ids = self._checked(prompt_token_ids)
         if len(token_ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
                                "leaves no room to generate")
@@ -62,19 +63,8 @@ class Engine:
         self.scheduler.add(request)
         return request.id
 
-    def _tokens(self, prompt, prompt_token_ids) -> list[int]:
-        if (prompt is None) == (prompt_token_ids is None):
-            raise RequestError("give exactly one of prompt and prompt_token_ids")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise RequestError("prompt must be a string")
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer; send prompt_token_ids")
-            try:
-                prompt_token_ids = self.tokenizer.encode(prompt)
-            except Exception as e:  # noqa: BLE001 - any text the tokenizer refuses is this request's error
-                raise RequestError(f"the prompt could not be tokenised: {type(e).__name__}: {e}") from None
-        elif not isinstance(prompt_token_ids, list) or not all(
+    def _checked(self, prompt_token_ids) -> list[int]:
+        if not isinstance(prompt_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
             raise RequestError("prompt_token_ids must be a list of integers")
         if not prompt_token_ids:

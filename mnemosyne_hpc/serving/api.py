@@ -11,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mnemosyne_hpc.engine.request import RequestError
+from mnemosyne_hpc.serving.inputs import InputProcessor
 from mnemosyne_hpc.serving.loop import Event, ServingLoop
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
@@ -58,7 +60,7 @@ class Metrics:
 def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
     app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
     metrics = Metrics(loop)
-    tokenizer = loop.engine.tokenizer
+    inputs = InputProcessor(loop.engine.tokenizer)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -90,12 +92,12 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            engine_request = {"prompt": prompt}
+            token_ids = await _off_the_loop(inputs.prompt_tokens, prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            engine_request = {"prompt_token_ids": prompt}
+            token_ids = prompt
         else:
             raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)")
-        return await _respond(body, engine_request, chat=False)
+        return await _respond(body, token_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -105,14 +107,15 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages)):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
-        if tokenizer is None or tokenizer.chat_template is None:
-            raise ApiError(400, "this model has no chat template; use /v1/completions")
+        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return await _respond(body, await _off_the_loop(inputs.chat_tokens, conversation), chat=True)
+
+    async def _off_the_loop(function, *args) -> list[int]:
+        """Tokenising on a worker thread: the event loop keeps streaming, the engine keeps stepping."""
         try:
-            ids = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False)
-        except Exception as e:  # noqa: BLE001 - the template or tokenizer refused this conversation
-            raise ApiError(400, f"messages could not be formatted or tokenised: {type(e).__name__}: {e}") from None
-        return await _respond(body, {"prompt_token_ids": list(ids)}, chat=True)
+            return await asyncio.to_thread(function, *args)
+        except RequestError as e:
+            raise ApiError(400, str(e)) from None
 
     async def _body(request: Request) -> dict:
         body = _parse_json(await request.body())
@@ -130,11 +133,11 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         return body
 
-    async def _respond(body: dict, engine_request: dict, chat: bool):
+    async def _respond(body: dict, token_ids: list[int], chat: bool):
         sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
-        events = _submit({**engine_request, "sampling": sampling})
+        events = _submit({"prompt_token_ids": token_ids, "sampling": sampling})
         first = await events.__anext__()  # the first event tells a rejected request apart
         if first.kind == "error":
             await events.aclose()
