@@ -19,8 +19,8 @@ from mnemosyne_hpc.engine.kv_cache import KVCache
 from mnemosyne_hpc.engine.plan import MicroBatch
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.attention import DecodeBatch
+from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
 from mnemosyne_hpc.model.loader import load_model
 

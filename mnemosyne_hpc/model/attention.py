@@ -103,7 +103,8 @@ class DecodeBatch:
     def runs_of(self, i: int) -> list[slice]:
         """Sequence i's runs as slices of the cache."""
         bounds = range(*self.first_run[i: i + 2].tolist())
-        return [slice(start, start + n) for start, n in zip(self.starts[bounds].tolist(), self.lengths[bounds].tolist())]
+        starts, lengths = self.starts[bounds].tolist(), self.lengths[bounds].tolist()
+        return [slice(start, start + n) for start, n in zip(starts, lengths)]
 
 
 def decode_batch_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decodes: DecodeBatch,

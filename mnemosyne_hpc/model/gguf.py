@@ -41,7 +41,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        save_file({k: v.contiguous() for k, v in state.items()}, staging / "model.safetensors", metadata={"format": "pt"})
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

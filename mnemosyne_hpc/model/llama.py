@@ -13,10 +13,23 @@ from torch import nn
 
 from mnemosyne_hpc.kernels.pointwise import silu_mul
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.attention import (DecodeBatch, attention, chunk_attention, decode_batch_attention,
-                                           merge_over_group)
-from mnemosyne_hpc.model.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear,
-                                        TensorParallel, VocabParallelEmbedding, apply_rope_, split_evenly)
+from mnemosyne_hpc.model.attention import (
+    DecodeBatch,
+    attention,
+    chunk_attention,
+    decode_batch_attention,
+    merge_over_group,
+)
+from mnemosyne_hpc.model.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    apply_rope_,
+    split_evenly,
+)
 
 
 @dataclass

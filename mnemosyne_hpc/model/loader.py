@@ -15,8 +15,8 @@ from mnemosyne_hpc.model.llama import Transformer
 # How each of our parameters is cut from the checkpoint: (suffix, [checkpoint suffixes], split)
 # split: "rows" (column-parallel), "cols" (row-parallel), "vocab" (padded rows), None (replicated).
 _LAYER_PARAMS = [
-    ("self_attn.qkv_proj.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"], "rows"),
-    ("self_attn.qkv_proj.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"], "rows"),
+    ("self_attn.qkv_proj.weight", [f"self_attn.{p}_proj.weight" for p in "qkv"], "rows"),
+    ("self_attn.qkv_proj.bias", [f"self_attn.{p}_proj.bias" for p in "qkv"], "rows"),
     ("self_attn.o_proj.weight", ["self_attn.o_proj.weight"], "cols"),
     ("mlp.gate_up_proj.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], "rows"),
     ("mlp.down_proj.weight", ["mlp.down_proj.weight"], "cols"),
