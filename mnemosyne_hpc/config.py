@@ -201,6 +201,7 @@ def compose_command_line(argv: list[str] | None = None) -> Config:
 def validate(cfg: Config) -> None:
     p, c, s = cfg.parallel, cfg.cache, cfg.scheduler
     checks = [
+        (cfg.model.path != "", "model.path is required with model=hf: model.path=/path/to/a/hugging-face/directory"),
         (min(p.tp, p.spp, p.kvp) >= 1, "parallel.tp, parallel.spp and parallel.kvp must be >= 1"),
         (p.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (p.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl"),

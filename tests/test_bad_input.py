@@ -55,6 +55,7 @@ def test_invalid_sampling_values(fields, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["colour=blue"], "Could not override 'colour'"),
+    (["model=hf"], "model.path is required with model=hf"),
     (["+colour=blue"], "Key 'colour' not in"),
     (["parallel.tp=two"], "parallel.tp"),
     (["scheduler.chunk_size=-1"], "chunk_size"),
