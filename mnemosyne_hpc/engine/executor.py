@@ -101,15 +101,14 @@ class Executor:
                 dist.recv(x, src=ctx.prev_rank)
             hidden = runner.forward(batch, x)
             if ctx.last_stage:
-                sampled = self._sample(batch, hidden, plan.return_logits)
+                sampled = self._sample(batch, hidden, plan.sampled_by(ctx.kvp_rank), plan.return_logits)
             else:
                 self._output = hidden
         if send is not None:
             send.wait()
         return self._gather(plan, sampled)
 
-    def _sample(self, batch, hidden: torch.Tensor, with_logits: bool) -> dict[int, Sampled]:
-        chunks = [c for c in batch if c.first_group == self.ctx.kvp_rank and c.sampling is not None]
+    def _sample(self, batch, hidden: torch.Tensor, chunks, with_logits: bool) -> dict[int, Sampled]:
         if not chunks:
             return {}
         tokens, logits = self.runner.sample(batch, hidden, chunks)
@@ -127,7 +126,7 @@ class Executor:
                     dist.send(torch.stack([s.logits for s in sampled.values()]), dst=0, group=ctx.cpu_group)
             return {}
         for group, sampler in enumerate(ctx.sampler_ranks):
-            rows = sum(c.first_group == group for c in plan.sampled)
+            rows = len(plan.sampled_by(group))
             if sampler == 0 or rows == 0:
                 continue
             pairs = torch.empty(rows, 2, dtype=torch.long)

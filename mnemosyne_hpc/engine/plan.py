@@ -64,3 +64,7 @@ class StepPlan:
     def sampled(self) -> MicroBatch:
         """The chunks that leave the pipeline this tick with a token to sample."""
         return [c for c in self.leaving if c.sampling is not None]
+
+    def sampled_by(self, group: int) -> MicroBatch:
+        """The sampled chunks whose token KVP group `group` samples: those of its requests' first group."""
+        return [c for c in self.sampled if c.first_group == group]

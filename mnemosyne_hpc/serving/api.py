@@ -217,18 +217,15 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
 
 
 def _parse_json(data: bytes):
-    """A request body as JSON, or a 400: malformed, nested too deeply to parse, NaN or Infinity (not
-    JSON), or text with a lone UTF-16 surrogate (not Unicode: no tokenizer takes it)."""
+    """A request body as JSON, or a 400: malformed, nested too deeply to parse, or NaN or Infinity
+    (not JSON). Text that is not Unicode is the input processor's to refuse."""
     def not_json(constant: str):
         raise ValueError(f"{constant} is not a JSON value")
 
     try:
         body = json.loads(data, parse_constant=not_json)
-        json.dumps(body, ensure_ascii=False).encode()
     except RecursionError:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
-    except UnicodeEncodeError:
-        raise ApiError(400, "the request holds a lone UTF-16 surrogate (such as \\ud800), which is not text") from None
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ApiError(400, f"malformed JSON: {e}") from None
     return body

@@ -21,6 +21,7 @@ class InputProcessor:
             raise RequestError("prompt must be a string")
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer; send prompt_token_ids")
+        _check_unicode(prompt, "the prompt")
         try:
             return self.tokenizer.encode(prompt)
         except Exception as e:  # noqa: BLE001 - any text the tokenizer refuses is this request's error
@@ -30,9 +31,19 @@ class InputProcessor:
         """A conversation through the model's chat template, ending with the assistant's turn to answer."""
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise RequestError("this model has no chat template; use /v1/completions")
+        for message in messages:
+            _check_unicode(message["content"], f"a {message['role']!r} message")
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
         except Exception as e:  # noqa: BLE001 - the template or tokenizer refused this conversation
             raise RequestError(f"messages could not be formatted or tokenised: {type(e).__name__}: {e}") from None
         return list(ids)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer takes it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} holds a lone UTF-16 surrogate (such as \\ud800), which is not text") from None
