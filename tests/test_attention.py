@@ -6,15 +6,21 @@ import pytest
 import torch
 
 from attention_reference import assert_each_row_attended_to_its_runs
-from mnemosyne_hpc.model.attention import (
-    KEYS_PER_CALL,
-    DecodeBatch,
-    attention,
-    chunk_attention,
-    decode_batch_attention,
-    math_attention,
-    merge_attention,
-)
+from mnemosyne_hpc.model.attention import DecodeBatch, math_attention, merge_attention
+from mnemosyne_hpc.model.backend import KEYS_PER_CALL, select_backend
+
+
+def attention(q, k, v, causal):
+    """What a model in q's dtype on the CPU computes."""
+    return select_backend(q.dtype, q.device).attention(q, k, v, causal)
+
+
+def chunk_attention(q, *kv):
+    return select_backend(q.dtype, q.device).chunk_attention(q, *kv)
+
+
+def decode_batch_attention(q, *args):
+    select_backend(q.dtype, q.device).decode_attention(q, *args)
 
 
 def test_merge_of_key_splits_equals_attention_over_all_keys():

@@ -1,7 +1,7 @@
 """The GPU attention paths. On a GPU, they run there in bf16. Without one, the Triton decode kernel
 runs in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), and torch's CUDA flash kernel
 is replaced by a stand-in that runs torch's CPU flash kernel and insists on what the CUDA one needs.
-`attention` calls `_torch_flash` with that kernel on a GPU."""
+`CUDABackend.attention` calls `torch_flash` with that kernel on a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,8 @@ import torch
 
 from attention_reference import assert_each_row_attended_to_its_runs
 from mnemosyne_hpc.kernels import triton_decode
-from mnemosyne_hpc.model.attention import DecodeBatch, _torch_flash, math_attention
+from mnemosyne_hpc.model.attention import DecodeBatch, math_attention
+from mnemosyne_hpc.model.backend import torch_flash
 
 pytest.importorskip("triton", reason="Triton comes with the test extras (and with torch's CUDA builds)")
 
@@ -67,7 +68,7 @@ def test_gpu_attention_folds_or_repeats_heads_for_torchs_cuda_flash_kernel(causa
     torch.manual_seed(lk)
     q = torch.randn(8, lq, 64).bfloat16()
     k, v = torch.randn(2, 2, lk, 64).bfloat16()
-    out, lse = (t.cpu() for t in _torch_flash(CUDA_FLASH, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal,
+    out, lse = (t.cpu() for t in torch_flash(CUDA_FLASH, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), causal,
                                               maps_heads=False))
     reference, reference_lse = math_attention(q.float(), k.float(), v.float(), causal)
     torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-5)

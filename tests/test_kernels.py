@@ -12,7 +12,10 @@ from mnemosyne_hpc.kernels.decode import MAX_ROWS, decode_attention
 from mnemosyne_hpc.kernels.pointwise import rms_norm, silu_mul
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import math_attention
-from mnemosyne_hpc.model.layers import RMSNorm, apply_rope_, linear, rope_tables
+from mnemosyne_hpc.model.backend import select_backend
+from mnemosyne_hpc.model.layers import RMSNorm, rope_tables
+
+BF16 = select_backend(torch.bfloat16, "cpu")  # what a bf16 model on this CPU computes with
 
 
 @pytest.mark.parametrize("rows, out_features, in_features", [(1, 96, 64), (1, 37, 70), (1, 5, 7), (1, 1100, 2816),
@@ -27,7 +30,7 @@ def test_few_row_linear_kernels_round_the_fp32_sum_once(rows, out_features, in_f
     y, exact = kernel(x, weight), x.double() @ weight.double().T
     torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=2**-8)  # within half a bf16 step
     assert (y == exact.bfloat16()).float().mean() > 0.99  # the exact sum, rounded, but where fp32 sums tip a tie
-    torch.testing.assert_close(linear(x, weight), y, atol=0, rtol=0)  # a decode step's linear uses it
+    torch.testing.assert_close(BF16.linear(x, weight), y, atol=0, rtol=0)  # a decode step's linear uses it
 
 
 def test_skinny_kernel_leaves_many_rows_and_odd_widths_to_torch():
@@ -53,7 +56,7 @@ def test_pointwise_kernels_round_where_the_torch_ops_do():
     heads = qkv[:, :5 * 64].view(37, 5, 64)
     expected = torch.addcmul(heads * cos[:, None], heads.roll(32, dims=-1), sin[:, None])
     values = qkv[:, 5 * 64:].clone()
-    apply_rope_(heads, cos, sin)
+    BF16.rope_(heads, cos, sin)
     assert torch.equal(heads, expected) and torch.equal(qkv[:, 5 * 64:], values)
 
     x, residual = torch.randn(37, 512, dtype=torch.bfloat16) * 3, torch.randn(37, 512, dtype=torch.bfloat16)
@@ -73,7 +76,7 @@ def test_pointwise_kernels_round_where_the_torch_ops_do():
 
 
 def test_rms_norm_module_falls_back_to_torch_ops_outside_bf16():
-    norm = RMSNorm(64, 1e-6)
+    norm = RMSNorm(64, 1e-6, select_backend(torch.float32, "cpu"))
     norm.weight.data = torch.randn(64)
     x, residual = torch.randn(5, 64), torch.randn(5, 64)
     assert rms_norm(x, norm.weight, 1e-6) is None and silu_mul(torch.randn(5, 128)) is None

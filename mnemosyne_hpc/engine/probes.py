@@ -13,7 +13,7 @@ import torch.distributed as dist
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.sampler import sample
-from mnemosyne_hpc.model.attention import attention, chunk_attention, merge_over_group
+from mnemosyne_hpc.model.attention import merge_over_group
 
 GREEDY = SamplingParams(seed=0)
 
@@ -22,7 +22,7 @@ class StepProbes:
     def __init__(self, runner: ModelRunner):
         self.ctx, self.dtype, self.device = runner.ctx, runner.dtype, runner.ctx.device
         self.head_dim, self.hidden_size = runner.args.head_dim, runner.args.hidden_size
-        self._model, self._kv_cache = runner.model, runner.kv_cache
+        self._model, self._kv_cache, self._backend = runner.model, runner.kv_cache, runner.backend
         self._layer = next(iter(runner.model.layers.values()))
         self.num_heads = self._layer.self_attn.num_heads  # query heads on this rank
 
@@ -48,7 +48,7 @@ class StepProbes:
         """One layer's attention of `queries` tokens over `context` cached ones. Each call reads its
         context from another layer and another part of the first `pool` slots, as a step reads KV that
         no cache holds: timing one prefix again and again would find it in the CPU's caches."""
-        attn, d, kv = self._layer.self_attn, self.head_dim, self._kv_cache
+        attn, d, kv, backend = self._layer.self_attn, self.head_dim, self._kv_cache, self._backend
         query = self._random(attn.num_heads, queries, d)
         key = self._random(attn.num_kv_heads, queries, d)
         span = context + (queries == 1)
@@ -59,9 +59,9 @@ class StepProbes:
             layer, start = next(layers), next(starts)
             cached = slice(start, start + span)
             if queries == 1:
-                return attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
-            return chunk_attention(query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if context
-                                                      else (None, None)))
+                return backend.attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
+            return backend.chunk_attention(query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached])
+                                                              if context else (None, None)))
         return fn
 
     def lm_head(self, rows: int) -> Callable:

@@ -20,6 +20,7 @@ from mnemosyne_hpc.engine.plan import MicroBatch
 from mnemosyne_hpc.engine.sampler import sample
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.attention import DecodeBatch
+from mnemosyne_hpc.model.backend import select_backend
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
 from mnemosyne_hpc.model.loader import load_model
@@ -31,7 +32,8 @@ class ModelRunner:
         self.dtype = getattr(torch, cfg.model.dtype)
         tp = TensorParallel(ctx.tp_group, ctx.tp_rank, ctx.tp_size)
         layer_ids = stage_layers(args.num_layers, ctx.num_stages, ctx.stage)
-        self.model = load_model(model_dir, args, tp, layer_ids, first_stage=ctx.first_stage,
+        self.backend = select_backend(self.dtype, ctx.device)  # the kernels every layer computes with
+        self.model = load_model(model_dir, args, tp, self.backend, layer_ids, first_stage=ctx.first_stage,
                                 last_stage=ctx.last_stage, dtype=self.dtype, device=ctx.device)
         kv_heads = args.num_kv_heads // ctx.tp_size
         block_size = cfg.cache.block_size

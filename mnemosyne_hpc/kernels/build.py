@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,11 @@ def _cpuinfo_lines() -> tuple[str, ...]:
 
 def cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in _cpuinfo_lines() if line.startswith("flags")), set())
+
+
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+                platform.machine())
 
 
 def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:

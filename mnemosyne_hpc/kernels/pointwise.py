@@ -66,7 +66,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
     """Rotates x [T, H, D] (heads adjacent in a row) in place by cos, signed_sin [T, D] (see
-    `layers.apply_rope_`); False, with x unchanged, where the kernel does not apply."""
+    `TorchBackend.rope_`); False, with x unchanged, where the kernel does not apply."""
     rows, heads, dim = x.shape
     if not (x.stride(1) == dim and cos.is_contiguous() and signed_sin.is_contiguous()
             and _applies(x, cos, signed_sin)):

@@ -8,9 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mnemosyne_hpc.kernels.gemv import gemv
-from mnemosyne_hpc.kernels.pointwise import rms_norm, rope_
-from mnemosyne_hpc.kernels.skinny import skinny_linear
+from mnemosyne_hpc.model.backend import TorchBackend
 
 
 class TensorParallel:
@@ -38,43 +36,29 @@ def split_evenly(total: int, tp: TensorParallel, what: str) -> int:
     return total // tp.size
 
 
-# Below this many rows (decode steps), CPU GEMM kernels stream the weight at close to memory
-# bandwidth as W·xᵀ, but not as x·Wᵀ (measured: 27 against 21 GB/s at 16 rows; even at 256 rows).
-FEW_ROWS = 256
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ + b: the same sums either way; only the kernel that computes them differs."""
-    rows = x.shape[0]
-    if not x.is_cpu or x.dim() != 2 or rows >= FEW_ROWS:
-        return F.linear(x, weight, bias)
-    if (y := gemv(x, weight) if rows == 1 else skinny_linear(x, weight)) is None:  # ours where they apply
-        y = torch.mm(weight, x.T).T.contiguous()
-    return y if bias is None else y.add_(bias)
-
-
 class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ with W's output rows split over TP ranks; the output stays sharded."""
 
-    def __init__(self, in_features: int, local_out_features: int, bias: bool):
+    def __init__(self, in_features: int, local_out_features: int, bias: bool, backend: TorchBackend):
         super().__init__()
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(local_out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local_out_features), requires_grad=False) if bias else None
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return self.backend.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = Σ_ranks x_shard W_shardᵀ: the input is sharded, the output all-reduced."""
 
-    def __init__(self, local_in_features: int, out_features: int, tp: TensorParallel):
+    def __init__(self, local_in_features: int, out_features: int, tp: TensorParallel, backend: TorchBackend):
         super().__init__()
-        self.tp = tp
+        self.tp, self.backend = tp, backend
         self.weight = nn.Parameter(torch.empty(out_features, local_in_features), requires_grad=False)
 
     def forward(self, x):
-        return self.tp.all_reduce(linear(x, self.weight))
+        return self.tp.all_reduce(self.backend.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -97,30 +81,24 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Logits for a vocab shard per rank, gathered to the full vocabulary on every TP rank."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, backend: TorchBackend):
         super().__init__()
-        self.tp, self.vocab_size = tp, vocab_size
+        self.tp, self.vocab_size, self.backend = tp, vocab_size, backend
         self.weight = nn.Parameter(torch.empty(math.ceil(vocab_size / tp.size), hidden_size), requires_grad=False)
 
     def forward(self, hidden):
-        return self.tp.all_gather_last_dim(linear(hidden, self.weight))[..., : self.vocab_size]
+        return self.tp.all_gather_last_dim(self.backend.linear(hidden, self.weight))[..., : self.vocab_size]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, backend: TorchBackend):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x normalised; with `residual`, x += residual first, in place (the layer's running sum)."""
-        if (out := rms_norm(x, self.weight, self.eps, residual)) is not None:
-            return out
-        if residual is not None:
-            x.add_(residual)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -141,18 +119,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_tables(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin [T, D] of the angles [T, D/2], as `apply_rope_` takes them: computed once a
+    """cos and signed sin [T, D] of the angles [T, D/2], as the backends' `rope_` takes them: computed once a
     step, used by every layer."""
     angles = torch.cat((angles, angles), dim=-1)
     half = angles.shape[-1] // 2
     sin = angles.sin()
     sin[:, :half].neg_()
     return angles.cos().to(dtype), sin.to(dtype)
-
-
-def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] rotated in place as Hugging Face Llama does (half split): x·cos + rotate_half(x)·sin,
-    where rotate_half(x) = (−x₂, x₁) = roll(x, D/2)·(−1, +1); `signed_sin` carries that sign."""
-    if not rope_(x, cos, signed_sin):
-        x.copy_(torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None]))
-    return x

@@ -8,18 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mnemosyne_hpc.kernels.pointwise import silu_mul
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.attention import (
-    DecodeBatch,
-    attention,
-    chunk_attention,
-    decode_batch_attention,
-    merge_over_group,
-)
+from mnemosyne_hpc.model.attention import DecodeBatch, merge_over_group
+from mnemosyne_hpc.model.backend import TorchBackend
 from mnemosyne_hpc.model.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -27,7 +20,6 @@ from mnemosyne_hpc.model.layers import (
     RowParallelLinear,
     TensorParallel,
     VocabParallelEmbedding,
-    apply_rope_,
     split_evenly,
 )
 
@@ -58,14 +50,15 @@ class BatchMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TensorParallel):
+    def __init__(self, args: ModelArgs, tp: TensorParallel, backend: TorchBackend):
         super().__init__()
+        self.backend = backend
         self.num_heads = split_evenly(args.num_heads, tp, "num_attention_heads")
         self.num_kv_heads = split_evenly(args.num_kv_heads, tp, "num_key_value_heads")
         self.head_dim = args.head_dim
         local_qkv = (self.num_heads + 2 * self.num_kv_heads) * args.head_dim
-        self.qkv_proj = ColumnParallelLinear(args.hidden_size, local_qkv, bias=args.qkv_bias)
-        self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp)
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, local_qkv, args.qkv_bias, backend)
+        self.o_proj = RowParallelLinear(self.num_heads * args.head_dim, args.hidden_size, tp, backend)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor):
         """Queries [T, Hq, D], keys and values [T, Hkv, D] (views of one projection), RoPE applied to
@@ -73,7 +66,7 @@ class Attention(nn.Module):
         tokens, d = x.shape[0], self.head_dim
         qkv = self.qkv_proj(x)
         rotated = self.num_heads + self.num_kv_heads
-        qk = apply_rope_(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
+        qk = self.backend.rope_(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
 
@@ -86,15 +79,15 @@ class Attention(nn.Module):
         out = q.new_empty(q.shape)  # dense, unlike q (a view of the projection)
         lse = q.new_empty(q.shape[:2], dtype=torch.float32)
         if meta.decodes is not None:
-            decode_batch_attention(q, k_cache, v_cache, meta.decodes, out, lse)
+            self.backend.decode_attention(q, k_cache, v_cache, meta.decodes, out, lse)
         for seq in meta.sequences:
             rows, slots = slice(seq.start, seq.end), seq.cached_slots
             q_seq, k_seq, v_seq = (t[rows].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
             k_cached, v_cached = (None, None) if slots is None else (k_cache[:, slots], v_cache[:, slots])
             if seq.within_chunk:
-                seq_out, seq_lse = chunk_attention(q_seq, k_seq, v_seq, k_cached, v_cached)
+                seq_out, seq_lse = self.backend.chunk_attention(q_seq, k_seq, v_seq, k_cached, v_cached)
             else:
-                seq_out, seq_lse = attention(q_seq, k_cached, v_cached, causal=False)
+                seq_out, seq_lse = self.backend.attention(q_seq, k_cached, v_cached, causal=False)
             out[rows], lse[rows] = seq_out.transpose(0, 1), seq_lse.T
         for group, rows in meta.merges:
             out[rows] = merge_over_group(out[rows], lse[rows], group)
@@ -102,27 +95,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TensorParallel):
+    def __init__(self, args: ModelArgs, tp: TensorParallel, backend: TorchBackend):
         super().__init__()
-        self.local_intermediate = split_evenly(args.intermediate_size, tp, "intermediate_size")
-        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, 2 * self.local_intermediate, bias=False)
-        self.down_proj = RowParallelLinear(self.local_intermediate, args.hidden_size, tp)
+        self.backend = backend
+        local_intermediate = split_evenly(args.intermediate_size, tp, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, 2 * local_intermediate, False, backend)
+        self.down_proj = RowParallelLinear(local_intermediate, args.hidden_size, tp, backend)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
-        if (hidden := silu_mul(gate_up)) is None:
-            gate, up = gate_up.split(self.local_intermediate, dim=-1)
-            hidden = F.silu(gate).mul_(up)
-        return self.down_proj(hidden)
+        return self.down_proj(self.backend.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TensorParallel):
+    def __init__(self, args: ModelArgs, tp: TensorParallel, backend: TorchBackend):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, tp)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args, tp)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
+        self.self_attn = Attention(args, tp, backend)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend)
+        self.mlp = MLP(args, tp, backend)
 
     def forward(self, x, meta, k_cache, v_cache):
         return self.feed_forward(self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache), x)
@@ -133,15 +123,16 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TensorParallel, layer_ids: range, first_stage: bool, last_stage: bool):
+    def __init__(self, args: ModelArgs, tp: TensorParallel, backend: TorchBackend, layer_ids: range,
+                 first_stage: bool, last_stage: bool):
         super().__init__()
         self.args, self.layer_ids = args, layer_ids
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp) if first_stage else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, tp) for i in layer_ids})
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if last_stage else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(args, tp, backend) for i in layer_ids})
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, backend) if last_stage else None
         self.lm_head = None
         if last_stage:
-            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp)
+            self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp, backend)
             if args.tie_word_embeddings and first_stage:
                 self.lm_head.weight = self.embed_tokens.weight
 

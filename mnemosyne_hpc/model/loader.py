@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from mnemosyne_hpc.model.args import ModelArgs
+from mnemosyne_hpc.model.backend import TorchBackend
 from mnemosyne_hpc.model.layers import TensorParallel
 from mnemosyne_hpc.model.llama import Transformer
 
@@ -81,10 +82,10 @@ def _sources(args: ModelArgs, name: str) -> tuple[list[str], str | None]:
     raise CheckpointError(f"no checkpoint source for parameter {name}")
 
 
-def load_model(model_dir: Path, args: ModelArgs, tp: TensorParallel, layer_ids: range,
+def load_model(model_dir: Path, args: ModelArgs, tp: TensorParallel, backend: TorchBackend, layer_ids: range,
                first_stage: bool, last_stage: bool, dtype: torch.dtype, device: torch.device) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(args, tp, layer_ids, first_stage, last_stage)
+        model = Transformer(args, tp, backend, layer_ids, first_stage, last_stage)
     checkpoint = Checkpoint(model_dir)
     if not args.tie_word_embeddings and last_stage and not checkpoint.has("lm_head.weight"):
         raise CheckpointError(f"lm_head.weight missing from {model_dir} and tie_word_embeddings is false")
