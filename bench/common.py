@@ -85,12 +85,25 @@ def qwen_gguf() -> Path:
     return target
 
 
+# The CPU features our kernels and torch's choose between: a ratio holds only on CPUs that share them.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine() -> dict:
+    """This machine as a benchmark record names it: CPU model, the flags that matter, cores, torch."""
+    import torch
+
+    from mnemosyne_hpc.kernels.build import cpu_flags, cpu_model
+
+    return {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & set(CPU_FLAGS)), "cores": os.cpu_count(),
+            "torch": torch.__version__}
+
+
 def write_results(filename: str, record: dict, directory: Path = RESULTS) -> Path:
     """Save a benchmark record (stamped with machine and date) under `directory` and print its ratios."""
-    import platform
     import time
 
-    record = {**record, "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    record = {**record, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / filename
     path.write_text(json.dumps(record, indent=2) + "\n")
