@@ -183,6 +183,28 @@ def test_client_that_disconnects_mid_stream_frees_its_request(server):
     assert _metric(address, "mnemosyne_kv_blocks_used_ratio") == 0
 
 
+def test_streamed_text_never_shows_part_of_a_stop_string(server):
+    """A stop string that spans two tokens: what streams stops before it, as the whole answer does."""
+    address, _ = server
+    request = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12}
+    pieces = _streamed(address, request)
+    i = next(i for i in range(2, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1].strip()) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    whole = httpx.post(f"{address}/v1/completions", headers=HEADERS, timeout=60, json={**request, "stop": [stop]})
+    expected = "".join(pieces)[:"".join(pieces).index(stop)]
+    assert whole.json()["choices"][0]["text"] == expected and whole.json()["choices"][0]["finish_reason"] == "stop"
+    assert "".join(_streamed(address, {**request, "stop": [stop]})) == expected, (stop, pieces)
+
+
+def _streamed(address: str, request: dict) -> list[str]:
+    """The text of each event of a streamed completion."""
+    with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
+                      json={**request, "stream": True}) as response:
+        events = [json.loads(line[5:]) for line in response.iter_lines()
+                  if line.startswith("data:") and line != "data: [DONE]"]
+    return [event["choices"][0]["text"] for event in events]
+
+
 def test_200_concurrent_requests_are_all_answered(server):
     address, _ = server
 

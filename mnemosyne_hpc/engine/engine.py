@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.engine.detokenizer import TextOutput
 from mnemosyne_hpc.engine.executor import Executor
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
@@ -58,7 +59,8 @@ class Engine:
             raise RequestError(f"request needs {blocks} KV blocks in one KVP group, a group holds "
                                f"{self.placement.blocks_per_group}; shorten it or enlarge cache.kv_memory_gib")
         request = Request(id=next(self._ids), prompt_token_ids=token_ids, sampling=params, max_len=max_len,
-                          arrival=time.perf_counter() if arrival is None else arrival)
+                          arrival=time.perf_counter() if arrival is None else arrival,
+                          output=TextOutput(self.tokenizer, params.stop) if self.tokenizer is not None else None)
         self.requests[request.id] = request
         self.scheduler.add(request)
         return request.id
@@ -121,8 +123,8 @@ class Engine:
 
     def _finish(self, request: Request, now: float) -> Request:
         request.finish_time = now
-        if self.tokenizer is not None and not request.text:
-            request.text = self._detokenize(request)
+        if request.output is not None:
+            request.output.close()
         self.scheduler.finish(request)
         return self.requests.pop(request.id)
 
@@ -132,29 +134,13 @@ class Engine:
 
     def _check_finished(self, request: Request, token: int) -> bool:
         params = request.sampling
-        text = None
-        if self.tokenizer is not None and params.stop:  # stop strings need the text after every token
-            text = self._detokenize(request)
-            hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-            if hits:
-                text = text[: min(hits)]
-                request.finish_reason = "stop"
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.args.eos_token_ids):
             request.finish_reason = "stop"
-        if request.finish_reason is None and request.num_tokens >= request.max_len:
+        elif request.num_tokens >= request.max_len:
             request.finish_reason = "length"
-        if request.finish_reason is None:
-            return False
-        if self.tokenizer is not None:
-            request.text = self._detokenize(request) if text is None else text
-        return True
-
-    def text_so_far(self, request: Request) -> str:
-        """The request's output as text (empty without a tokenizer)."""
-        return self._detokenize(request) if self.tokenizer is not None else ""
-
-    def _detokenize(self, request: Request) -> str:
-        return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        if request.output is not None and request.output.add(token, last=request.finish_reason is not None):
+            request.finish_reason = "stop"  # a stop string: the text ends before it
+        return request.finish_reason is not None
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 from mnemosyne_hpc.config import SamplingConfig
+from mnemosyne_hpc.engine.detokenizer import TextOutput
 
 
 class RequestError(ValueError):
@@ -94,7 +95,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     preemptions: int = 0
     finish_time: Optional[float] = None
-    text: str = ""  # set when the request finishes
+    output: Optional[TextOutput] = None  # the output as text (None without a tokenizer)
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" (sampling failed)
 
     def __post_init__(self):
@@ -106,6 +107,10 @@ class Request:
         self.prefill_len = self.num_tokens
         self.block_tables = []
         self.preemptions += 1
+
+    @property
+    def text(self) -> str:
+        return self.output.text if self.output is not None else ""
 
     @property
     def num_tokens(self) -> int:

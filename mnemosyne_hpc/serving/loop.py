@@ -32,7 +32,6 @@ class Ticket:
     on_event: Callable[[Event], None]
     request: dict
     request_id: Optional[int] = None
-    sent: int = 0  # characters of text already sent
     cancelled: bool = False
 
 
@@ -102,21 +101,19 @@ class ServingLoop:
     def _emit(self, sampled: list[Request], finished: list[Request]) -> None:
         for request in sampled:
             ticket = self._tickets.get(request.id)
-            if ticket is not None and request not in finished:
-                self._send_text(ticket, self.engine.text_so_far(request))
+            if ticket is not None:
+                self._send_text(ticket, request)
         for request in finished:
             for observe in self.observers:
                 observe(request)
             ticket = self._tickets.pop(request.id, None)
             if ticket is None:
                 continue
-            self._send_text(ticket, request.text)
+            self._send_text(ticket, request)
             ticket.on_event(Event("done", finish_reason=request.finish_reason, request=request))
 
     @staticmethod
-    def _send_text(ticket: Ticket, text: str) -> None:
-        if text.endswith("\ufffd"):  # a character whose bytes have not all arrived yet
-            text = text[:-1]
-        if len(text) > ticket.sent:
-            ticket.on_event(Event("text", text=text[ticket.sent:]))
-            ticket.sent = len(text)
+    def _send_text(ticket: Ticket, request: Request) -> None:
+        text = request.output.take() if request.output is not None else ""
+        if text:
+            ticket.on_event(Event("text", text=text))
