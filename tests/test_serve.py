@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -175,12 +176,32 @@ def test_client_that_disconnects_mid_stream_frees_its_request(server):
                       json={"prompt": "Once upon a time", "max_tokens": 900, "stream": True}) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    deadline = time.monotonic() + 30  # the request is aborted and its blocks freed, not run to 900 tokens
-    while _metric(address, "mnemosyne_running_requests") != 0:
-        assert time.monotonic() < deadline, "the disconnected request is still running"
-        time.sleep(0.2)
+    _wait_until_idle(address, 30)  # the request is aborted and its blocks freed, not run to 900 tokens
     assert _metric(address, 'mnemosyne_requests_total{finish_reason="abort"}') >= 1
     assert _metric(address, "mnemosyne_kv_blocks_used_ratio") == 0
+
+
+def test_client_that_disconnects_before_a_whole_answer_frees_its_request(server):
+    """Not streaming: the client leaves while its request decodes; it is aborted, not run to 1000 tokens."""
+    address, _ = server
+    aborted = _metric(address, ABORTED, default=0)
+    _send_and_hang_up(address, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000,
+                                "ignore_eos": True}, seconds=2)
+    _wait_until_idle(address, 10)
+    assert _metric(address, ABORTED) == aborted + 1
+    assert _metric(address, "mnemosyne_kv_blocks_used_ratio") == 0
+
+
+def test_client_that_disconnects_before_its_first_token_frees_its_request(server):
+    """Streaming, a prompt of two prefill chunks: the client leaves during the first; the request is
+    aborted before it produced a token (no TTFT observed), not when its first token would be sent."""
+    address, _ = server
+    aborted, first_tokens = _metric(address, ABORTED, default=0), _metric(address, "mnemosyne_ttft_seconds_count")
+    _send_and_hang_up(address, {"model": MODEL, "prompt": [1000 + i % 500 for i in range(900)], "max_tokens": 8,
+                                "stream": True}, seconds=0.2)
+    _wait_until_idle(address, 10)
+    assert _metric(address, ABORTED) == aborted + 1
+    assert _metric(address, "mnemosyne_ttft_seconds_count") == first_tokens
 
 
 def test_streamed_text_never_shows_part_of_a_stop_string(server):
@@ -196,6 +217,9 @@ def test_streamed_text_never_shows_part_of_a_stop_string(server):
     assert "".join(_streamed(address, {**request, "stop": [stop]})) == expected, (stop, pieces)
 
 
+ABORTED = 'mnemosyne_requests_total{finish_reason="abort"}'
+
+
 def _streamed(address: str, request: dict) -> list[str]:
     """The text of each event of a streamed completion."""
     with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
@@ -203,6 +227,24 @@ def _streamed(address: str, request: dict) -> list[str]:
         events = [json.loads(line[5:]) for line in response.iter_lines()
                   if line.startswith("data:") and line != "data: [DONE]"]
     return [event["choices"][0]["text"] for event in events]
+
+
+def _send_and_hang_up(address: str, body: dict, seconds: float) -> None:
+    """POST a completion, wait `seconds`, close the connection without reading the answer."""
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(head.encode() + data)
+        time.sleep(seconds)
+
+
+def _wait_until_idle(address: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while _metric(address, "mnemosyne_running_requests") or _metric(address, "mnemosyne_waiting_requests"):
+        assert time.monotonic() < deadline, "a disconnected request is still running"
+        time.sleep(0.2)
 
 
 def test_200_concurrent_requests_are_all_answered(server):
@@ -232,11 +274,13 @@ def test_idle_server_outlives_the_collective_timeout_without_spending_cpu(server
     assert completion.usage.completion_tokens == 3 and process.poll() is None
 
 
-def _metric(address: str, name: str) -> float:
+def _metric(address: str, name: str, default: float | None = None) -> float:
+    """A metric's value; `default` for one not exported (yet: a label's counter appears at its first count)."""
     for line in httpx.get(f"{address}/metrics", timeout=60).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
-    raise AssertionError(f"metric {name} not exported")
+    assert default is not None, f"metric {name} not exported"
+    return default
 
 
 def _rank_pids(root: int) -> list[int]:

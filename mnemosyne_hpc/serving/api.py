@@ -97,7 +97,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             token_ids = prompt
         else:
             raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)")
-        return await _respond(body, token_ids, chat=False)
+        return await _respond(request, body, token_ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -108,7 +108,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                 for m in messages)):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
         conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return await _respond(body, await _off_the_loop(inputs.chat_tokens, conversation), chat=True)
+        return await _respond(request, body, await _off_the_loop(inputs.chat_tokens, conversation), chat=True)
 
     async def _off_the_loop(function, *args) -> list[int]:
         """Tokenising on a worker thread: the event loop keeps streaming, the engine keeps stepping."""
@@ -133,12 +133,14 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         return body
 
-    async def _respond(body: dict, token_ids: list[int], chat: bool):
+    async def _respond(request: Request, body: dict, token_ids: list[int], chat: bool):
         sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
         events = _submit({"prompt_token_ids": token_ids, "sampling": sampling})
-        first = await events.__anext__()  # the first event tells a rejected request apart
+        # the first event tells a rejected request apart; a client that leaves before it (its request
+        # queued or prefilling), or before a whole answer, has its request aborted (a stream watches itself)
+        first = await _unless_disconnected(request, events.__anext__())
         if first.kind == "error":
             await events.aclose()
             raise ApiError(first.status, first.text, "invalid_request_error" if first.status < 500 else "server_error")
@@ -147,13 +149,30 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         if body.get("stream", False):
             return StreamingResponse(_stream(first, events, completion_id, created, chat),
                                      media_type="text/event-stream")
+        text, done = await _unless_disconnected(request, _collect(first, events))
+        if done.finish_reason == "error":
+            raise ApiError(500, SAMPLING_FAILED, "server_error")
+        return _full_response(completion_id, created, chat, text, done)
+
+    async def _unless_disconnected(request: Request, awaitable):
+        """Await `awaitable`; if the client disconnects first, cancel it (an events generator it
+        awaits aborts its request) and answer 499, which nobody reads."""
+        work, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            raise ApiError(499, "the client closed the connection")
+        return work.result()
+
+    async def _collect(first: Event, events) -> tuple[str, Event]:
         text, done = "", first
         async for event in _chain(first, events):
             text += event.text
             done = event
-        if done.finish_reason == "error":
-            raise ApiError(500, SAMPLING_FAILED, "server_error")
-        return _full_response(completion_id, created, chat, text, done)
+        return text, done
 
     def _submit(engine_request: dict):
         aio = asyncio.get_running_loop()
@@ -214,6 +233,12 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                 "model": model, "choices": [choice], "usage": usage}
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (its body was read before: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _parse_json(data: bytes):
