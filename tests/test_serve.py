@@ -204,6 +204,25 @@ def test_client_that_disconnects_before_its_first_token_frees_its_request(server
     assert _metric(address, "mnemosyne_ttft_seconds_count") == first_tokens
 
 
+@pytest.mark.parametrize("path, field", [("completions", "max_tokens"), ("chat/completions", "max_tokens"),
+                                         ("chat/completions", "max_completion_tokens")])
+def test_max_tokens_beyond_the_context_is_refused(server, path, field):
+    """As vLLM's server: prompt + max_tokens > cache.max_model_len is a 400, not clipped."""
+    address, _ = server
+    prompt = {"prompt": [1000] * 24} if path == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    for max_tokens in (1001, 10**30):
+        response = httpx.post(f"{address}/v1/{path}", headers=HEADERS, timeout=60,
+                              json={"model": MODEL, **prompt, field: max_tokens})
+        message = response.json()["error"]["message"]
+        assert response.status_code == 400 and f"max_tokens is too large: {max_tokens}; cache.max_model_len" in message
+        assert path != "completions" or max_tokens != 1001 or "(1001 > 1024 - 24)" in message
+    if path == "completions":  # 24 + 1000 tokens fill the context: accepted (and dropped after its first token)
+        with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
+                          json={"model": MODEL, **prompt, "max_tokens": 1000, "stream": True}) as response:
+            assert response.status_code == 200 and next(line for line in response.iter_lines() if line)
+        _wait_until_idle(address, 30)
+
+
 def test_streamed_text_never_shows_part_of_a_stop_string(server):
     """A stop string that spans two tokens: what streams stops before it, as the whole answer does."""
     address, _ = server

@@ -137,6 +137,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
             sampling["max_tokens"] = body["max_completion_tokens"]
+        _check_room(sampling.get("max_tokens"), len(token_ids), loop.engine.max_model_len)
         events = _submit({"prompt_token_ids": token_ids, "sampling": sampling})
         # the first event tells a rejected request apart; a client that leaves before it (its request
         # queued or prefilling), or before a whole answer, has its request aborted (a stream watches itself)
@@ -239,6 +240,16 @@ async def _disconnected(request: Request) -> None:
     """Returns once the client has gone (its body was read before: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _check_room(max_tokens, prompt_tokens: int, max_model_len: int) -> None:
+    """As vLLM's server: max_tokens that would run past cache.max_model_len is refused, not clipped
+    (without it, the default sampling.max_tokens is clipped to the room left). A prompt with no room
+    at all, or a max_tokens that is not a positive integer, is the engine's to refuse."""
+    room = max_model_len - prompt_tokens
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < room < max_tokens:
+        raise ApiError(400, f"max_tokens is too large: {max_tokens}; cache.max_model_len = {max_model_len} and the "
+                            f"prompt has {prompt_tokens} tokens ({max_tokens} > {max_model_len} - {prompt_tokens})")
 
 
 def _parse_json(data: bytes):
