@@ -9,7 +9,11 @@ both). While the window's text ends in an incomplete UTF-8 sequence ("\\ufffd") 
 Stop strings are searched in the new text and the few characters held back before it; the held-back
 tail is the longest one that could be the start of a stop string, so a stop string split across tokens
 is never streamed. The deltas join to exactly `tokenizer.decode(tokens, skip_special_tokens=True)`,
-cut before the first stop string.
+cut before the first stop string; an output that ends within a character ends with "\\ufffd", as that
+decode gives it. Two cases differ, as in vLLM: byte fallback (Llama 2, Mistral) decodes a run of byte
+tokens that is not UTF-8 to one "\\ufffd" per byte, where the valid characters before the bad bytes
+come through here; and a stop string completed by a token that also starts an unfinished character is
+seen one token later (the text still ends before it).
 
 Where it runs: on rank 0's engine thread, as each token is appended (`Engine.step`). A stop string
 must end its request at the token that completes it (finish reason "stop", KV blocks freed, no token
