@@ -60,14 +60,11 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000])
     args = parser.parse_args()
 
-    import torch
     from transformers import AutoTokenizer
 
     from mnemosyne_hpc.config import compose, resolve_cache_dir
     from mnemosyne_hpc.model.gguf import convert_gguf
-    from mnemosyne_hpc.perf.hardware import hardware_name
 
-    torch.set_num_threads(1)
     cfg = compose([])
     tokenizer = AutoTokenizer.from_pretrained(convert_gguf(Path(cfg.model.path), resolve_cache_dir(cfg)))
     text = (ROOT / "README.md").read_text() + EXTRA
@@ -84,7 +81,7 @@ def main() -> None:
         print(f"{length:6d} tokens: incremental {new_us:8.1f} µs/token, whole decode {old_us:9.1f} µs/token "
               f"({old_us / new_us:.0f}×)", flush=True)
     write_results("detokenize.json", {
-        "benchmark": "detokenize", "cpu": hardware_name(torch.device("cpu")), "tokenizer": Path(cfg.model.path).stem,
+        "benchmark": "detokenize", "tokenizer": Path(cfg.model.path).stem,
         "stop": list(STOP), "text": "README.md repeated, with CJK and emoji", "by_output_tokens": results})
 
 
