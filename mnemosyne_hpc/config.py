@@ -58,6 +58,10 @@ class CacheConfig:
     num_blocks: int = 0  # KV blocks per rank; 0 sizes the pool from kv_memory_gib
     kv_memory_gib: float = 2.0  # KV-cache memory per rank when num_blocks is 0
     max_model_len: int = 8192  # longest sequence (prompt + generated) a request may reach
+    # Reuse the KV of complete blocks of earlier requests' prefixes (same tokens at the same positions):
+    # their tokens are not prefilled again. Unreferenced cached blocks count as free and are evicted
+    # least recently used first when a reservation needs them.
+    prefix_caching: bool = True
 
 
 @dataclass

@@ -65,6 +65,7 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> tuple[list
                 results[index_of[request.id]] = {
                     "index": index_of[request.id],
                     "prompt_tokens": len(request.prompt_token_ids),
+                    "cached_tokens": request.cached_tokens,
                     "token_ids": request.output_token_ids,
                     "text": request.text,
                     "finish_reason": request.finish_reason,

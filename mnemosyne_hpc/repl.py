@@ -6,7 +6,8 @@ Commands:
   /set FIELD VALUE   a sampling field for the next prompts (temperature, top_k, top_p, max_tokens, seed, ...)
   /stats             latency of the answers so far and the engine's state
   /load PATH         the file's text goes before every next prompt (a long context)
-  /reset             forget the loaded context and the /set fields
+  /reset             forget the loaded context and the /set fields (the prefix cache keeps its blocks)
+  /clear-cache       empty the prefix cache: the next prompts are prefilled whole
   /quit              leave (so does Ctrl-D)
 Ctrl-C cancels the answer in progress (its KV blocks are freed); the job goes on. The other ranks
 follow rank 0's plans and exit with it.
@@ -105,6 +106,9 @@ class Repl:
         elif name == "/reset":
             self.context, self.sampling = "", {}
             self.print("context and sampling fields reset")
+        elif name == "/clear-cache":
+            self.loop.call(self.engine.placement.clear_cache)
+            self.print("prefix cache cleared")
         elif name == "/stats":
             self._stats()
         else:
@@ -131,7 +135,8 @@ class Repl:
                 self.tbts += request.tbt_s
                 tbt = f", TBT median {1000 * statistics.median(request.tbt_s):.1f} ms" if request.tbt_s else ""
                 ttft = f"TTFT {1000 * request.ttft_s:.0f} ms" if request.ttft_s is not None else "no token"
-                self.print(f"\n[{ttft}{tbt}, {len(request.output_token_ids)} tokens, {event.finish_reason}]")
+                self.print(f"\n[{ttft}{tbt}, {len(request.output_token_ids)} tokens, {event.finish_reason}] prompt "
+                           f"{len(request.prompt_token_ids)} tokens, {request.cached_tokens} of them cached")
                 break
         self.current = None
 

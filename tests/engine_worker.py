@@ -3,7 +3,7 @@
     mpirun -n N python tests/engine_worker.py SPEC.json OUT.pt
 
 SPEC: {"overrides": [...hydra overrides...], "cases": [{"name", "chunk_size", "scheduler": {field: value},
-"requests": [{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
+"warm_prefix_cache": bool, "requests": [{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def run_case(engine: Engine, case: dict) -> dict:
     # Scheduling is rank 0's decision alone: followers never see these.
     for key, value in {"chunk_size": case.get("chunk_size", 0), **case.get("scheduler", {})}.items():
         setattr(engine.scheduler.cfg, key, value)
+    if not case.get("warm_prefix_cache"):  # every case starts cold unless it asks for what earlier ones cached
+        engine.placement.clear_cache()
     engine.logits.clear()
     pending = sorted(enumerate(case["requests"]), key=lambda item: item[1].get("arrival_step", 0))
     index_of, outputs, step_phases, stage_requests, stage_groups, chunk_lengths, step = {}, {}, [], [], [], [], 0
@@ -41,7 +43,8 @@ def run_case(engine: Engine, case: dict) -> dict:
             for request in engine.step().finished:
                 outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
                                                  "logits": torch.stack(engine.logits.pop(request.id)),
-                                                 "preemptions": request.preemptions}
+                                                 "preemptions": request.preemptions,
+                                                 "cached_tokens": request.cached_tokens}
             step_phases.append({index_of[c.request_id]: phase(c, prompt_len[c.request_id])
                                 for c in engine.last_plan.entering})
             chunk_lengths.append({index_of[c.request_id]: len(c.token_ids) for c in engine.last_plan.entering})

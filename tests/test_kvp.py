@@ -82,7 +82,7 @@ def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_
 def test_placement_spans_consecutive_groups_and_spreads_short_requests():
     placement = KVPlacement(KVPLayout(num_groups=3, group_tokens=64), num_blocks=10, block_size=16)
     assert placement.layout.shard_tokens(150) == [64, 64, 22]
-    first, tables = placement.reserve(150, 150)
+    first, tables, _ = placement.reserve(150, 150)
     assert first == 0 and [len(t) for t in tables] == [4, 4, 2]
     assert placement.reserve(30, 30)[0] == 2  # the group the long request leaves emptiest
     second = placement.reserve(150, 150)
@@ -90,13 +90,13 @@ def test_placement_spans_consecutive_groups_and_spreads_short_requests():
     assert placement.reserve(150, 150) is None  # the only run of three groups lacks room in group 0
     assert placement.reserve(64, 64)[0] == 2
     placement.free(first, tables, 150)
-    placement.free(*second, 150)
+    placement.free(*second[:2], 150)
     assert [a.num_free for a in placement.allocators] == [10, 10, 4]
 
 
 def test_placement_reserves_the_prompt_and_grows_block_by_block():
     placement = KVPlacement(KVPLayout(num_groups=2, group_tokens=64), num_blocks=10, block_size=16)
-    first, tables = placement.reserve(20, 100)  # a 20-token prompt that may grow to 100 tokens
+    first, tables, _ = placement.reserve(20, 100)  # a 20-token prompt that may grow to 100 tokens
     assert first == 0 and tables == [[0, 1]] and placement.promised == [2, 3]
     assert placement.covers(tables, 31) and not placement.covers(tables, 32)
     for position in (32, 48, 64):  # the third block of group 0, its fourth, then group 1's first

@@ -34,7 +34,7 @@ class Engine:
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
         self.executor = Executor(runner)
-        self.placement = KVPlacement(runner.layout, runner.num_blocks, cfg.cache.block_size)
+        self.placement = KVPlacement(runner.layout, runner.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages, perf_model)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
@@ -92,7 +92,9 @@ class Engine:
         now = time.perf_counter()
         out = StepOutput()
         for chunk in plan.leaving:
-            self.requests[chunk.request_id].num_computed += len(chunk.token_ids)
+            request = self.requests[chunk.request_id]
+            request.num_computed += len(chunk.token_ids)
+            self.scheduler.computed(request)
         for chunk in plan.sampled:
             request, result = self.requests[chunk.request_id], results[chunk.request_id]
             if result.token == FAILED:  # its sampling raised on the last stage: this request ends, the others go on

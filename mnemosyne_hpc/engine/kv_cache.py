@@ -2,22 +2,34 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
+from mnemosyne_hpc.engine.prefix_cache import BlockGrid
 
 
 class BlockAllocator:
-    """Rank 0's book of free blocks. It hands out consecutive blocks where it can: decode attention
-    reads every run of consecutive blocks in place, and prefill attention reads a prefix in place
-    only when it is one run (else it gathers it)."""
+    """Rank 0's book of one KVP group's blocks. It hands out consecutive blocks where it can: decode
+    attention reads every run of consecutive blocks in place, and prefill attention reads a prefix in
+    place only when it is one run (else it gathers it).
+
+    With prefix caching, a complete block whose KV is computed may be registered under its identity
+    (`prefix_cache`): requests with the same prefix then share it (reference-counted), and when no
+    request references it, it stays cached but counts as free, until a reservation needs it back; the
+    least recently released go first."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._is_free = np.ones(num_blocks, dtype=bool)
-        self.num_free = num_blocks
+        self._is_free = np.ones(num_blocks, dtype=bool)  # unreferenced and holding no cached KV
+        self._refs = np.zeros(num_blocks, dtype=np.int32)
+        self._block_of: dict[bytes, int] = {}  # identity → block holding that KV
+        self._identity_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached and unreferenced, oldest first
+        self.num_free = num_blocks  # blocks a reservation may take: the free ones and the evictable ones
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
@@ -28,11 +40,16 @@ class BlockAllocator:
     def reserve(self, num_tokens: int, after: int | None = None) -> list[int]:
         """Blocks for `num_tokens` tokens: the ones right after block `after` if they are free, else
         the first run of free blocks long enough, else the lowest free blocks."""
-        n = self.blocks_for(num_tokens)
+        return self.take(self.blocks_for(num_tokens), after)
+
+    def take(self, n: int, after: int | None = None) -> list[int]:
+        """`n` blocks, as `reserve` picks them, evicting cached ones where the free ones do not suffice."""
         if n == 0:
             return []
         if n > self.num_free:
             raise MemoryError(f"{n} KV blocks wanted, {self.num_free} free")
+        for _ in range(n - (self.num_free - len(self._evictable))):
+            self._evict()
         if after is not None and after + 1 + n <= self.num_blocks and self._is_free[after + 1: after + 1 + n].all():
             blocks = np.arange(after + 1, after + 1 + n)
         else:
@@ -40,12 +57,58 @@ class BlockAllocator:
             runs = np.flatnonzero(free_before[n:] - free_before[:-n] == n)
             blocks = np.arange(runs[0], runs[0] + n) if len(runs) else np.flatnonzero(self._is_free)[:n]
         self._is_free[blocks] = False
+        self._refs[blocks] = 1
         self.num_free -= n
         return blocks.tolist()
 
     def free(self, block_ids: list[int]) -> None:
-        self._is_free[block_ids] = True
-        self.num_free += len(block_ids)
+        """Drop one reference to each block; a cached block nobody references becomes evictable, the
+        last block of a sequence first (its prefix is the likelier to be asked for again)."""
+        self._refs[block_ids] -= 1
+        released = [b for b in block_ids if self._refs[b] == 0]
+        for block in reversed(released):
+            if block in self._identity_of:
+                self._evictable[block] = None
+            else:
+                self._is_free[block] = True
+        self.num_free += len(released)
+
+    def lookup(self, identity: bytes) -> int | None:
+        """The block holding the KV of the block `identity` names, if cached."""
+        return self._block_of.get(identity)
+
+    def is_evictable(self, block: int) -> bool:
+        return block in self._evictable
+
+    def share(self, block: int) -> None:
+        """One more reference to a cached block."""
+        if block in self._evictable:
+            del self._evictable[block]
+            self.num_free -= 1
+        self._refs[block] += 1
+
+    def register(self, block: int, identity: bytes) -> None:
+        """Cache a referenced block's computed KV under its identity (the first block with it stays)."""
+        if identity not in self._block_of and block not in self._identity_of:
+            self._block_of[identity], self._identity_of[block] = block, identity
+
+    def clear_cache(self) -> None:
+        """Forget every cached identity; blocks in use stay with their requests."""
+        while self._evictable:
+            self._evict()
+        self._block_of.clear()
+        self._identity_of.clear()
+
+    def _evict(self) -> None:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._identity_of.pop(block)]
+        self._is_free[block] = True
+
+
+class Placed(NamedTuple):
+    first_group: int
+    tables: list[list[int]]  # block table per spanned group
+    cached_tokens: int  # leading positions whose KV the tables already hold
 
 
 class KVPlacement:
@@ -55,8 +118,8 @@ class KVPlacement:
     a time from the group its new position falls in.
     """
 
-    def __init__(self, layout: KVPLayout, num_blocks: int, block_size: int):
-        self.layout = layout
+    def __init__(self, layout: KVPLayout, num_blocks: int, block_size: int, prefix_caching: bool = False):
+        self.layout, self.grid, self.prefix_caching = layout, BlockGrid(layout, block_size), prefix_caching
         self.allocators = [BlockAllocator(num_blocks, block_size) for _ in range(layout.num_groups)]
         self.promised = [0] * layout.num_groups  # blocks that placed requests may still take as they grow
 
@@ -80,20 +143,63 @@ class KVPlacement:
         """Blocks the request's largest shard needs from one group."""
         return self.allocators[0].blocks_for(self.layout.shard_tokens(max_len)[0])
 
-    def reserve(self, num_tokens: int, max_len: int) -> tuple[int, list[list[int]]] | None:
-        """Blocks for the first `num_tokens` positions of a request that may grow to `max_len`:
-        (first group, block table per spanned group), or None while no run of groups has room.
-        Picks the run with the most free blocks, which spreads short requests over the groups."""
+    def reserve(self, num_tokens: int, max_len: int, identities: list[bytes] = ()) -> Placed | None:
+        """Blocks for the first `num_tokens` positions of a request that may grow to `max_len`, or None
+        while no run of groups has room. Where the groups of a run hold cached blocks of the request's
+        first blocks (`identities`, see `prefix_cache`), it takes them and leaves their positions out of
+        the prefill; at least the last position is always computed, for its logits. Picks the run that
+        spares most prefill, then the one with the most free blocks, which spreads short requests."""
         shards = self.layout.shard_tokens(num_tokens)
         span = len(self.layout.shard_tokens(max_len))
-        runs = [first for first in range(len(self.allocators) - span + 1)
-                if all(self.allocators[first + i].can_reserve(n) for i, n in enumerate(shards))]
-        if not runs:
+        best, best_key = None, None
+        for first in range(len(self.allocators) - span + 1):
+            hits = self._hits(first, identities, num_tokens)
+            groups = [self.allocators[first + i] for i in range(len(shards))]
+            if all(g.blocks_for(n) - len(hit) <= g.num_free - sum(map(g.is_evictable, hit))
+                   for g, n, hit in zip(groups, shards, hits)):
+                cached = self.grid.end(sum(map(len, hits)) - 1) if any(hits) else 0
+                key = (cached, min(self.headroom(first + i) for i in range(span)))
+                if best_key is None or key > best_key:
+                    best, best_key = (first, hits, cached), key
+        if best is None:
             return None
-        first = max(runs, key=lambda f: min(self.headroom(f + i) for i in range(span)))
-        tables = [self.allocators[first + i].reserve(n) for i, n in enumerate(shards)]
+        first, hits, cached = best
+        tables = []
+        for i, (n, hit) in enumerate(zip(shards, hits)):
+            group = self.allocators[first + i]
+            for block in hit:
+                group.share(block)
+            tables.append(hit + group.take(group.blocks_for(n) - len(hit), after=hit[-1] if hit else None))
         self._promise(first, tables, max_len, +1)
-        return first, tables
+        return Placed(first, tables, cached)
+
+    def _hits(self, first: int, identities: list[bytes], num_tokens: int) -> list[list[int]]:
+        """Per shard of a request placed from group `first`, its cached blocks that lead its first
+        blocks, ending before its last position."""
+        hits = [[] for _ in self.layout.shard_tokens(num_tokens)]
+        for k, identity in enumerate(identities):
+            shard, _ = self.grid.shard_and_index(k)
+            if self.grid.end(k) >= num_tokens or (block := self.allocators[first + shard].lookup(identity)) is None:
+                break
+            hits[shard].append(block)
+        return hits
+
+    def cached_prefix(self, identities: list[bytes], num_tokens: int) -> int:
+        """Tokens of a request's first `num_tokens` that placing it now would find cached."""
+        span = len(self.layout.shard_tokens(num_tokens))
+        most = max((sum(map(len, self._hits(first, identities, num_tokens)))
+                    for first in range(len(self.allocators) - span + 1)), default=0)
+        return self.grid.end(most - 1) if most else 0
+
+    def register(self, first_group: int, tables: list[list[int]], identities: list[bytes], blocks: range) -> None:
+        """Cache the request's blocks `blocks` (their KV computed in every stage) under their identities."""
+        for k in blocks:
+            shard, index = self.grid.shard_and_index(k)
+            self.allocators[first_group + shard].register(tables[shard][index], identities[k])
+
+    def clear_cache(self) -> None:
+        for allocator in self.allocators:
+            allocator.clear_cache()
 
     def headroom(self, group: int) -> int:
         """Free blocks of a group that no placed request may still claim."""

@@ -11,6 +11,7 @@ def request_record(request: Request, start: float) -> dict:
     return {
         "id": request.id,
         "prompt_tokens": len(request.prompt_token_ids),
+        "cached_tokens": request.cached_tokens,
         "output_tokens": len(request.output_token_ids),
         "arrival_s": request.arrival - start,
         "first_token_s": request.token_times[0] - start if request.token_times else None,

@@ -1,6 +1,7 @@
 """Which request goes first: FCFS, EDF, or length-aware relative slack (LARS).
 
-A request's prefill deadline is `arrival + max(m × predicted prefill time of its prompt, d_min)`;
+A request's prefill deadline is `arrival + max(m × predicted prefill time of its prompt, d_min)`, the
+prompt's tokens found in the prefix cache on arrival left out;
 its slack is `deadline − now − predicted remaining prefill time`. LARS orders by slack relative to
 the deadline span, so a short request overtakes a long prefill until the long one's slack runs out.
 The smallest key goes first; the largest key is the first to be preempted.
@@ -17,7 +18,9 @@ class Priority:
         self.cfg, self.perf_model = cfg, perf_model
 
     def deadline(self, request: Request) -> float:
-        span = self.cfg.deadline_multiplier * self.perf_model.prefill_time(len(request.prompt_token_ids))
+        prefill = (self.perf_model.prefill_time(len(request.prompt_token_ids))
+                   - self.perf_model.prefill_time(request.cached_at_arrival))
+        span = self.cfg.deadline_multiplier * prefill
         return request.arrival + max(span, self.cfg.min_deadline_ms / 1000)
 
     def slack(self, request: Request, now: float) -> float:

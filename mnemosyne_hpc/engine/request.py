@@ -92,6 +92,12 @@ class Request:
     first_group: int = 0  # KVP group holding the first positions
     block_tables: list[list[int]] = field(default_factory=list)  # reserved KV blocks, per spanned KVP group
     prefill_len: int = 0  # tokens to prefill before decoding: the prompt, or everything known after a preemption
+    # Prefix caching: identities of its complete blocks (prefix_cache.py), how many of them are
+    # registered in the cache, the prompt tokens the cache held when it arrived and when it was first placed.
+    block_identities: list[bytes] = field(default_factory=list)
+    registered_blocks: int = 0
+    cached_at_arrival: int = 0
+    cached_tokens: int = 0
     token_times: list[float] = field(default_factory=list)
     preemptions: int = 0
     finish_time: Optional[float] = None
@@ -103,7 +109,7 @@ class Request:
 
     def preempt(self) -> None:
         """Drop the KV (the caller frees its blocks): everything known is prefilled again later."""
-        self.num_scheduled = self.num_computed = 0
+        self.num_scheduled = self.num_computed = self.registered_blocks = 0
         self.prefill_len = self.num_tokens
         self.block_tables = []
         self.preemptions += 1

@@ -17,6 +17,10 @@ decode takes a block when its position needs one. When that block's group has no
 lowest-priority request holding blocks there (and with nothing in the pipeline) is preempted: its
 blocks are freed and it is prefilled again later. A request that can never fit is rejected before
 it gets here.
+
+Prefix caching. Admission first takes the cached blocks of the request's longest cached prefix
+(`kv_cache.KVPlacement.reserve`): those tokens count as computed, and only the rest is prefilled,
+predicted and weighed by the priority. Blocks are cached once their KV is in every stage (`computed`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from mnemosyne_hpc.config import SchedulerConfig
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
+from mnemosyne_hpc.engine.prefix_cache import extend_hashes
 from mnemosyne_hpc.engine.priority import Priority
 from mnemosyne_hpc.engine.request import Request
 from mnemosyne_hpc.perf.model import PerfModel, SequenceShape
@@ -58,9 +63,28 @@ class Scheduler:
         self._loads: list[GroupLoad] = []  # what each KVP group runs in the last micro-batch formed
         self.released: list[int] = []  # requests whose blocks were freed since the last plan
         self.tables_changed: dict[int, Request] = {}  # requests admitted or grown since the last plan
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # tokens admitted, and of those found cached
 
     def add(self, request: Request) -> None:
+        prompt = len(request.prompt_token_ids)
+        request.cached_at_arrival = self.placement.cached_prefix(self._identities(request, prompt), prompt)
         self.waiting.append(request)
+
+    def _identities(self, request: Request, num_tokens: int) -> list[bytes]:
+        """The identities of the request's complete blocks within its first `num_tokens` (none without
+        prefix caching)."""
+        if not self.placement.prefix_caching:
+            return []
+        return extend_hashes(request.block_identities, request.token_ids, self.placement.grid, num_tokens)
+
+    def computed(self, request: Request) -> None:
+        """The request's KV grew in every stage: cache its blocks that are now complete."""
+        complete = self.placement.grid.complete_blocks(request.num_computed)
+        if self.placement.prefix_caching and complete > request.registered_blocks and request in self.running:
+            self.placement.register(request.first_group, request.block_tables,
+                                    self._identities(request, request.num_computed),
+                                    range(request.registered_blocks, complete))
+            request.registered_blocks = complete
 
     @property
     def has_work(self) -> bool:
@@ -93,16 +117,22 @@ class Scheduler:
                 continue
             if not admitting or len(self.running) >= self.cfg.max_num_seqs:
                 continue
-            placed = self.placement.reserve(request.prefill_len, request.max_len)
+            placed = self.placement.reserve(request.prefill_len, request.max_len,
+                                            self._identities(request, request.prefill_len))
             if placed is None:
                 admitting = False  # nothing behind it overtakes it into memory
                 continue
-            request.first_group, request.block_tables = placed
+            request.first_group, request.block_tables, cached = placed
+            request.num_scheduled = request.num_computed = cached
             size = self._chunk_size(loads, request, leave_share)
             if size == 0:
-                self.placement.free(*placed, request.max_len)
-                request.block_tables = []
+                self.placement.free(request.first_group, request.block_tables, request.max_len)
+                request.block_tables, request.num_scheduled, request.num_computed = [], 0, 0
                 continue
+            if not request.preemptions:
+                request.cached_tokens = cached
+            self.prefix_queried_tokens += request.prefill_len
+            self.prefix_hit_tokens += cached
             self.waiting.remove(request)
             self.running.append(request)
             self.tables_changed[request.id] = request

@@ -10,6 +10,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.serving.inputs import InputProcessor
@@ -31,6 +32,19 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+class PrefixCacheCounters:
+    """The prefix cache's hit rate, in tokens: hits / queries."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        yield CounterMetricFamily("mnemosyne_prefix_cache_queries_tokens", "prompt tokens admitted (looked up in "
+                                  "the prefix cache)", value=self.scheduler.prefix_queried_tokens)
+        yield CounterMetricFamily("mnemosyne_prefix_cache_hits_tokens", "admitted prompt tokens found in the prefix "
+                                  "cache (not prefilled)", value=self.scheduler.prefix_hit_tokens)
+
+
 class Metrics:
     def __init__(self, loop: ServingLoop):
         self.registry = CollectorRegistry()
@@ -47,6 +61,7 @@ class Metrics:
         placement = scheduler.placement
         Gauge("mnemosyne_kv_blocks_used_ratio", "share of KV blocks in use, all KVP groups",
               registry=self.registry).set_function(lambda: placement.blocks_in_use / placement.total_blocks)
+        self.registry.register(PrefixCacheCounters(scheduler))
         loop.observers.append(self.observe)
 
     def observe(self, request) -> None:
@@ -224,7 +239,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
     def _full_response(completion_id, created, chat, text, done: Event) -> dict:
         request = done.request
         usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(request.output_token_ids),
-                 "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids)}
+                 "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids),
+                 "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
         choice = {"index": 0, "finish_reason": done.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}

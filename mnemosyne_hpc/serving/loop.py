@@ -55,6 +55,10 @@ class ServingLoop:
         ticket.cancelled = True
         self._inbox.put(ticket)
 
+    def call(self, function: Callable[[], None]) -> None:
+        """Run `function` on the loop's thread between steps, after what was submitted before (thread-safe)."""
+        self._inbox.put(function)
+
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(None)
@@ -86,6 +90,9 @@ class ServingLoop:
             block = False  # after the first arrival, take only what is already there
             if ticket is None:
                 continue
+            if not isinstance(ticket, Ticket):
+                ticket()  # a `call`
+                continue
             if ticket.cancelled:  # its cancellation; a request cancelled before it was taken never starts
                 finished = self.engine.abort(ticket.request_id) if ticket.request_id is not None else None
                 self._emit([], [finished] if finished else [])
@@ -108,6 +115,9 @@ class ServingLoop:
                 observe(request)
             ticket = self._tickets.pop(request.id, None)
             if ticket is None:
+                continue
+            if not isinstance(ticket, Ticket):
+                ticket()  # a `call`
                 continue
             self._send_text(ticket, request)
             ticket.on_event(Event("done", finish_reason=request.finish_reason, request=request))
