@@ -58,3 +58,37 @@ def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):
     finally:
         repl.close()
     assert repl.exitstatus == 0, repl.before
+
+
+def test_a_loaded_context_is_prefilled_once_for_every_question_after_it(tmp_path):
+    """/load a 3,000-token document and ask twice: the second answer reuses the document's cached KV
+    (all but its last, partial, block), so its first token comes in a small fraction of the time."""
+    context = tmp_path / "context.txt"
+    context.write_text(" ".join(f"Item {i} of the inventory is a {('red', 'green', 'blue')[i % 3]} box of {i % 17} "
+                                f"marbles." for i in range(250)) + "\n")
+    repl = pexpect.spawn(sys.executable, ["-m", "mnemosyne_hpc.repl", "scheduler.chunking=fixed",
+                                          "scheduler.chunk_size=1024"], cwd=str(ROOT), encoding="utf-8", timeout=300)
+    try:
+        repl.expect("> ")
+        repl.sendline("/load " + str(context))
+        repl.expect(r"loaded \d+ characters \((\d+) tokens\)")
+        assert int(repl.match.group(1)) > 3000
+        repl.sendline("/set max_tokens 2")
+        repl.expect("> ")
+        answers = []
+        for question in ("What colour is item 7?", "What colour is item 8?"):
+            repl.sendline(question)
+            repl.expect(r"\[TTFT (\d+) ms.*\] prompt (\d+) tokens, (\d+) of them cached")
+            answers.append([int(group) for group in repl.match.groups()])
+        (first_ttft, prompt, first_cached), (second_ttft, _, second_cached) = answers
+        assert first_cached == 0 and second_cached >= prompt - 128 - 16  # all but the last block and the question
+        assert second_ttft < 0.25 * first_ttft, answers
+        repl.sendline("/clear-cache")
+        repl.expect("prefix cache cleared")
+        repl.sendline("What colour is item 9?")
+        repl.expect(r"\] prompt \d+ tokens, 0 of them cached")
+        repl.sendline("/quit")
+        repl.expect(pexpect.EOF)
+    finally:
+        repl.close()
+    assert repl.exitstatus == 0, repl.before

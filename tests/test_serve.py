@@ -239,6 +239,26 @@ def test_streamed_text_never_shows_part_of_a_stop_string(server):
 ABORTED = 'mnemosyne_requests_total{finish_reason="abort"}'
 
 
+def test_a_later_turn_reuses_the_cached_prefix_of_the_conversation(server):
+    """A 600-token history (its blocks span both KVP groups: L = 512) asked two questions: the second
+    finds the history's complete blocks cached; usage and /metrics say how many tokens."""
+    address, _ = server
+    openai = client(address)
+    history = [{"role": "system", "content": " ".join(f"Fact {i}: the box number {i} holds {i * 7 % 13} marbles."
+                                                      for i in range(40))}]
+    queried, hits = (_metric(address, f"mnemosyne_prefix_cache_{name}_tokens_total") for name in ("queries", "hits"))
+    model = openai.models.list().data[0].id
+    answers = [openai.chat.completions.create(model=model, max_tokens=4, messages=history + [
+        {"role": "user", "content": question}]) for question in ("What does box 3 hold?", "And box 5?")]
+    first, second = (answer.usage for answer in answers)
+    assert first.prompt_tokens > 600 and first.prompt_tokens_details.cached_tokens == 0
+    assert second.prompt_tokens_details.cached_tokens >= 512  # every complete block of the history
+    assert _metric(address, "mnemosyne_prefix_cache_queries_tokens_total") == (
+        queried + first.prompt_tokens + second.prompt_tokens)
+    assert _metric(address, "mnemosyne_prefix_cache_hits_tokens_total") == (
+        hits + second.prompt_tokens_details.cached_tokens)
+
+
 def _streamed(address: str, request: dict) -> list[str]:
     """The text of each event of a streamed completion."""
     with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
