@@ -22,11 +22,20 @@ EMPTY_TICK_S = 1e-4
 class PipelineTicks:
     def __init__(self, perf_model: PerfModel, layout: KVPLayout):
         self.perf_model, self.layout = perf_model, layout
+        self._times: dict[tuple[int, bool], tuple[MicroBatch, float]] = {}  # the last tick's stages, by identity
 
     def __call__(self, plan: StepPlan) -> float:
-        last = len(plan.stages) - 1
-        tick = max((self.stage_time(batch, samples=s == last) for s, batch in enumerate(plan.stages)), default=0.0)
-        return tick or EMPTY_TICK_S
+        """A micro-batch moves one stage on per tick, the same list object: its time is computed once for
+        the stages before the last (which alone samples), not once per stage."""
+        last, times = len(plan.stages) - 1, {}
+        for s, batch in enumerate(plan.stages):
+            key = (id(batch), s == last)
+            known = self._times.get(key)
+            if known is None or known[0] is not batch:
+                known = batch, self.stage_time(batch, s == last)
+            times[key] = known
+        self._times = times
+        return max(t for _, t in times.values()) or EMPTY_TICK_S
 
     def stage_time(self, batch: MicroBatch, samples: bool) -> float:
         """Seconds a stage needs for `batch`: its slowest KVP group. Only the last stage samples."""
