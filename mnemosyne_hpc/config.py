@@ -132,6 +132,26 @@ class ServerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m mnemosyne_hpc.plan` (conf/plan.yaml): which layout for one long request on a GPU cluster."""
+
+    gpus: int = 8  # GPUs available; every TP × SPP × KVP layout (powers of two) using at most this many is tried
+    context: str = "1M"  # prompt tokens of the long request: an integer, or with k or M (10^3, 10^6)
+    decode_tokens: int = 16  # tokens generated after the prefill, timed for TBT
+    # Hardware profile: a name under mnemosyne_hpc/perf/profiles/ or a path to a profile JSON
+    hardware: str = "h100-dgx"
+    # JSON result; empty: bench/results/plan_<model>_<gpus>gpus_<context>.json
+    output: str = ""
+    progress: bool = True  # a progress bar over the layouts
+
+    @property
+    def context_tokens(self) -> int:
+        text = self.context.strip()
+        scale = {"k": 10**3, "K": 10**3, "M": 10**6}.get(text[-1:], 1)
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -140,6 +160,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _package_dir(name: str) -> str:
@@ -193,10 +214,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     return cfg
 
 
-def compose_command_line(argv: list[str] | None = None) -> Config:
+def compose_command_line(argv: list[str] | None = None, config_name: str = "config") -> Config:
     """The config of an entry point's command line; a bad one ends the program with a message (status 2)."""
     try:
-        return compose(sys.argv[1:] if argv is None else argv)
+        return compose(sys.argv[1:] if argv is None else argv, config_name)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -227,10 +248,15 @@ def validate(cfg: Config) -> None:
         (s.chunk_size >= 0, "scheduler.chunk_size must be >= 0"),
         (s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,
          "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1"),
+        (cfg.plan.gpus >= 1 and cfg.plan.decode_tokens >= 2, "plan.gpus must be >= 1 and plan.decode_tokens >= 2"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        assert cfg.plan.context_tokens >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"plan.context = {cfg.plan.context!r}: give a positive token count, e.g. 131072, 128k or 10M")
     if p.max_tokens_per_kvp_group < 0 or p.kvp * KVPLayout.of(cfg).group_tokens < c.max_model_len:
         raise ConfigError(f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
                           f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)")

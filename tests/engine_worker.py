@@ -1,4 +1,4 @@
-"""Runs under mpirun: one engine, a list of cases, rank 0 saves tokens, logits and step shapes.
+"""Runs under mpirun: one engine, a list of cases, rank 0 saves tokens, logits, step shapes and times.
 
     mpirun -n N python tests/engine_worker.py SPEC.json OUT.pt
 
@@ -32,12 +32,15 @@ def run_case(engine: Engine, case: dict) -> dict:
     engine.logits.clear()
     pending = sorted(enumerate(case["requests"]), key=lambda item: item[1].get("arrival_step", 0))
     index_of, outputs, step_phases, stage_requests, stage_groups, chunk_lengths, step = {}, {}, [], [], [], [], 0
+    arrivals, step_starts = {}, []  # the engine clock when each request arrived and each step began
     while pending or engine.has_unfinished:
         while pending and pending[0][1].get("arrival_step", 0) <= step:
             index, spec = pending.pop(0)
             sampling = {k: v for k, v in spec.items() if k not in ("prompt_token_ids", "arrival_step")}
-            index_of[engine.add_request(prompt_token_ids=spec["prompt_token_ids"], sampling=sampling)] = index
+            request_id = engine.add_request(prompt_token_ids=spec["prompt_token_ids"], sampling=sampling)
+            index_of[request_id], arrivals[index] = index, engine.requests[request_id].arrival
         if engine.has_unfinished:
+            step_starts.append(engine.clock())
             live = engine.scheduler.running + list(engine.scheduler.waiting)
             prompt_len = {r.id: len(r.prompt_token_ids) for r in live}
             for request in engine.step().finished:
@@ -52,8 +55,10 @@ def run_case(engine: Engine, case: dict) -> dict:
             stage_groups.append([{index_of[c.request_id]: list(c.groups) for c in batch}
                                  for batch in engine.last_plan.stages])
         step += 1
+    step_starts.append(engine.clock())  # the end of the last step
     return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases,
-            "stage_requests": stage_requests, "stage_groups": stage_groups, "chunk_lengths": chunk_lengths}
+            "stage_requests": stage_requests, "stage_groups": stage_groups, "chunk_lengths": chunk_lengths,
+            "arrivals": [arrivals[i] for i in range(len(case["requests"]))], "step_starts": step_starts}
 
 
 def main() -> None:

@@ -29,13 +29,16 @@ class StepOutput:
 
 class Engine:
     def __init__(self, cfg: Config, runner: ModelRunner, tokenizer=None, perf_model: PerfModel | None = None,
-                 record_logits: bool = False):
+                 record_logits: bool = False, clock=time.perf_counter, executor: Executor | None = None):
+        """`clock` and `executor` are the simulator's seams (`mnemosyne_hpc/sim/`): a virtual clock, and an
+        executor that runs no model but advances that clock by a step's time."""
         self.cfg, self.runner, self.tokenizer, self.perf_model = cfg, runner, tokenizer, perf_model
         self.args = runner.args
         self.max_model_len = cfg.cache.max_model_len
-        self.executor = Executor(runner)
+        self.clock = clock
+        self.executor = executor or Executor(runner)
         self.placement = KVPlacement(runner.layout, runner.num_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
-        self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages, perf_model)
+        self.scheduler = Scheduler(cfg.scheduler, self.placement, runner.ctx.num_stages, perf_model, clock)
         self.requests: dict[int, Request] = {}
         self.record_logits = record_logits
         self.logits: dict[int, list] = {}  # request id → logits of each sampled token (record_logits)
@@ -49,7 +52,11 @@ class Engine:
         """Queue a request; raises RequestError (nothing queued) when its input is bad. Text is
         tokenised by the front ends (`serving/inputs.py`), not on this thread."""
         params = SamplingParams.from_request(self.cfg.sampling, sampling)
-        token_ids = self._checked(prompt_token_ids)
+        return self.enqueue(self._checked(prompt_token_ids), params, arrival)
+
+    def enqueue(self, token_ids: list[int], params: SamplingParams, arrival: float | None = None) -> int:
+        """Queue a request whose token ids are known to be good (checked, or a simulator's); raises
+        RequestError when it can never fit."""
         if len(token_ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
                                "leaves no room to generate")
@@ -59,7 +66,7 @@ class Engine:
             raise RequestError(f"request needs {blocks} KV blocks in one KVP group, a group holds "
                                f"{self.placement.blocks_per_group}; shorten it or enlarge cache.kv_memory_gib")
         request = Request(id=next(self._ids), prompt_token_ids=token_ids, sampling=params, max_len=max_len,
-                          arrival=time.perf_counter() if arrival is None else arrival,
+                          arrival=self.clock() if arrival is None else arrival,
                           output=TextOutput(self.tokenizer, params.stop) if self.tokenizer is not None else None)
         self.requests[request.id] = request
         self.scheduler.add(request)
@@ -89,7 +96,7 @@ class Engine:
         self.last_plan = plan
         results = self.executor.run(plan)
         self.in_flight = stages[:-1]
-        now = time.perf_counter()
+        now = self.clock()
         out = StepOutput()
         for chunk in plan.leaving:
             request = self.requests[chunk.request_id]
@@ -121,7 +128,7 @@ class Engine:
         if request is None or request.finish_reason is not None:
             return None
         request.finish_reason = "abort"
-        return None if request.in_flight else self._finish(request, time.perf_counter())
+        return None if request.in_flight else self._finish(request, self.clock())
 
     def _finish(self, request: Request, now: float) -> Request:
         request.finish_time = now

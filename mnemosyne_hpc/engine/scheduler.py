@@ -30,12 +30,24 @@ import time
 from dataclasses import dataclass, field
 
 from mnemosyne_hpc.config import SchedulerConfig
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from mnemosyne_hpc.engine.plan import Chunk, MicroBatch
 from mnemosyne_hpc.engine.prefix_cache import extend_hashes
 from mnemosyne_hpc.engine.priority import Priority
 from mnemosyne_hpc.engine.request import Request
 from mnemosyne_hpc.perf.model import PerfModel, SequenceShape
+
+
+def chunk_shapes(layout: KVPLayout, first_group: int, start: int, size: int, samples: bool):
+    """(group, its sequence shape, sampled rows, merged rows) of every KVP group that runs a chunk of `size`
+    tokens from position `start`: what the scheduler predicts before it forms a chunk, and what a
+    simulator times once it is formed (`mnemosyne_hpc/sim/`)."""
+    groups = layout.holders(first_group, start)
+    merged = size if len(groups) > 1 else 0
+    for g in groups:
+        shape = SequenceShape(size, layout.cached_tokens(first_group, start, g))
+        yield g, shape, int(samples and g == first_group), merged
 
 
 @dataclass
@@ -154,13 +166,9 @@ class Scheduler:
         return self.layout.holders(request.first_group, request.num_scheduled)
 
     def _shapes(self, request: Request, size: int):
-        """(group, its sequence shape, sampled rows, merged rows) for a chunk of `size` tokens."""
-        start, groups = request.num_scheduled, self._groups(request)
-        sampled = int(start + size == request.num_tokens)
-        merged = size if len(groups) > 1 else 0
-        for g in groups:
-            cached = self.layout.cached_tokens(request.first_group, start, g)
-            yield g, SequenceShape(size, cached), sampled if g == request.first_group else 0, merged
+        """(group, its sequence shape, sampled rows, merged rows) for the request's next chunk of `size` tokens."""
+        start = request.num_scheduled
+        return chunk_shapes(self.layout, request.first_group, start, size, start + size == request.num_tokens)
 
     def _chunk_size(self, loads: list[GroupLoad], request: Request, leave_share: bool) -> int:
         start, groups = request.num_scheduled, self._groups(request)
