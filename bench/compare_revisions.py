@@ -8,6 +8,7 @@ rounds. Writes `results/compare_<results file stem>.json`.
 
   .venv/bin/python bench/compare_revisions.py --base cde8474 --results roofline.json -- roofline.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,14 @@ from common import ROOT, write_results
 
 def checkout(revision: str, workdir: Path) -> tuple[str, Path]:
     """The full commit id of `revision` and a worktree holding it."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     tree = workdir / commit[:12]
     if not tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True, capture_output=True
+        )
     return commit, tree
 
 
@@ -71,16 +74,30 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds}: {name} ({revisions[name][0][:12]})", file=sys.stderr, flush=True)
             figures[name].append(numbers(run(revisions[name][1], command, args.results)))
 
-    medians = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for name, runs in figures.items()}
+    medians = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for name, runs in figures.items()
+    }
     shared = [key for key in medians["base"] if key in medians["head"] and medians["base"][key]]
-    compared = {key: {"base": medians["base"][key], "head": medians["head"][key],
-                      "head_over_base": medians["head"][key] / medians["base"][key]} for key in shared}
-    write_results(f"compare_{Path(args.results).stem}.json", {
-        "benchmark": "compare_revisions", "command": command, "rounds": args.rounds,
-        "base": revisions["base"][0], "head": revisions["head"][0],
-        "ratios": {key: value["head_over_base"] for key, value in compared.items() if key.startswith("ratios.")},
-        "figures": compared})
+    compared = {
+        key: {
+            "base": medians["base"][key],
+            "head": medians["head"][key],
+            "head_over_base": medians["head"][key] / medians["base"][key],
+        }
+        for key in shared
+    }
+    write_results(
+        f"compare_{Path(args.results).stem}.json",
+        {
+            "benchmark": "compare_revisions",
+            "command": command,
+            "rounds": args.rounds,
+            "base": revisions["base"][0],
+            "head": revisions["head"][0],
+            "ratios": {key: value["head_over_base"] for key, value in compared.items() if key.startswith("ratios.")},
+            "figures": compared,
+        },
+    )
 
 
 if __name__ == "__main__":

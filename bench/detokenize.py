@@ -9,6 +9,7 @@ a paragraph of CJK and emoji), one stop string that never appears.
 Writes bench/results/detokenize.json: mean microseconds per token at each output length, for both,
 and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def whole_decode(tokenizer, token_ids: list[int]) -> str:
         text = tokenizer.decode(token_ids[:n], skip_special_tokens=True)
         if text.endswith("\ufffd"):
             text = text[:-1]
-        sent += text[len(sent):]
+        sent += text[len(sent) :]
     return sent
 
 
@@ -76,13 +77,26 @@ def main() -> None:
         new_us, new_text = per_token_us(incremental, tokenizer, ids, repeats)
         old_us, _ = per_token_us(whole_decode, tokenizer, ids, repeats)
         assert new_text == tokenizer.decode(ids, skip_special_tokens=True)
-        results[str(length)] = {"incremental_us_per_token": new_us, "whole_decode_us_per_token": old_us,
-                                "speedup": old_us / new_us}
-        print(f"{length:6d} tokens: incremental {new_us:8.1f} µs/token, whole decode {old_us:9.1f} µs/token "
-              f"({old_us / new_us:.0f}×)", flush=True)
-    write_results("detokenize.json", {
-        "benchmark": "detokenize", "tokenizer": Path(cfg.model.path).stem,
-        "stop": list(STOP), "text": "README.md repeated, with CJK and emoji", "by_output_tokens": results})
+        results[str(length)] = {
+            "incremental_us_per_token": new_us,
+            "whole_decode_us_per_token": old_us,
+            "speedup": old_us / new_us,
+        }
+        print(
+            f"{length:6d} tokens: incremental {new_us:8.1f} µs/token, whole decode {old_us:9.1f} µs/token "
+            f"({old_us / new_us:.0f}×)",
+            flush=True,
+        )
+    write_results(
+        "detokenize.json",
+        {
+            "benchmark": "detokenize",
+            "tokenizer": Path(cfg.model.path).stem,
+            "stop": list(STOP),
+            "text": "README.md repeated, with CJK and emoji",
+            "by_output_tokens": results,
+        },
+    )
 
 
 if __name__ == "__main__":

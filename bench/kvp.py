@@ -6,6 +6,7 @@ rank, one core), side by side on the same random-weight model and prompt.
 Writes bench/results/kvp_<tokens>tok.json: TTFT, median and p90 decode TBT, the KV bytes each rank
 holds for the request, and the KVP=2 / KVP=1 ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,18 @@ from common import random_llama, random_prompt, run_generate, write_results
 
 # Few layers and small projections, but 4 KB of KV per token (4 KV heads × 128 dims, 2 layers, bf16),
 # so that, as in real long-context models, reading the KV dominates a decode step.
-MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20, rope_theta=1e7,
-             tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=1 << 20,
+    rope_theta=1e7,
+    tie_word_embeddings=False,
+)
 DTYPE_BYTES = 2  # bfloat16
 BLOCK_SIZE = 128
 
@@ -40,32 +50,62 @@ def main() -> None:
     request = {"prompt_token_ids": prompt, "max_tokens": args.decode + 1, "ignore_eos": True}
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 2 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
-    common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_model_len}",
-              f"cache.block_size={BLOCK_SIZE}", f"cache.kv_memory_gib={kv_gib:.3f}",
-              "scheduler.chunking=fixed", "scheduler.priority=fcfs",
-              f"scheduler.chunk_size={args.chunk}", f"scheduler.max_num_batched_tokens={args.chunk}",
-              "parallel.timeout_s=3600"]
+    common = [
+        "model=hf",
+        f"model.path={model_dir}",
+        "model.dtype=bfloat16",
+        f"cache.max_model_len={max_model_len}",
+        f"cache.block_size={BLOCK_SIZE}",
+        f"cache.kv_memory_gib={kv_gib:.3f}",
+        "scheduler.chunking=fixed",
+        "scheduler.priority=fcfs",
+        f"scheduler.chunk_size={args.chunk}",
+        f"scheduler.max_num_batched_tokens={args.chunk}",
+        "parallel.timeout_s=3600",
+    ]
     results = {}
     for kvp in (1, 2):
-        output = run_generate(kvp, common + [f"parallel.kvp={kvp}"], [request], args.workdir / f"kvp{kvp}",
-                              threads=1, bind=True)[0]
+        output = run_generate(
+            kvp, common + [f"parallel.kvp={kvp}"], [request], args.workdir / f"kvp{kvp}", threads=1, bind=True
+        )[0]
         tbt = sorted(output["tbt_s"])
-        kv_bytes = {f"rank{g}": blocks * kv_bytes_per_block() for g, blocks in zip(output["kvp_groups"],
-                                                                                     output["kv_blocks"])}
-        results[f"kvp{kvp}"] = {"ranks": kvp, "ttft_s": output["ttft_s"], "tbt_median_s": statistics.median(tbt),
-                                "tbt_p90_s": tbt[int(0.9 * (len(tbt) - 1))], "tbt_s": output["tbt_s"],
-                                "kv_bytes_per_rank": kv_bytes}
-        print(f"kvp={kvp}: TTFT {output['ttft_s']:.2f} s, TBT median {1e3 * statistics.median(tbt):.2f} ms, "
-              f"KV bytes per rank {kv_bytes}", flush=True)
+        kv_bytes = {
+            f"rank{g}": blocks * kv_bytes_per_block() for g, blocks in zip(output["kvp_groups"], output["kv_blocks"])
+        }
+        results[f"kvp{kvp}"] = {
+            "ranks": kvp,
+            "ttft_s": output["ttft_s"],
+            "tbt_median_s": statistics.median(tbt),
+            "tbt_p90_s": tbt[int(0.9 * (len(tbt) - 1))],
+            "tbt_s": output["tbt_s"],
+            "kv_bytes_per_rank": kv_bytes,
+        }
+        print(
+            f"kvp={kvp}: TTFT {output['ttft_s']:.2f} s, TBT median {1e3 * statistics.median(tbt):.2f} ms, "
+            f"KV bytes per rank {kv_bytes}",
+            flush=True,
+        )
     one, two = results["kvp1"], results["kvp2"]
-    ratios = {"tbt_median kvp2/kvp1": two["tbt_median_s"] / one["tbt_median_s"],
-              "ttft kvp2/kvp1": two["ttft_s"] / one["ttft_s"],
-              "max kv_bytes_per_rank kvp2/kvp1": max(two["kv_bytes_per_rank"].values())
-              / max(one["kv_bytes_per_rank"].values())}
-    write_results(f"kvp_{args.tokens}tok.json", {
-        "benchmark": "kvp_long_context", "prompt_tokens": args.tokens, "decode_steps": args.decode,
-        "chunk_size": args.chunk, "model": MODEL, "dtype": "bfloat16", "cores_per_rank": 1, "runs": results,
-        "ratios": ratios})
+    ratios = {
+        "tbt_median kvp2/kvp1": two["tbt_median_s"] / one["tbt_median_s"],
+        "ttft kvp2/kvp1": two["ttft_s"] / one["ttft_s"],
+        "max kv_bytes_per_rank kvp2/kvp1": max(two["kv_bytes_per_rank"].values())
+        / max(one["kv_bytes_per_rank"].values()),
+    }
+    write_results(
+        f"kvp_{args.tokens}tok.json",
+        {
+            "benchmark": "kvp_long_context",
+            "prompt_tokens": args.tokens,
+            "decode_steps": args.decode,
+            "chunk_size": args.chunk,
+            "model": MODEL,
+            "dtype": "bfloat16",
+            "cores_per_rank": 1,
+            "runs": results,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

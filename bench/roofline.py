@@ -18,6 +18,7 @@ timed against torch's CPU flash kernel on the same model's attention (causal, 32
 KV heads of 64); on a GPU, the Triton decode kernel's read bandwidth over one long sequence's KV.
 Writes bench/results/roofline.json (roofline_cuda.json on a GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,44 @@ from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import DecodeBatch
 from mnemosyne_hpc.perf.timing import median_time
 
-WIDE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=4,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=1 << 17,
-            rope_theta=500000.0, tie_word_embeddings=False)
+WIDE = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=4,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=1 << 17,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 # Small projections, 4 KB of KV per token: at 128k context a decode step reads 512 MiB of KV.
-LLAMA3_8B_8L = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
-                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 17,
-                    rope_theta=500000.0, tie_word_embeddings=False)
+LLAMA3_8B_8L = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=1 << 17,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
 MODELS = {"llama-4x2048": WIDE, "llama3-8b-8l": LLAMA3_8B_8L}
-LONG_KV = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, head_dim=128, max_position_embeddings=1 << 20, rope_theta=1e7,
-               tie_word_embeddings=False)
+LONG_KV = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=1 << 20,
+    rope_theta=1e7,
+    tie_word_embeddings=False,
+)
 GEMM_SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096), (8192, 2048, 2048), (8192, 8192, 2048)]  # (m, n, k)
 GPU_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 14336, 4096)]
 PROFILE_ROWS = 12
@@ -62,8 +90,10 @@ def read_bandwidth(repeats: int, device: str) -> dict:
     matrix = torch.randn(gib * 2**29 // 4096, 4096, dtype=torch.bfloat16, device=device)
     vector = torch.randn(4096, dtype=torch.bfloat16, device=device)
     flat = torch.randn(gib * 2**28, dtype=torch.float32, device=device)
-    rates = {"bf16_gemv": matrix.nbytes / median_time(lambda: matrix @ vector, repeats, device) / 1e9,
-             "fp32_sum": flat.nbytes / median_time(lambda: flat.sum(), repeats, device) / 1e9}
+    rates = {
+        "bf16_gemv": matrix.nbytes / median_time(lambda: matrix @ vector, repeats, device) / 1e9,
+        "fp32_sum": flat.nbytes / median_time(lambda: flat.sum(), repeats, device) / 1e9,
+    }
     return {"gbs_by_kernel": rates, "peak_gbs": max(rates.values())}
 
 
@@ -80,14 +110,22 @@ def attention_kernels(model: dict, lengths: list[int], repeats: int) -> dict:
         k, v = torch.randn(2, hkv, tokens, d, dtype=torch.bfloat16)
         flops = 4 * d * hq * tokens * (tokens + 1) / 2  # QKᵀ and PV over the causal triangle
         ours = median_time(lambda: prefill_attention(q, k, v, causal=True), repeats)
-        torch_flash = median_time(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, True), repeats)
-        results[f"causal_{tokens}"] = {"ours_s": ours, "torch_flash_s": torch_flash,
-                                       "ours_gflops": flops / ours / 1e9,
-                                       "torch_flash_gflops": flops / torch_flash / 1e9,
-                                       "speedup": torch_flash / ours}
-        print(f"prefill attention {tokens:7d}: ours {flops / ours / 1e9:5.0f} GFLOP/s, torch flash "
-              f"{flops / torch_flash / 1e9:5.0f} GFLOP/s ({torch_flash / ours:.2f}x)", flush=True)
+        torch_flash = median_time(
+            lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None], 0.0, True),
+            repeats,
+        )
+        results[f"causal_{tokens}"] = {
+            "ours_s": ours,
+            "torch_flash_s": torch_flash,
+            "ours_gflops": flops / ours / 1e9,
+            "torch_flash_gflops": flops / torch_flash / 1e9,
+            "speedup": torch_flash / ours,
+        }
+        print(
+            f"prefill attention {tokens:7d}: ours {flops / ours / 1e9:5.0f} GFLOP/s, torch flash "
+            f"{flops / torch_flash / 1e9:5.0f} GFLOP/s ({torch_flash / ours:.2f}x)",
+            flush=True,
+        )
     return results
 
 
@@ -105,8 +143,10 @@ def decode_kernel_bandwidth(model: dict, contexts: list[int], repeats: int) -> d
             raise RuntimeError("the Triton decode kernel does not apply here (is Triton installed?)")
         seconds = median_time(lambda: triton_decode.decode_attention_into(q, k, v, splits, out, lse), repeats, "cuda")
         results[f"decode_{n}"] = {"seconds": seconds, "gbs": 2 * k.nbytes / seconds / 1e9}
-        print(f"decode attention {n:8d} keys: {1e6 * seconds:7.1f} µs, {2 * k.nbytes / seconds / 1e9:6.0f} GB/s",
-              flush=True)
+        print(
+            f"decode attention {n:8d} keys: {1e6 * seconds:7.1f} µs, {2 * k.nbytes / seconds / 1e9:6.0f} GB/s",
+            flush=True,
+        )
     return results
 
 
@@ -121,51 +161,91 @@ def profile_table(function, device: str) -> str:
 
 
 def engine_overrides(model_dir: Path, max_len: int, chunk: int, device: str, kv_memory_gib: float) -> list[str]:
-    return ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_len}",
-            f"cache.kv_memory_gib={kv_memory_gib}", "scheduler.chunking=fixed", "scheduler.priority=fcfs",
-            f"scheduler.chunk_size={chunk}", f"scheduler.max_num_batched_tokens={chunk}", "parallel.timeout_s=3600",
-            f"parallel.device={device}"]
+    return [
+        "model=hf",
+        f"model.path={model_dir}",
+        "model.dtype=bfloat16",
+        f"cache.max_model_len={max_len}",
+        f"cache.kv_memory_gib={kv_memory_gib}",
+        "scheduler.chunking=fixed",
+        "scheduler.priority=fcfs",
+        f"scheduler.chunk_size={chunk}",
+        f"scheduler.max_num_batched_tokens={chunk}",
+        "parallel.timeout_s=3600",
+        f"parallel.device={device}",
+    ]
 
 
 def measure_ceilings(repeats: int, device: str) -> dict:
-    ceilings = {"gemm_fp32": gemm_peak(torch.float32, repeats, device),
-                "gemm_bf16": gemm_peak(torch.bfloat16, repeats, device), "memory_read": read_bandwidth(repeats, device)}
+    ceilings = {
+        "gemm_fp32": gemm_peak(torch.float32, repeats, device),
+        "gemm_bf16": gemm_peak(torch.bfloat16, repeats, device),
+        "memory_read": read_bandwidth(repeats, device),
+    }
     where = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
-    print(f"GEMM peak fp32 {ceilings['gemm_fp32']['peak_gflops']:.0f} GFLOP/s, "
-          f"bf16 {ceilings['gemm_bf16']['peak_gflops']:.0f} GFLOP/s; memory read "
-          f"{ceilings['memory_read']['peak_gbs']:.1f} GB/s ({where})", flush=True)
+    print(
+        f"GEMM peak fp32 {ceilings['gemm_fp32']['peak_gflops']:.0f} GFLOP/s, "
+        f"bf16 {ceilings['gemm_bf16']['peak_gflops']:.0f} GFLOP/s; memory read "
+        f"{ceilings['memory_read']['peak_gbs']:.1f} GB/s ({where})",
+        flush=True,
+    )
     return ceilings
 
 
-def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], decode_context: int, decode_steps: int,
-                   chunk: int, device: str, kv_memory_gib: float) -> dict:
+def measure_engine(
+    model: dict,
+    model_dir: Path,
+    prefill_lengths: list[int],
+    decode_context: int,
+    decode_steps: int,
+    chunk: int,
+    device: str,
+    kv_memory_gib: float,
+) -> dict:
     """TTFT (and FLOP/s) of each prefill length, then TBT (and GB/s) at `decode_context`."""
     results = {}
 
     def leader(engine) -> None:
         for tokens in prefill_lengths:
-            request = {"prompt_token_ids": random_prompt(tokens, tokens, model["vocab_size"]), "max_tokens": 1,
-                       "ignore_eos": True}
+            request = {
+                "prompt_token_ids": random_prompt(tokens, tokens, model["vocab_size"]),
+                "max_tokens": 1,
+                "ignore_eos": True,
+            }
             ttft, _ = timed_requests(engine, [request])
             flops = llama_flops(model, tokens)
-            results[f"prefill_{tokens}"] = {"ttft_s": ttft, "model_tflop": flops / 1e12,
-                                            "achieved_gflops": flops / ttft / 1e9}
+            results[f"prefill_{tokens}"] = {
+                "ttft_s": ttft,
+                "model_tflop": flops / 1e12,
+                "achieved_gflops": flops / ttft / 1e9,
+            }
             print(f"prefill {tokens:7d}: TTFT {ttft:7.2f} s, {flops / ttft / 1e9:6.0f} GFLOP/s", flush=True)
-        request = {"prompt_token_ids": random_prompt(decode_context, 1, model["vocab_size"]),
-                   "max_tokens": decode_steps + 1, "ignore_eos": True}
+        request = {
+            "prompt_token_ids": random_prompt(decode_context, 1, model["vocab_size"]),
+            "max_tokens": decode_steps + 1,
+            "ignore_eos": True,
+        }
         _, [output] = timed_requests(engine, [request])
         tbt = statistics.median(output["tbt_s"])
         step_bytes = llama_bytes(model, decode_context + decode_steps // 2)
-        results[f"decode_{decode_context}"] = {"ttft_s": output["ttft_s"], "tbt_median_s": tbt,
-                                               "tbt_s": output["tbt_s"],
-                                               "gb_per_step": step_bytes / 1e9, "achieved_gbs": step_bytes / tbt / 1e9}
+        results[f"decode_{decode_context}"] = {
+            "ttft_s": output["ttft_s"],
+            "tbt_median_s": tbt,
+            "tbt_s": output["tbt_s"],
+            "gb_per_step": step_bytes / 1e9,
+            "achieved_gbs": step_bytes / tbt / 1e9,
+        }
         print(f"decode at {decode_context}: TBT {1e3 * tbt:.1f} ms, {step_bytes / tbt / 1e9:.1f} GB/s", flush=True)
         if prefill_lengths:
-            longest = {"prompt_token_ids": random_prompt(prefill_lengths[-1], 2, model["vocab_size"]), "max_tokens": 1,
-                       "ignore_eos": True}
+            longest = {
+                "prompt_token_ids": random_prompt(prefill_lengths[-1], 2, model["vocab_size"]),
+                "max_tokens": 1,
+                "ignore_eos": True,
+            }
             results["profile_prefill"] = profile_table(lambda: timed_requests(engine, [longest]), device)
-        request_id = engine.add_request(random_prompt(decode_context, 3, model["vocab_size"]),
-                                        {"max_tokens": decode_steps + 1, "ignore_eos": True})
+        request_id = engine.add_request(
+            random_prompt(decode_context, 3, model["vocab_size"]), {"max_tokens": decode_steps + 1, "ignore_eos": True}
+        )
         while request_id not in [r.id for r in engine.step().sampled]:  # its prefill
             pass
         results["profile_decode"] = profile_table(lambda: [engine.step() for _ in range(decode_steps)], device)
@@ -178,8 +258,12 @@ def measure_engine(model: dict, model_dir: Path, prefill_lengths: list[int], dec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="one engine rank on this")
-    parser.add_argument("--model", choices=sorted(MODELS), default="llama-4x2048",
-                        help="the model of the prefill MFU and of the first decode")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="llama-4x2048",
+        help="the model of the prefill MFU and of the first decode",
+    )
     parser.add_argument("--kv-memory-gib", type=float, default=1.5, help="the engine's KV cache")
     parser.add_argument("--prefill", type=int, nargs="+", default=[8192, 16384], help="prompt lengths for MFU")
     parser.add_argument("--decode-context", type=int, default=16384, help="context of the wide model's decode")
@@ -193,12 +277,31 @@ def main() -> None:
     model, device = MODELS[args.model], args.device
     before = measure_ceilings(args.repeats, device)
     kernels = attention_kernels(model, args.prefill, args.repeats) if device == "cpu" else {}
-    decode_kernel = {} if device == "cpu" else decode_kernel_bandwidth(
-        model, [args.decode_context, args.long_context], args.repeats)
-    wide = measure_engine(model, random_llama(args.workdir / args.model, **model), args.prefill,
-                          args.decode_context, args.decode_steps, args.chunk, device, args.kv_memory_gib)
-    long_kv = measure_engine(LONG_KV, random_llama(args.workdir / "llama-kvp-2x256-hd128", **LONG_KV), [],
-                             args.long_context, args.decode_steps, args.chunk, device, args.kv_memory_gib)
+    decode_kernel = (
+        {}
+        if device == "cpu"
+        else decode_kernel_bandwidth(model, [args.decode_context, args.long_context], args.repeats)
+    )
+    wide = measure_engine(
+        model,
+        random_llama(args.workdir / args.model, **model),
+        args.prefill,
+        args.decode_context,
+        args.decode_steps,
+        args.chunk,
+        device,
+        args.kv_memory_gib,
+    )
+    long_kv = measure_engine(
+        LONG_KV,
+        random_llama(args.workdir / "llama-kvp-2x256-hd128", **LONG_KV),
+        [],
+        args.long_context,
+        args.decode_steps,
+        args.chunk,
+        device,
+        args.kv_memory_gib,
+    )
     after = measure_ceilings(args.repeats, device)
     # A busy moment on a shared machine lowers a ceiling and would flatter the ratios: take the higher.
     gemm_gflops = max(c["gemm_bf16"]["peak_gflops"] for c in (before, after))
@@ -209,14 +312,24 @@ def main() -> None:
         decode["bandwidth_utilisation"] = decode["achieved_gbs"] / read_gbs
     ratios = {f"mfu_prefill_{n}": wide[f"prefill_{n}"]["mfu"] for n in args.prefill}
     ratios.update({f"prefill_attention_{name}_ours_over_torch_flash": r["speedup"] for name, r in kernels.items()})
-    ratios[f"bandwidth_decode_{args.decode_context}_wide"] = (
-        wide[f"decode_{args.decode_context}"]["bandwidth_utilisation"])
-    ratios[f"bandwidth_decode_{args.long_context}_long_kv"] = (
-        long_kv[f"decode_{args.long_context}"]["bandwidth_utilisation"])
-    record = {"benchmark": "roofline", "device": device, "threads": torch.get_num_threads(),
-              "ceilings": {"bf16_gemm_gflops": gemm_gflops, "read_gbs": read_gbs, "before": before, "after": after},
-              "wide_model": model, "prefill_attention": kernels, "wide": wide, "long_kv_model": LONG_KV,
-              "long_kv": long_kv, "ratios": ratios}
+    ratios[f"bandwidth_decode_{args.decode_context}_wide"] = wide[f"decode_{args.decode_context}"][
+        "bandwidth_utilisation"
+    ]
+    ratios[f"bandwidth_decode_{args.long_context}_long_kv"] = long_kv[f"decode_{args.long_context}"][
+        "bandwidth_utilisation"
+    ]
+    record = {
+        "benchmark": "roofline",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "ceilings": {"bf16_gemm_gflops": gemm_gflops, "read_gbs": read_gbs, "before": before, "after": after},
+        "wide_model": model,
+        "prefill_attention": kernels,
+        "wide": wide,
+        "long_kv_model": LONG_KV,
+        "long_kv": long_kv,
+        "ratios": ratios,
+    }
     if device == "cuda":
         record["gpu"] = torch.cuda.get_device_name()
         record["decode_attention_kernel"] = decode_kernel

@@ -8,6 +8,7 @@ random 2-layer Llama, run by `mpirun -n <ranks> python -m mnemosyne_hpc.generate
 rank. Writes bench/results/sweep.json and bench/results/sweep_ttft.png, sweep_tbt.png (one line per
 layout and policy, against context length).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,17 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, random_llama, random_prompt, run_generate, write_results
 
-MODEL = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, max_position_embeddings=1 << 17, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=1 << 17,
+    tie_word_embeddings=False,
+)
 LAYOUTS = {  # name → (ranks, overrides)
     "tp1": (1, []),
     "tp2": (2, ["parallel.tp=2"]),
@@ -28,8 +38,10 @@ LAYOUTS = {  # name → (ranks, overrides)
     "kvp2": (2, ["parallel.kvp=2"]),
     "tp2-kvp2": (4, ["parallel.tp=2", "parallel.kvp=2"]),
 }
-POLICIES = {"fixed": ["scheduler.chunking=fixed", "scheduler.priority=fcfs", "scheduler.chunk_size=1024"],
-            "adaptive": ["scheduler.chunking=adaptive", "scheduler.priority=lars", "scheduler.tbt_slo_ms=200"]}
+POLICIES = {
+    "fixed": ["scheduler.chunking=fixed", "scheduler.priority=fcfs", "scheduler.chunk_size=1024"],
+    "adaptive": ["scheduler.chunking=adaptive", "scheduler.priority=lars", "scheduler.tbt_slo_ms=200"],
+}
 
 
 def plot(points: list[dict], metric: str, label: str, path: Path) -> None:
@@ -42,8 +54,13 @@ def plot(points: list[dict], metric: str, label: str, path: Path) -> None:
     for layout, policy in sorted({(p["layout"], p["policy"]) for p in points}):
         line = sorted((p["context"], p[metric]) for p in points if (p["layout"], p["policy"]) == (layout, policy))
         axes.plot([c for c, _ in line], [1000 * v for _, v in line], marker="o", label=f"{layout} ({policy})")
-    axes.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel=f"{label} (ms)",
-             title=f"{label} against context length")
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context length (tokens)",
+        ylabel=f"{label} (ms)",
+        title=f"{label} against context length",
+    )
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -67,24 +84,54 @@ def main() -> None:
     for context in args.contexts:
         prompt = random_prompt(context, context, MODEL["vocab_size"])
         request = {"prompt_token_ids": prompt, "max_tokens": args.decode, "ignore_eos": True}
-        common = ["model=hf", f"model.path={model_dir}", "model.dtype=bfloat16",
-                  f"cache.max_model_len={context + args.decode}", "cache.kv_memory_gib=0.5", "parallel.timeout_s=600"]
+        common = [
+            "model=hf",
+            f"model.path={model_dir}",
+            "model.dtype=bfloat16",
+            f"cache.max_model_len={context + args.decode}",
+            "cache.kv_memory_gib=0.5",
+            "parallel.timeout_s=600",
+        ]
         for layout in args.layouts:
             ranks, overrides = LAYOUTS[layout]
             for policy in args.policies:
-                output = run_generate(ranks, common + overrides + POLICIES[policy], [request],
-                                      args.workdir / "sweep" / f"{layout}-{policy}-{context}", threads=1, bind=True)[0]
-                point = {"layout": layout, "ranks": ranks, "policy": policy, "context": context,
-                         "ttft_s": output["ttft_s"], "tbt_median_s": statistics.median(output["tbt_s"])}
+                output = run_generate(
+                    ranks,
+                    common + overrides + POLICIES[policy],
+                    [request],
+                    args.workdir / "sweep" / f"{layout}-{policy}-{context}",
+                    threads=1,
+                    bind=True,
+                )[0]
+                point = {
+                    "layout": layout,
+                    "ranks": ranks,
+                    "policy": policy,
+                    "context": context,
+                    "ttft_s": output["ttft_s"],
+                    "tbt_median_s": statistics.median(output["tbt_s"]),
+                }
                 points.append(point)
-                print(f"{layout:9s} {policy:8s} {context:7d} tokens: TTFT {1000 * point['ttft_s']:8.1f} ms, "
-                      f"TBT {1000 * point['tbt_median_s']:6.2f} ms", flush=True)
+                print(
+                    f"{layout:9s} {policy:8s} {context:7d} tokens: TTFT {1000 * point['ttft_s']:8.1f} ms, "
+                    f"TBT {1000 * point['tbt_median_s']:6.2f} ms",
+                    flush=True,
+                )
     plot(points, "ttft_s", "TTFT", RESULTS / "sweep_ttft.png")
     plot(points, "tbt_median_s", "median TBT", RESULTS / "sweep_tbt.png")
-    write_results("sweep.json", {"model": MODEL, "dtype": "bfloat16", "cores_per_rank": 1, "decode": args.decode,
-                                 "layouts": {k: LAYOUTS[k] for k in args.layouts},
-                                 "policies": {k: POLICIES[k] for k in args.policies}, "points": points,
-                                 "plots": ["sweep_ttft.png", "sweep_tbt.png"]})
+    write_results(
+        "sweep.json",
+        {
+            "model": MODEL,
+            "dtype": "bfloat16",
+            "cores_per_rank": 1,
+            "decode": args.decode,
+            "layouts": {k: LAYOUTS[k] for k in args.layouts},
+            "policies": {k: POLICIES[k] for k in args.policies},
+            "points": points,
+            "plots": ["sweep_ttft.png", "sweep_tbt.png"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ request and of the short ones, throughput, preemptions and the long prompt's chu
 each adaptive run's TBT p99 while the long prefill ran over the SLO and its long TTFT over the best
 fixed-chunk run's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,26 @@ import numpy as np
 
 from common import ROOT, random_llama, write_results
 
-MODEL = dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=1, head_dim=64, max_position_embeddings=1 << 17, rope_theta=1e6,
-             tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=1 << 17,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+)
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
-FIXED = {f"fixed{size}-fcfs": {"chunking": "fixed", "chunk_size": size, "priority": "fcfs"}
-         for size in (256, 1024, 4096)}
-ADAPTIVE = {"adaptive-fcfs": {"chunking": "adaptive", "priority": "fcfs"},
-            "adaptive-lars": {"chunking": "adaptive", "priority": "lars"}}
+FIXED = {
+    f"fixed{size}-fcfs": {"chunking": "fixed", "chunk_size": size, "priority": "fcfs"} for size in (256, 1024, 4096)
+}
+ADAPTIVE = {
+    "adaptive-fcfs": {"chunking": "adaptive", "priority": "fcfs"},
+    "adaptive-lars": {"chunking": "adaptive", "priority": "lars"},
+}
 
 
 def read_trace(path: Path, count: int, stretch: float) -> list[dict]:
@@ -49,9 +62,15 @@ def read_trace(path: Path, count: int, stretch: float) -> list[dict]:
         rows = list(csv.DictReader(f))[:count]
     times = [datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]) for r in rows]
     rng = random.Random(0)
-    return [{"kind": "short", "arrival_s": (t - times[0]).total_seconds() * stretch,
-             "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(int(r["ContextTokens"]))],
-             "max_tokens": int(r["GeneratedTokens"])} for t, r in zip(times, rows)]
+    return [
+        {
+            "kind": "short",
+            "arrival_s": (t - times[0]).total_seconds() * stretch,
+            "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(int(r["ContextTokens"]))],
+            "max_tokens": int(r["GeneratedTokens"]),
+        }
+        for t, r in zip(times, rows)
+    ]
 
 
 def worker(spec_path: str) -> None:
@@ -71,8 +90,11 @@ def worker(spec_path: str) -> None:
             now = time.perf_counter() - start
             while pending and pending[0]["arrival_s"] <= now:
                 r = pending.pop(0)
-                rid = engine.add_request(prompt_token_ids=r["prompt_token_ids"], arrival=start + r["arrival_s"],
-                                         sampling={"max_tokens": r["max_tokens"], "ignore_eos": True})
+                rid = engine.add_request(
+                    prompt_token_ids=r["prompt_token_ids"],
+                    arrival=start + r["arrival_s"],
+                    sampling={"max_tokens": r["max_tokens"], "ignore_eos": True},
+                )
                 kinds[rid] = r["kind"]
             if not engine.has_unfinished:
                 time.sleep(min(pending[0]["arrival_s"] - now, 0.05))
@@ -81,10 +103,15 @@ def worker(spec_path: str) -> None:
             for request in engine.step().finished:
                 records.append({"kind": kinds[request.id], **request_record(request, start)})
             entering = engine.last_plan.entering
-            steps.append({"start_s": step_start - start, "seconds": time.perf_counter() - step_start,
-                          "predicted_s": engine.scheduler.predicted_time(),
-                          "decodes": sum(kinds[c.request_id] == "short" and len(c.token_ids) == 1 for c in entering),
-                          "tokens": sum(len(c.token_ids) for c in entering)})
+            steps.append(
+                {
+                    "start_s": step_start - start,
+                    "seconds": time.perf_counter() - step_start,
+                    "predicted_s": engine.scheduler.predicted_time(),
+                    "decodes": sum(kinds[c.request_id] == "short" and len(c.token_ids) == 1 for c in entering),
+                    "tokens": sum(len(c.token_ids) for c in entering),
+                }
+            )
             long_chunks += [[c.start_pos, len(c.token_ids)] for c in entering if kinds[c.request_id] == "long"]
         Path(spec["out"]).write_text(json.dumps({"records": records, "long_chunks": long_chunks, "steps": steps}))
 
@@ -95,8 +122,13 @@ def replay(overrides: list[str], requests: list[dict], workdir: Path, name: str)
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec.write_text(json.dumps({"overrides": overrides, "requests": requests, "out": str(out)}))
-    result = subprocess.run([sys.executable, __file__, "--worker", str(spec)], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", str(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     if result.returncode != 0:
         raise RuntimeError(f"replay {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -112,15 +144,20 @@ def summarize(run: dict) -> dict:
     long_prefill = (long["arrival_s"], long["first_token_s"])
     tbt_all = [t for r in shorts for t in r["tbt_s"]]
     # TBTs of short requests whose token arrived while the long prompt was being prefilled
-    tbt_during = [t for r in shorts for t, at in zip(r["tbt_s"], r["first_token_s"] + np.cumsum(r["tbt_s"]))
-                  if long_prefill[0] <= at <= long_prefill[1]]
+    tbt_during = [
+        t
+        for r in shorts
+        for t, at in zip(r["tbt_s"], r["first_token_s"] + np.cumsum(r["tbt_s"]))
+        if long_prefill[0] <= at <= long_prefill[1]
+    ]
     duration = max(r["finish_s"] for r in run["records"]) - min(r["arrival_s"] for r in run["records"])
     chunks = run["long_chunks"]
     return {
         "long_ttft_s": long["ttft_s"],
         "short_ttft_p50_s": percentile([r["ttft_s"] for r in shorts], 50),
         "short_ttft_p99_s": percentile([r["ttft_s"] for r in shorts], 99),
-        "short_tbt_p50_s": percentile(tbt_all, 50), "short_tbt_p99_s": percentile(tbt_all, 99),
+        "short_tbt_p50_s": percentile(tbt_all, 50),
+        "short_tbt_p99_s": percentile(tbt_all, 99),
         "short_tbt_during_long_prefill_p50_s": percentile(tbt_during, 50),
         "short_tbt_during_long_prefill_p99_s": percentile(tbt_during, 99),
         "short_tbt_during_long_prefill_max_s": max(tbt_during) if tbt_during else None,
@@ -128,8 +165,12 @@ def summarize(run: dict) -> dict:
         "output_tokens_per_s": sum(r["output_tokens"] for r in run["records"]) / duration,
         "duration_s": duration,
         "preemptions": sum(r["preemptions"] for r in run["records"]),
-        "long_chunks": {"count": len(chunks), "first": chunks[:3], "last": chunks[-3:],
-                        "by_prefix": [[start, size] for start, size in chunks[:: max(1, len(chunks) // 24)]]},
+        "long_chunks": {
+            "count": len(chunks),
+            "first": chunks[:3],
+            "last": chunks[-3:],
+            "by_prefix": [[start, size] for start, size in chunks[:: max(1, len(chunks) // 24)]],
+        },
     }
 
 
@@ -139,8 +180,13 @@ def main() -> None:
     parser.add_argument("--stretch", type=float, default=1.0, help="arrival times × this (a rate this CPU sustains)")
     parser.add_argument("--long", type=int, default=32768, help="tokens of the injected long prompt")
     parser.add_argument("--long-at", type=float, default=15.0, help="its arrival, seconds into the replay")
-    parser.add_argument("--slo-factors", nargs="*", type=float, default=[2, 4, 8, 16],
-                        help="TBT SLOs to run adaptive chunking at, as multiples of the decode-only step time")
+    parser.add_argument(
+        "--slo-factors",
+        nargs="*",
+        type=float,
+        default=[2, 4, 8, 16],
+        help="TBT SLOs to run adaptive chunking at, as multiples of the decode-only step time",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,9 +196,16 @@ def main() -> None:
     model_dir = random_llama(args.workdir / "llama-trace-2x512", **MODEL)
     workdir = args.workdir / "trace"
     profile = workdir / "profile.json"
-    base = ["model=hf", f"model.path={model_dir}", f"cache.max_model_len={args.long + 1024}",
-            "cache.kv_memory_gib=1", "scheduler.max_num_batched_tokens=8192", "scheduler.max_num_seqs=64",
-            f"scheduler.profile={profile}", "parallel.timeout_s=3600"]
+    base = [
+        "model=hf",
+        f"model.path={model_dir}",
+        f"cache.max_model_len={args.long + 1024}",
+        "cache.kv_memory_gib=1",
+        "scheduler.max_num_batched_tokens=8192",
+        "scheduler.max_num_seqs=64",
+        f"scheduler.profile={profile}",
+        "parallel.timeout_s=3600",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     print("profiling", flush=True)
     subprocess.run([sys.executable, "-m", "mnemosyne_hpc.profile", *base], cwd=ROOT, env=env, check=True)
@@ -163,16 +216,22 @@ def main() -> None:
 
     # decode-only steps: the trace's first 16 requests, all arriving at once, 64 tokens each
     decode_requests = [{**r, "arrival_s": 0.0, "max_tokens": 64} for r in shorts[:16]]
-    decode_run = replay(base + ["scheduler.chunking=fixed", "scheduler.priority=fcfs"], decode_requests, workdir,
-                        "decode-only")
+    decode_run = replay(
+        base + ["scheduler.chunking=fixed", "scheduler.priority=fcfs"], decode_requests, workdir, "decode-only"
+    )
     decode_steps = [s["seconds"] for s in decode_run["steps"] if s["decodes"] == s["tokens"] == 16]
     decode_step_s = float(np.median(decode_steps))
-    print(f"decode-only step {1e3 * decode_step_s:.1f} ms (median of {len(decode_steps)} steps of 16 decodes)",
-          flush=True)
+    print(
+        f"decode-only step {1e3 * decode_step_s:.1f} ms (median of {len(decode_steps)} steps of 16 decodes)", flush=True
+    )
 
     rng = random.Random(1)
-    long_request = {"kind": "long", "arrival_s": args.long_at, "max_tokens": 16,
-                    "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(args.long)]}
+    long_request = {
+        "kind": "long",
+        "arrival_s": args.long_at,
+        "max_tokens": 16,
+        "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(args.long)],
+    }
     runs = [(name, None) for name in FIXED] + [(name, f) for f in args.slo_factors for name in ADAPTIVE]
     results = {}
     for name, factor in runs:
@@ -181,37 +240,67 @@ def main() -> None:
         overrides = base + [f"scheduler.{k}={v}" for k, v in policy.items()] + [f"scheduler.tbt_slo_ms={slo_ms}"]
         label = name if factor is None else f"{name}-slo{factor:g}x"
         started = time.perf_counter()
-        results[label] = {"policy": policy, "slo_factor": factor,
-                          **summarize(replay(overrides, shorts + [long_request], workdir, label))}
+        results[label] = {
+            "policy": policy,
+            "slo_factor": factor,
+            **summarize(replay(overrides, shorts + [long_request], workdir, label)),
+        }
         r = results[label]
-        print(f"{label:24s} long TTFT {r['long_ttft_s']:6.2f} s | short TTFT p50/p99 {r['short_ttft_p50_s']:.2f}/"
-              f"{r['short_ttft_p99_s']:.2f} s | short TBT while the long prefill ran p50/p99 "
-              f"{1e3 * (r['short_tbt_during_long_prefill_p50_s'] or 0):.1f}/"
-              f"{1e3 * (r['short_tbt_during_long_prefill_p99_s'] or 0):.1f} ms | "
-              f"{r['output_tokens_per_s']:.1f} tok/s | {time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"{label:24s} long TTFT {r['long_ttft_s']:6.2f} s | short TTFT p50/p99 {r['short_ttft_p50_s']:.2f}/"
+            f"{r['short_ttft_p99_s']:.2f} s | short TBT while the long prefill ran p50/p99 "
+            f"{1e3 * (r['short_tbt_during_long_prefill_p50_s'] or 0):.1f}/"
+            f"{1e3 * (r['short_tbt_during_long_prefill_p99_s'] or 0):.1f} ms | "
+            f"{r['output_tokens_per_s']:.1f} tok/s | {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
 
     best_fixed = min(FIXED, key=lambda k: results[k]["long_ttft_s"])
     by_slo = {}
     for factor in args.slo_factors:
         slo_s = factor * decode_step_s
-        row = {"tbt_slo_s": slo_s, "best_fixed": best_fixed,
-               "fixed_tbt_p99_within_slo": {k: results[k]["short_tbt_during_long_prefill_p99_s"] <= slo_s
-                                            for k in FIXED}}
+        row = {
+            "tbt_slo_s": slo_s,
+            "best_fixed": best_fixed,
+            "fixed_tbt_p99_within_slo": {k: results[k]["short_tbt_during_long_prefill_p99_s"] <= slo_s for k in FIXED},
+        }
         for name in ADAPTIVE:
             r = results[f"{name}-slo{factor:g}x"]
-            row[name] = {"tbt_p99_during_long_prefill_over_slo": r["short_tbt_during_long_prefill_p99_s"] / slo_s,
-                         "long_ttft_over_best_fixed": r["long_ttft_s"] / results[best_fixed]["long_ttft_s"]}
+            row[name] = {
+                "tbt_p99_during_long_prefill_over_slo": r["short_tbt_during_long_prefill_p99_s"] / slo_s,
+                "long_ttft_over_best_fixed": r["long_ttft_s"] / results[best_fixed]["long_ttft_s"],
+            }
         by_slo[f"{factor:g}x"] = row
-        print(f"SLO {factor:g} × decode-only step = {1e3 * slo_s:.1f} ms: " + "; ".join(
-            f"{name}: TBT p99 / SLO {row[name]['tbt_p99_during_long_prefill_over_slo']:.2f}, long TTFT / "
-            f"{best_fixed} {row[name]['long_ttft_over_best_fixed']:.2f}" for name in ADAPTIVE), flush=True)
-    write_results(f"trace_conv_{args.long}tok.json", {
-        "model": MODEL, "dtype": "float32", "threads": 2, "trace": TRACE.name, "requests": args.requests,
-        "stretch": args.stretch, "long_tokens": args.long, "long_arrival_s": args.long_at,
-        "decode_only_step_s": decode_step_s, "slo_rule": "tbt_slo = factor × decode-only step (16 decodes)",
-        "perf_model_held_out": {k: perf_model.report[k] for k in ("held_out_steps", "median_abs_error",
-                                                                  "p90_abs_error", "max_abs_error")},
-        "by_slo": by_slo, "results": results})
+        print(
+            f"SLO {factor:g} × decode-only step = {1e3 * slo_s:.1f} ms: "
+            + "; ".join(
+                f"{name}: TBT p99 / SLO {row[name]['tbt_p99_during_long_prefill_over_slo']:.2f}, long TTFT / "
+                f"{best_fixed} {row[name]['long_ttft_over_best_fixed']:.2f}"
+                for name in ADAPTIVE
+            ),
+            flush=True,
+        )
+    write_results(
+        f"trace_conv_{args.long}tok.json",
+        {
+            "model": MODEL,
+            "dtype": "float32",
+            "threads": 2,
+            "trace": TRACE.name,
+            "requests": args.requests,
+            "stretch": args.stretch,
+            "long_tokens": args.long,
+            "long_arrival_s": args.long_at,
+            "decode_only_step_s": decode_step_s,
+            "slo_rule": "tbt_slo = factor × decode-only step (16 decodes)",
+            "perf_model_held_out": {
+                k: perf_model.report[k]
+                for k in ("held_out_steps", "median_abs_error", "p90_abs_error", "max_abs_error")
+            },
+            "by_slo": by_slo,
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Each dataclass below is the schema of one config group (`conf/<group>/*.yaml`) a
 its defaults and their documentation; a group's YAML file holds only what that option alone sets.
 Unknown keys and wrong types are rejected when the config is composed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -232,22 +233,30 @@ def validate(cfg: Config) -> None:
         (p.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl"),
         (p.device in ("auto", "cpu", "cuda"), "parallel.device must be auto, cpu or cuda"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
-        (c.block_size >= 1 and c.num_blocks >= 0 and c.kv_memory_gib > 0,
-         "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0"),
+        (
+            c.block_size >= 1 and c.num_blocks >= 0 and c.kv_memory_gib > 0,
+            "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0",
+        ),
         (c.max_model_len >= 2, "cache.max_model_len must be >= 2"),
         (s.chunking in ("adaptive", "fixed"), "scheduler.chunking must be 'adaptive' or 'fixed'"),
         (s.priority in ("lars", "edf", "fcfs"), "scheduler.priority must be 'lars', 'edf' or 'fcfs'"),
         (s.tbt_slo_ms > 0, "scheduler.tbt_slo_ms must be > 0"),
-        (1 <= s.min_chunk <= s.max_chunk and s.chunk_step >= 1,
-         "scheduler needs 1 <= min_chunk <= max_chunk and chunk_step >= 1"),
+        (
+            1 <= s.min_chunk <= s.max_chunk and s.chunk_step >= 1,
+            "scheduler needs 1 <= min_chunk <= max_chunk and chunk_step >= 1",
+        ),
         (0 <= s.space_share < 1, "scheduler.space_share must be in [0, 1)"),
         (0 <= s.slo_headroom < 1, "scheduler.slo_headroom must be in [0, 1)"),
-        (s.deadline_multiplier > 0 and s.min_deadline_ms >= 0,
-         "scheduler.deadline_multiplier must be > 0 and scheduler.min_deadline_ms >= 0"),
+        (
+            s.deadline_multiplier > 0 and s.min_deadline_ms >= 0,
+            "scheduler.deadline_multiplier must be > 0 and scheduler.min_deadline_ms >= 0",
+        ),
         (s.pipeline in ("spp", "plain"), "scheduler.pipeline must be 'spp' or 'plain'"),
         (s.chunk_size >= 0, "scheduler.chunk_size must be >= 0"),
-        (s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,
-         "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1"),
+        (
+            s.max_num_seqs >= 1 and s.max_num_batched_tokens >= 1,
+            "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1",
+        ),
         (cfg.plan.gpus >= 1 and cfg.plan.decode_tokens >= 2, "plan.gpus must be >= 1 and plan.decode_tokens >= 2"),
     ]
     for ok, message in checks:
@@ -258,8 +267,10 @@ def validate(cfg: Config) -> None:
     except (ValueError, AssertionError):
         raise ConfigError(f"plan.context = {cfg.plan.context!r}: give a positive token count, e.g. 131072, 128k or 10M")
     if p.max_tokens_per_kvp_group < 0 or p.kvp * KVPLayout.of(cfg).group_tokens < c.max_model_len:
-        raise ConfigError(f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
-                          f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)")
+        raise ConfigError(
+            f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
+            f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)"
+        )
 
 
 def config_digest(cfg: Config) -> str:

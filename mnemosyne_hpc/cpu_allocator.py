@@ -5,6 +5,7 @@ with a fresh mapping and unmaps it on free, so every step's activations page-fau
 zero-filled by the kernel: element-wise ops ran 2–4× below memory bandwidth. With the thresholds
 raised, freed blocks go back to the heap and the next step reuses them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,5 +25,6 @@ def retain_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, TypeError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                  TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )

@@ -9,6 +9,7 @@ in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s
 rejected; the others still run. `generate.metrics` gets each request's latency record (arrival,
 TTFT, every TBT, finish, preemptions), and the run's aggregates are printed at the end.
 """
+
 from __future__ import annotations
 
 import json

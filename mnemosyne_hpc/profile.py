@@ -7,6 +7,7 @@ Takes a full profile (`perf/calibrate.py`) and stores it under `<model.cache_dir
 (or `scheduler.profile`), keyed by model shape, dtype, hardware and layout; the engine loads it, or
 takes a quick one at start-up when none is stored.
 """
+
 from __future__ import annotations
 
 from mnemosyne_hpc.config import compose_command_line
@@ -17,8 +18,10 @@ from mnemosyne_hpc.runtime import run
 
 def report(model: PerfModel) -> None:
     r = model.report
-    print(f"profile {model.key}: {r['hardware']}, {r['dtype']}, layout {r['layout']}; held-out median "
-          f"|error| {r['median_abs_error']:.1%} (p90 {r['p90_abs_error']:.1%}) over {r['held_out_steps']} shapes")
+    print(
+        f"profile {model.key}: {r['hardware']}, {r['dtype']}, layout {r['layout']}; held-out median "
+        f"|error| {r['median_abs_error']:.1%} (p90 {r['p90_abs_error']:.1%}) over {r['held_out_steps']} shapes"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ Commands:
 Ctrl-C cancels the answer in progress (its KV blocks are freed); the job goes on. The other ranks
 follow rank 0's plans and exit with it.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,10 @@ class Repl:
             self.print("\n(Ctrl-C cancels an answer; /quit or Ctrl-D leaves)\n> ", end="")
 
     def _converse(self) -> None:
-        self.print(f"mnemosyne-hpc REPL: {self.engine.args.architecture}, {self.engine.runner.ctx.mesh.size()} "
-                   "ranks. /help lists the commands.")
+        self.print(
+            f"mnemosyne-hpc REPL: {self.engine.args.architecture}, {self.engine.runner.ctx.mesh.size()} "
+            "ranks. /help lists the commands."
+        )
         try:
             while True:
                 try:
@@ -135,20 +138,26 @@ class Repl:
                 self.tbts += request.tbt_s
                 tbt = f", TBT median {1000 * statistics.median(request.tbt_s):.1f} ms" if request.tbt_s else ""
                 ttft = f"TTFT {1000 * request.ttft_s:.0f} ms" if request.ttft_s is not None else "no token"
-                self.print(f"\n[{ttft}{tbt}, {len(request.output_token_ids)} tokens, {event.finish_reason}] prompt "
-                           f"{len(request.prompt_token_ids)} tokens, {request.cached_tokens} of them cached")
+                self.print(
+                    f"\n[{ttft}{tbt}, {len(request.output_token_ids)} tokens, {event.finish_reason}] prompt "
+                    f"{len(request.prompt_token_ids)} tokens, {request.cached_tokens} of them cached"
+                )
                 break
         self.current = None
 
     def _stats(self) -> None:
         scheduler = self.engine.scheduler
         placement = scheduler.placement
-        self.print(f"answers: {len(self.ttfts)}; TTFT median "
-                   f"{1000 * statistics.median(self.ttfts) if self.ttfts else 0:.0f} ms; TBT median "
-                   f"{1000 * statistics.median(self.tbts) if self.tbts else 0:.1f} ms over {len(self.tbts)} gaps")
-        self.print(f"engine: {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, KV blocks "
-                   f"{placement.blocks_in_use}/{placement.total_blocks}; sampling {self.sampling or 'defaults'}"
-                   f"; context {len(self.context)} characters")
+        self.print(
+            f"answers: {len(self.ttfts)}; TTFT median "
+            f"{1000 * statistics.median(self.ttfts) if self.ttfts else 0:.0f} ms; TBT median "
+            f"{1000 * statistics.median(self.tbts) if self.tbts else 0:.1f} ms over {len(self.tbts)} gaps"
+        )
+        self.print(
+            f"engine: {len(scheduler.running)} running, {len(scheduler.waiting)} waiting, KV blocks "
+            f"{placement.blocks_in_use}/{placement.total_blocks}; sampling {self.sampling or 'defaults'}"
+            f"; context {len(self.context)} characters"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

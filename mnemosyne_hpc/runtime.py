@@ -4,6 +4,7 @@ Rank 0 calls `leader(engine)`; every other rank follows rank 0's step plans. Any
 every rank with a non-zero exit and a message, never a hang: peers see a closed connection or
 hit `parallel.timeout_s`.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,9 @@ def _check_same_config(cfg: Config, group) -> None:
     dist.all_gather_object(digests, config_digest(cfg), group=group)
     if len(set(digests)) != 1:
         differing = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise RuntimeError(f"ranks {differing} composed a different config from rank 0; "
-                           "pass the same overrides to every rank")
+        raise RuntimeError(
+            f"ranks {differing} composed a different config from rank 0; pass the same overrides to every rank"
+        )
 
 
 def load_tokenizer(model_dir: Path):
@@ -86,8 +88,13 @@ def _raised_in_collective(e: BaseException) -> bool:
     return any(f"torch{os.sep}distributed" in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
-def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSource = load_or_profile,
-        followers_ignore: tuple[signal.Signals, ...] = (), **engine_options) -> None:
+def run(
+    cfg: Config,
+    leader: Callable[[Engine], None],
+    perf_model: PerfModelSource = load_or_profile,
+    followers_ignore: tuple[signal.Signals, ...] = (),
+    **engine_options,
+) -> None:
     """Start this rank; rank 0 calls `leader(engine)`. The engine's performance model comes from
     `perf_model` (by default the stored profile, or one taken now, where the scheduler uses one).
     Ranks other than 0 ignore `followers_ignore`: rank 0 alone decides what a signal means (a
@@ -107,8 +114,10 @@ def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSour
         model_dir = _model_dir(cfg, path, info.rank)
         args = ModelArgs.from_dir(model_dir)
         if cfg.cache.max_model_len > args.max_position_embeddings:
-            raise ValueError(f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
-                             f"max_position_embeddings = {args.max_position_embeddings}")
+            raise ValueError(
+                f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
+                f"max_position_embeddings = {args.max_position_embeddings}"
+            )
         runner = ModelRunner(cfg, ctx, model_dir, args)
         model = perf_model(cfg, runner)
         if info.rank == 0:
@@ -121,7 +130,9 @@ def run(cfg: Config, leader: Callable[[Engine], None], perf_model: PerfModelSour
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
         if _raised_in_collective(e) and dist.is_initialized():
-            fail(f"lost contact with a peer rank (it exited, or was silent for parallel.timeout_s = "
-                 f"{cfg.parallel.timeout_s:g}s): {type(e).__name__}: {e}")
+            fail(
+                f"lost contact with a peer rank (it exited, or was silent for parallel.timeout_s = "
+                f"{cfg.parallel.timeout_s:g}s): {type(e).__name__}: {e}"
+            )
         fail(f"{type(e).__name__}: {e}")
     dist.destroy_process_group()

@@ -7,6 +7,7 @@ events), GET /v1/models, /health and /metrics (Prometheus). Requests from all cl
 engine's continuous batches. A bad request gets a 4xx with a message; nothing else is affected.
 SIGTERM or SIGINT on rank 0 stops it cleanly: every rank exits with status 0.
 """
+
 from __future__ import annotations
 
 import signal
@@ -32,8 +33,11 @@ def model_name(cfg: Config) -> str:
 def serve(cfg: Config, engine: Engine) -> None:
     loop = ServingLoop(engine, heartbeat_s=cfg.parallel.timeout_s / 4)
     app = create_app(loop, model_name(cfg), cfg.server.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=cfg.server.host, port=cfg.server.port, log_level="warning", timeout_graceful_shutdown=5
+        )
+    )
     http = threading.Thread(target=server.run, name="http", daemon=True)
     http.start()
     while not server.started:

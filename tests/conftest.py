@@ -1,5 +1,6 @@
 """Fixtures shared by the tests; the tests' plain helpers are modules beside this file (models.py,
 ranks.py, simulation.py), importable because this directory is put on sys.path here."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@
 SPEC: {"overrides": [...hydra overrides...], "cases": [{"name", "chunk_size", "scheduler": {field: value},
 "warm_prefix_cache": bool, "requests": [{"prompt_token_ids", "arrival_step", sampling fields...}]}]}.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,21 +45,31 @@ def run_case(engine: Engine, case: dict) -> dict:
             live = engine.scheduler.running + list(engine.scheduler.waiting)
             prompt_len = {r.id: len(r.prompt_token_ids) for r in live}
             for request in engine.step().finished:
-                outputs[index_of[request.id]] = {"token_ids": request.output_token_ids,
-                                                 "logits": torch.stack(engine.logits.pop(request.id)),
-                                                 "preemptions": request.preemptions,
-                                                 "cached_tokens": request.cached_tokens}
-            step_phases.append({index_of[c.request_id]: phase(c, prompt_len[c.request_id])
-                                for c in engine.last_plan.entering})
+                outputs[index_of[request.id]] = {
+                    "token_ids": request.output_token_ids,
+                    "logits": torch.stack(engine.logits.pop(request.id)),
+                    "preemptions": request.preemptions,
+                    "cached_tokens": request.cached_tokens,
+                }
+            step_phases.append(
+                {index_of[c.request_id]: phase(c, prompt_len[c.request_id]) for c in engine.last_plan.entering}
+            )
             chunk_lengths.append({index_of[c.request_id]: len(c.token_ids) for c in engine.last_plan.entering})
             stage_requests.append([[index_of[c.request_id] for c in batch] for batch in engine.last_plan.stages])
-            stage_groups.append([{index_of[c.request_id]: list(c.groups) for c in batch}
-                                 for batch in engine.last_plan.stages])
+            stage_groups.append(
+                [{index_of[c.request_id]: list(c.groups) for c in batch} for batch in engine.last_plan.stages]
+            )
         step += 1
     step_starts.append(engine.clock())  # the end of the last step
-    return {"outputs": [outputs[i] for i in range(len(case["requests"]))], "step_phases": step_phases,
-            "stage_requests": stage_requests, "stage_groups": stage_groups, "chunk_lengths": chunk_lengths,
-            "arrivals": [arrivals[i] for i in range(len(case["requests"]))], "step_starts": step_starts}
+    return {
+        "outputs": [outputs[i] for i in range(len(case["requests"]))],
+        "step_phases": step_phases,
+        "stage_requests": stage_requests,
+        "stage_groups": stage_groups,
+        "chunk_lengths": chunk_lengths,
+        "arrivals": [arrivals[i] for i in range(len(case["requests"]))],
+        "step_starts": step_starts,
+    }
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Tiny random-weight Hugging Face checkpoints for exactness tests (made locally, no download), and
 the transformers reference that the engine's runs are held to."""
+
 from __future__ import annotations
 
 import random
@@ -7,16 +8,39 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=4, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
-              initializer_range=0.15, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=250,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,
+    bos_token_id=0,
+    eos_token_id=1,
+    tie_word_embeddings=False,
+)
 
 TINY_CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=64))),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=1000000.0, sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, vocab_size=256)),
 }
@@ -61,7 +85,7 @@ def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], t
             last = model(torch.tensor([tokens])).logits[0, -1].float()
             logits.append(last)
             tokens.append(int(last.argmax()))
-    return tokens[len(prompt):], torch.stack(logits)
+    return tokens[len(prompt) :], torch.stack(logits)
 
 
 def assert_matches_reference(output: dict, ref_tokens: list[int], ref_logits: torch.Tensor, label: str) -> None:

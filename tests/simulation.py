@@ -1,5 +1,6 @@
 """A scheduler on a fake clock: each step takes the time a performance model predicts for it, so
 scheduling runs are deterministic and independent of this machine's speed."""
+
 from __future__ import annotations
 
 from mnemosyne_hpc.config import SchedulerConfig
@@ -10,9 +11,15 @@ from mnemosyne_hpc.engine.scheduler import Scheduler
 from mnemosyne_hpc.perf.model import AttentionFit, Curve, PerfModel, SequenceShape
 
 # 1 ms per step, 2 µs per token of linear layers, attention 10 ns per query token per cached token
-SYNTHETIC = PerfModel(key="synthetic", layers=1, stages=1, linear=Curve([0, 1000], [0.0, 2e-3]),
-                      attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [1e-8, 1e-5])),
-                      lm_head=Curve([1], [0.0]), overhead_s=1e-3)
+SYNTHETIC = PerfModel(
+    key="synthetic",
+    layers=1,
+    stages=1,
+    linear=Curve([0, 1000], [0.0, 2e-3]),
+    attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [1e-8, 1e-5])),
+    lm_head=Curve([1], [0.0]),
+    overhead_s=1e-3,
+)
 
 
 class Simulation:
@@ -29,9 +36,13 @@ class Simulation:
         self._ids = 0
 
     def add(self, prompt_len: int, max_tokens: int = 4, arrival: float | None = None) -> Request:
-        request = Request(id=self._ids, prompt_token_ids=[1] * prompt_len,
-                          sampling=SamplingParams(max_tokens=max_tokens), max_len=prompt_len + max_tokens,
-                          arrival=self.now if arrival is None else arrival)
+        request = Request(
+            id=self._ids,
+            prompt_token_ids=[1] * prompt_len,
+            sampling=SamplingParams(max_tokens=max_tokens),
+            max_len=prompt_len + max_tokens,
+            arrival=self.now if arrival is None else arrival,
+        )
         self._ids += 1
         self.scheduler.add(request)
         return request

@@ -1,5 +1,6 @@
 """The attention math of model/attention.py on CPU: splits of the keys merged by LSE, the chunk's
 bottom-right causal mask, keys beyond one call in pieces, a batch of decodes over runs of slots."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Requests in different phases share steps and still get exactly their solo outputs."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,15 @@ def test_mixed_step_equals_solo_runs(tp, tiny_models, tmp_path):
         {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(20)], "max_tokens": 40, "arrival_step": 0},
         {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(90)], "max_tokens": 12, "arrival_step": 3},
         {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(30)], "max_tokens": 12, "arrival_step": 5},
-        {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(25)], "max_tokens": 20, "arrival_step": 5,
-         "temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 11},
+        {
+            "prompt_token_ids": [rng.randrange(2, 250) for _ in range(25)],
+            "max_tokens": 20,
+            "arrival_step": 5,
+            "temperature": 0.9,
+            "top_k": 50,
+            "top_p": 0.9,
+            "seed": 11,
+        },
     ]
     cases = together_and_solo_cases("mixed", 16, requests)
     results = run_engine(tmp_path, tp, tiny_overrides(tiny_models["llama"], **{"parallel.tp": tp}), cases)

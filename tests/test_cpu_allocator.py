@@ -1,4 +1,5 @@
 """cpu_allocator.py: freed activation memory stays in the process."""
+
 from __future__ import annotations
 
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory

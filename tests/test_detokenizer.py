@@ -2,6 +2,7 @@
 SmolLM2's tokenizer (byte-level BPE, as Qwen2 and Llama 3) and a Llama 2-style one (SentencePiece
 pieces with byte fallback, as Mistral): the streamed deltas join to exactly what decoding every token at
 once gives, for characters split over tokens, emoji, CJK, invalid bytes and special tokens."""
+
 from __future__ import annotations
 
 import random
@@ -38,14 +39,27 @@ def sentencepiece_style():
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *"abcdefghijklmnopqrstuvwxyz.,",
-              "▁t", "he", "▁the", "▁a", "in"]
+    pieces = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        *(f"<0x{b:02X}>" for b in range(256)),
+        "▁",
+        *"abcdefghijklmnopqrstuvwxyz.,",
+        "▁t",
+        "he",
+        "▁the",
+        "▁a",
+        "in",
+    ]
     merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a"), ("i", "n")]
-    model = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
-                                 byte_fallback=True))
+    model = Tokenizer(
+        models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>", byte_fallback=True)
+    )
     model.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    model.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                       decoders.Strip(" ", 1, 0)])
+    model.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -88,7 +102,8 @@ def stream(tokenizer, token_ids: list[int], stop: tuple[str, ...] = ()) -> tuple
         if stopped:
             break
         assert not any(s.startswith(tail) for s in stop for tail in _tails("".join(deltas))) or n == len(token_ids), (
-            "the start of a stop string was streamed")
+            "the start of a stop string was streamed"
+        )
     assert "".join(deltas) == output.text
     return deltas, n
 
@@ -113,14 +128,22 @@ def test_stop_strings_end_the_text_at_the_token_that_completes_them(name, reques
     """As when every token was decoded again: the request stops at the first token whose text holds a
     stop string, and the text ends before it; no part of a stop string is streamed before."""
     tokenizer = request.getfixturevalue(name)
-    cases = [(TEXTS[0], ("of F",)), (TEXTS[0], ("Paris", "capital")), (TEXTS[1], ("ö", "naïve")),
-             (TEXTS[2], ("字符和",)), (TEXTS[3], ("👍🏽",)), (TEXTS[3], ("flag 🇫", "🇷")), (TEXTS[0], ("xyz", "Pax"))]
+    cases = [
+        (TEXTS[0], ("of F",)),
+        (TEXTS[0], ("Paris", "capital")),
+        (TEXTS[1], ("ö", "naïve")),
+        (TEXTS[2], ("字符和",)),
+        (TEXTS[3], ("👍🏽",)),
+        (TEXTS[3], ("flag 🇫", "🇷")),
+        (TEXTS[0], ("xyz", "Pax")),
+    ]
     for text, stop in cases:
         for token_ids in (tokenizer.encode(text, add_special_tokens=False), byte_tokens(tokenizer, text)):
             deltas, taken = stream(tokenizer, token_ids, stop)
             decoded = [tokenizer.decode(token_ids[:n], skip_special_tokens=True) for n in range(len(token_ids) + 1)]
-            expected = next((n for n in range(1, len(token_ids) + 1) if any(s in decoded[n] for s in stop)),
-                            len(token_ids))
+            expected = next(
+                (n for n in range(1, len(token_ids) + 1) if any(s in decoded[n] for s in stop)), len(token_ids)
+            )
             cut = min((i for i in (decoded[expected].find(s) for s in stop) if i >= 0), default=None)
             assert taken == expected and "".join(deltas) == decoded[expected][:cut], (text, stop, deltas)
 

@@ -1,4 +1,5 @@
 """Logits and greedy tokens equal Hugging Face transformers for every model family, chunk size and TP."""
+
 from __future__ import annotations
 
 import random
@@ -31,8 +32,15 @@ def test_bf16_matches_transformers_on_its_own_tokens(reference, tmp_path):
     """The CPU fast path (bf16 weights and KV, AMX GEMMs, the decode kernel over a batch of decodes,
     a prompt spanning both KVP groups) against transformers in fp32 on the same bf16-rounded weights,
     fed the engine's own tokens: bf16 rounding is the only difference allowed."""
-    model_dir = make_tiny_model("llama", tmp_path / "model", hidden_size=256, num_attention_heads=8,
-                                num_key_value_heads=2, head_dim=64, initializer_range=0.05)
+    model_dir = make_tiny_model(
+        "llama",
+        tmp_path / "model",
+        hidden_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        initializer_range=0.05,
+    )
     rng = random.Random(7)
     batch = [[rng.randrange(2, 250) for _ in range(n)] for n in (300, 40, 170)]
     cases = greedy_cases(batch, [64], 12)
@@ -42,7 +50,7 @@ def test_bf16_matches_transformers_on_its_own_tokens(reference, tmp_path):
     for prompt, output in zip(batch, outputs):
         tokens = prompt + output["token_ids"]
         with torch.no_grad():
-            ref_logits = hf(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1:]
+            ref_logits = hf(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1 :]
         error = (output["logits"] - ref_logits).abs().max().item()
         scale = ref_logits.abs().max().item()
         assert error <= 3e-2 * scale, f"max |Δlogit| = {error:.3e} > 3e-2 × {scale:.2f}"

@@ -1,4 +1,5 @@
 """A missing or dying rank ends every rank with a non-zero exit and a message; nothing hangs."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,22 @@ def free_port() -> int:
 
 def start_rank(rank: int, world: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
     """One rank, started torchrun-style (RANK/WORLD_SIZE/MASTER_*), so a test can kill it alone."""
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     with open(log, "w") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "mnemosyne_hpc.generate", *args], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mnemosyne_hpc.generate", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
 
 
 def wait_for_progress_bar(process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -44,10 +56,17 @@ def long_job(tiny_models, tmp_path) -> list[str]:
     prompts = tmp_path / "in.jsonl"
     request = json.dumps({"prompt_token_ids": [3] * 50, "max_tokens": 400, "ignore_eos": True})
     prompts.write_text((request + "\n") * 100)  # one at a time: minutes of work
-    return tiny_overrides(tiny_models["llama"], **{"parallel.tp": 2, "parallel.timeout_s": TIMEOUT_S,
-                                                   "scheduler.chunk_size": 1, "scheduler.max_num_seqs": 1,
-                                                   "generate.input": prompts,
-                                                   "generate.output": tmp_path / "out.jsonl"})
+    return tiny_overrides(
+        tiny_models["llama"],
+        **{
+            "parallel.tp": 2,
+            "parallel.timeout_s": TIMEOUT_S,
+            "scheduler.chunk_size": 1,
+            "scheduler.max_num_seqs": 1,
+            "generate.input": prompts,
+            "generate.output": tmp_path / "out.jsonl",
+        },
+    )
 
 
 def test_rank_that_never_arrives(tiny_models, tmp_path):

@@ -1,4 +1,5 @@
 """The paged KV cache (engine/kv_cache.py): the block pool, and a block table's slots, slices and runs."""
+
 from __future__ import annotations
 
 import pytest

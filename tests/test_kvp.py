@@ -1,4 +1,5 @@
 """KV-cache parallelism: a request's KV split over KVP groups, merged exactly per layer."""
+
 from __future__ import annotations
 
 import random
@@ -23,14 +24,27 @@ def kvp_prompts(kvp: int, vocab_size: int) -> list[list[int]]:
 
 def kvp_overrides(model_dir, tp: int, spp: int, kvp: int, max_model_len: int) -> list[str]:
     """With kvp == 1 the one group holds everything (L automatic)."""
-    return tiny_overrides(model_dir, **{"parallel.tp": tp, "parallel.spp": spp, "parallel.kvp": kvp,
-                                        "parallel.max_tokens_per_kvp_group": GROUP_TOKENS if kvp > 1 else 0,
-                                        "cache.max_model_len": max_model_len})
+    return tiny_overrides(
+        model_dir,
+        **{
+            "parallel.tp": tp,
+            "parallel.spp": spp,
+            "parallel.kvp": kvp,
+            "parallel.max_tokens_per_kvp_group": GROUP_TOKENS if kvp > 1 else 0,
+            "cache.max_model_len": max_model_len,
+        },
+    )
 
 
-@pytest.mark.parametrize("family, tp, spp, kvp", [
-    ("llama", 1, 1, 2), ("llama", 1, 1, 3), ("qwen2", 1, 1, 4), ("llama", 2, 2, 2),
-])
+@pytest.mark.parametrize(
+    "family, tp, spp, kvp",
+    [
+        ("llama", 1, 1, 2),
+        ("llama", 1, 1, 3),
+        ("qwen2", 1, 1, 4),
+        ("llama", 2, 2, 2),
+    ],
+)
 def test_kvp_matches_transformers_and_one_rank(family, tp, spp, kvp, tiny_models, reference, tmp_path):
     model_dir = tiny_models[family]
     hf = reference(model_dir)
@@ -51,16 +65,29 @@ def test_kvp_matches_transformers_and_one_rank(family, tp, spp, kvp, tiny_models
         spans = [stages[0][index] for stages in results["chunk0"]["stage_groups"] if index in stages[0]]
         assert len(spans[-1]) == (len(prompt) + DECODE_STEPS - 1) // GROUP_TOKENS + 1, label
     # several requests spanning groups were in flight in the same tick
-    assert any(sum(len(groups) > 1 for stage in stages for groups in stage.values()) >= 2
-               for stages in results["chunk7"]["stage_groups"])
+    assert any(
+        sum(len(groups) > 1 for stage in stages for groups in stage.values()) >= 2
+        for stages in results["chunk7"]["stage_groups"]
+    )
 
 
 def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_path):
     rng = random.Random(7)
-    long = {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(150)], "max_tokens": 20,
-            "temperature": 0.8, "seed": 11}
-    short = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 24,
-              "arrival_step": 1 + i, **({"temperature": 0.9, "seed": i} if i % 2 else {})} for i in range(5)]
+    long = {
+        "prompt_token_ids": [rng.randrange(2, 250) for _ in range(150)],
+        "max_tokens": 20,
+        "temperature": 0.8,
+        "seed": 11,
+    }
+    short = [
+        {
+            "prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)],
+            "max_tokens": 24,
+            "arrival_step": 1 + i,
+            **({"temperature": 0.9, "seed": i} if i % 2 else {}),
+        }
+        for i in range(5)
+    ]
     requests = [long] + short
     cases = together_and_solo_cases("together", 16, requests)
     model_dir = tiny_models["llama"]
@@ -75,8 +102,7 @@ def test_spanning_request_beside_short_requests_on_every_group(tiny_models, tmp_
     assert groups_of_short == {0, 1, 2}, "short requests were not spread over the KVP groups"
     # in one step the long request spans two groups while short requests run beside it, one of them
     # on the group that holds nothing of the long request
-    assert any(len(step.get(0, [])) == 2 and any(gs == [2] for i, gs in step.items() if i > 0)
-               for step in entering)
+    assert any(len(step.get(0, [])) == 2 and any(gs == [2] for i, gs in step.items() if i > 0) for step in entering)
 
 
 def test_placement_spans_consecutive_groups_and_spreads_short_requests():

@@ -1,4 +1,5 @@
 """Rank discovery (distributed/launch.py): which launcher's variables win."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,17 +7,38 @@ import pytest
 from mnemosyne_hpc.distributed.launch import discover_rank
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-      "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}, ("openmpi", 3, 4, 1)),
-    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "SLURM_PROCID": "0",
-      "SLURM_STEP_NUM_TASKS": "1"}, ("mpich", 1, 2, 1)),
-    ({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0", "RANK": "9", "WORLD_SIZE": "10"},
-     ("slurm", 2, 4, 0)),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, ("single", 0, 1, 0)),  # sbatch script outside a step
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, ("torchrun", 1, 2, 1)),
-    ({}, ("single", 0, 1, 0)),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "SLURM_PROCID": "0",
+                "SLURM_STEP_NUM_TASKS": "1",
+            },
+            ("openmpi", 3, 4, 1),
+        ),
+        (
+            {
+                "PMI_RANK": "1",
+                "PMI_SIZE": "2",
+                "MPI_LOCALRANKID": "1",
+                "SLURM_PROCID": "0",
+                "SLURM_STEP_NUM_TASKS": "1",
+            },
+            ("mpich", 1, 2, 1),
+        ),
+        (
+            {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "0", "RANK": "9", "WORLD_SIZE": "10"},
+            ("slurm", 2, 4, 0),
+        ),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, ("single", 0, 1, 0)),  # sbatch script outside a step
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, ("torchrun", 1, 2, 1)),
+        ({}, ("single", 0, 1, 0)),
+    ],
+)
 def test_rank_discovery_precedence(env, expected):
     info = discover_rank(env)
     assert (info.launcher, info.rank, info.world_size, info.local_rank) == expected

@@ -1,5 +1,6 @@
 """The model's layers on the CPU backend (model/layers.py, model/backend.py): linear for any row count,
 rotary embedding as Hugging Face's."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,6 +27,9 @@ def test_rope_is_hugging_face_rotate_half():
     x, angles = torch.randn(7, 3, 16), torch.randn(7, 8)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     rotate_half = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
-    torch.testing.assert_close(CPU.rope_(x.clone(), *rope_tables(angles, torch.float32)),
-                               x * cos[:, None] + rotate_half * sin[:, None],
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        CPU.rope_(x.clone(), *rope_tables(angles, torch.float32)),
+        x * cos[:, None] + rotate_half * sin[:, None],
+        atol=1e-6,
+        rtol=0,
+    )

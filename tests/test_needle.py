@@ -1,5 +1,6 @@
 """A real model, a real long prompt: Qwen2.5-Coder-0.5B-Instruct finds a pass key in an 8k-token
 prompt with its KV split over two KVP groups, token for token as transformers does."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,18 @@ from ranks import ROOT
 
 
 def test_needle_at_8k_tokens_with_kvp2_matches_transformers(tmp_path):
-    command = [sys.executable, "bench/needle.py", "--tokens", "8192", "--kvp", "2", "--results", str(tmp_path),
-               "--workdir", str(tmp_path / "work")]
+    command = [
+        sys.executable,
+        "bench/needle.py",
+        "--tokens",
+        "8192",
+        "--kvp",
+        "2",
+        "--results",
+        str(tmp_path),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     record = json.loads(next(tmp_path.glob("needle_*.json")).read_text())

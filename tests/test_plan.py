@@ -1,4 +1,5 @@
 """Step plans reach every rank intact, whether they fit the broadcast buffer or not."""
+
 from __future__ import annotations
 
 from ranks import run_ranks

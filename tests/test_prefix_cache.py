@@ -1,6 +1,7 @@
 """Prefix caching (engine/prefix_cache.py, the block books in engine/kv_cache.py): block identities,
 reference counts and eviction, placement on the groups holding a prefix; and, on real ranks, a warm
 cache gives the tokens and logits of a cold run at TP=2, SPP=2, KVP=2 and 2×2×2, and under eviction."""
+
 from __future__ import annotations
 
 import random
@@ -83,12 +84,15 @@ def model_dir(tmp_path_factory):
 
 def document_and_questions(seed: int, document_tokens: int, questions: int) -> tuple[list[int], list[list[int]]]:
     rng = random.Random(seed)
-    return ([rng.randrange(3, 250) for _ in range(document_tokens)],
-            [[rng.randrange(3, 250) for _ in range(rng.randrange(5, 12))] for _ in range(questions)])
+    return (
+        [rng.randrange(3, 250) for _ in range(document_tokens)],
+        [[rng.randrange(3, 250) for _ in range(rng.randrange(5, 12))] for _ in range(questions)],
+    )
 
 
-@pytest.mark.parametrize("tp, spp, kvp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)],
-                         ids=["tp2", "spp2", "kvp2", "tp2-spp2-kvp2"])
+@pytest.mark.parametrize(
+    "tp, spp, kvp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)], ids=["tp2", "spp2", "kvp2", "tp2-spp2-kvp2"]
+)
 def test_a_warm_cache_gives_the_tokens_and_logits_of_a_cold_run(tp, spp, kvp, model_dir, reference, tmp_path):
     """A 100-token document (it ends within a block, and with KVP it spans both groups: L = 64) asked
     two questions, one after the other, then the first again: the later ones find the document's
@@ -98,11 +102,20 @@ def test_a_warm_cache_gives_the_tokens_and_logits_of_a_cold_run(tp, spp, kvp, mo
     greedy = {"max_tokens": 6, "ignore_eos": True}
     warm = [{"prompt_token_ids": p, "arrival_step": 40 * i, **greedy} for i, p in enumerate(prompts)]
     cold = [{"prompt_token_ids": p, **greedy} for p in prompts[1:]]
-    cases = [{"name": "warm", "chunk_size": 32, "requests": warm},
-             {"name": "cold", "chunk_size": 32, "requests": cold}]  # the cache cleared first
-    overrides = tiny_overrides(model_dir, **{"parallel.tp": tp, "parallel.spp": spp, "parallel.kvp": kvp,
-                                             "parallel.max_tokens_per_kvp_group": 64 if kvp > 1 else 0,
-                                             "cache.max_model_len": 128})
+    cases = [
+        {"name": "warm", "chunk_size": 32, "requests": warm},
+        {"name": "cold", "chunk_size": 32, "requests": cold},
+    ]  # the cache cleared first
+    overrides = tiny_overrides(
+        model_dir,
+        **{
+            "parallel.tp": tp,
+            "parallel.spp": spp,
+            "parallel.kvp": kvp,
+            "parallel.max_tokens_per_kvp_group": 64 if kvp > 1 else 0,
+            "cache.max_model_len": 128,
+        },
+    )
     results = run_engine(tmp_path, tp * spp * kvp, overrides, cases)
     warm_out, cold_out = results["warm"]["outputs"], results["cold"]["outputs"]
     repeat_cached = (len(prompts[2]) - 1) // 16 * 16
@@ -116,15 +129,17 @@ def test_a_warm_cache_gives_the_tokens_and_logits_of_a_cold_run(tp, spp, kvp, mo
 
 
 def test_more_long_prompts_than_the_cache_holds_all_complete_and_hit_where_their_prefix_survived(
-        model_dir, reference, tmp_path):
+    model_dir, reference, tmp_path
+):
     """128 blocks of 16 tokens; documents of 400 tokens (25 blocks): five fit. Seven documents, some
     asked again after others pushed them out, one at a time."""
     rng = random.Random(11)
     documents = [[rng.randrange(3, 250) for _ in range(400)] for _ in range(7)]
     order = [0, 1, 0, 2, 3, 4, 5, 0, 6, 1, 6]
     greedy = {"max_tokens": 3, "ignore_eos": True}
-    requests = [{"prompt_token_ids": documents[d] + [5 + i], "arrival_step": 20 * i, **greedy}
-                for i, d in enumerate(order)]
+    requests = [
+        {"prompt_token_ids": documents[d] + [5 + i], "arrival_step": 20 * i, **greedy} for i, d in enumerate(order)
+    ]
     overrides = tiny_overrides(model_dir, **{"cache.max_model_len": 512})
     outputs = run_engine(tmp_path, 1, overrides, [{"name": "mixed", "chunk_size": 64, "requests": requests}])
     outputs = outputs["mixed"]["outputs"]

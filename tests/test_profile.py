@@ -1,5 +1,6 @@
 """The performance model, profiled on this machine: it is stored, reports its held-out error, and
 drives adaptive chunking so that a long prompt's chunks shrink as its prefix grows."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,16 @@ def long_context_model(tmp_path_factory):
 def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_model, tmp_path):
     ranks = layout.get("parallel.kvp", 1)
     stored = tmp_path / "profile.json"
-    overrides = tiny_overrides(long_context_model, **{"cache.max_model_len": 16384, "cache.num_blocks": 2048,
-                                                        "scheduler.max_num_batched_tokens": 4096,
-                                                        "scheduler.profile": stored, **layout})
+    overrides = tiny_overrides(
+        long_context_model,
+        **{
+            "cache.max_model_len": 16384,
+            "cache.num_blocks": 2048,
+            "scheduler.max_num_batched_tokens": 4096,
+            "scheduler.profile": stored,
+            **layout,
+        },
+    )
     result = run_ranks(ranks, ["-m", "mnemosyne_hpc.profile", *overrides])
     assert result.returncode == 0, result.stderr[-3000:]
     printed = re.search(r"held-out median \|error\| ([\d.]+)% \(p90 [\d.]+%\) over (\d+) shapes", result.stdout)
@@ -37,11 +45,17 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     assert json.loads(stored.read_text())["attention"]["slope"]["y"][-1] > 0  # attention grows with context
 
     decode_step = model.batch_time([], 0) or model.prefill_time(1)
-    sim = Simulation(perf_model=model, chunking="adaptive", tbt_slo_ms=1000 * 4 * decode_step, priority="fcfs",
-                     min_chunk=8, chunk_step=8)
+    sim = Simulation(
+        perf_model=model,
+        chunking="adaptive",
+        tbt_slo_ms=1000 * 4 * decode_step,
+        priority="fcfs",
+        min_chunk=8,
+        chunk_step=8,
+    )
     long = sim.add(16000)
     sim.run_until(lambda: long.token_times)
     chunks = sim.chunks_of(long)[:-1]  # the last one is what is left of the prompt
     assert chunks[0] >= 4 * chunks[-1], f"chunks did not shrink: {chunks}"
-    late, early = chunks[len(chunks) // 2:], chunks[: len(chunks) // 2]
+    late, early = chunks[len(chunks) // 2 :], chunks[: len(chunks) // 2]
     assert max(late) <= min(early), f"chunks did not shrink: {chunks}"

@@ -1,4 +1,5 @@
 """The REPL through a real terminal (pexpect): a streamed answer, settings, stats, Ctrl-C, quit."""
+
 from __future__ import annotations
 
 import sys
@@ -12,10 +13,24 @@ from ranks import MPIRUN, ROOT
 def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):
     context = tmp_path / "context.txt"
     context.write_text("The secret word is banana. ")
-    repl = pexpect.spawn(MPIRUN, ["-n", "2", sys.executable, "-m", "mnemosyne_hpc.repl", "parallel.kvp=2",
-                                  "scheduler.chunking=fixed", "scheduler.priority=fcfs", "cache.max_model_len=2048",
-                                  "parallel.timeout_s=30"],
-                         cwd=str(ROOT), encoding="utf-8", timeout=180)
+    repl = pexpect.spawn(
+        MPIRUN,
+        [
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "mnemosyne_hpc.repl",
+            "parallel.kvp=2",
+            "scheduler.chunking=fixed",
+            "scheduler.priority=fcfs",
+            "cache.max_model_len=2048",
+            "parallel.timeout_s=30",
+        ],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=180,
+    )
     try:
         repl.expect("REPL")
         repl.expect("> ")
@@ -51,8 +66,10 @@ def test_repl_streams_answers_and_survives_ctrl_c(tmp_path):
         repl.expect(r"\[TTFT \d+ ms.*4 tokens, length\]")
         repl.sendline("/stats")
         repl.expect(r"answers: 3; TTFT median \d+ ms; TBT median [\d.]+ ms")
-        repl.expect(r"engine: 0 running, 0 waiting, KV blocks 0/\d+; "
-                    r"sampling \{'max_tokens': 4, 'ignore_eos': True\}; context 27")
+        repl.expect(
+            r"engine: 0 running, 0 waiting, KV blocks 0/\d+; "
+            r"sampling \{'max_tokens': 4, 'ignore_eos': True\}; context 27"
+        )
         repl.sendline("/quit")
         repl.expect(pexpect.EOF)
     finally:
@@ -64,10 +81,20 @@ def test_a_loaded_context_is_prefilled_once_for_every_question_after_it(tmp_path
     """/load a 3,000-token document and ask twice: the second answer reuses the document's cached KV
     (all but its last, partial, block), so its first token comes in a small fraction of the time."""
     context = tmp_path / "context.txt"
-    context.write_text(" ".join(f"Item {i} of the inventory is a {('red', 'green', 'blue')[i % 3]} box of {i % 17} "
-                                f"marbles." for i in range(250)) + "\n")
-    repl = pexpect.spawn(sys.executable, ["-m", "mnemosyne_hpc.repl", "scheduler.chunking=fixed",
-                                          "scheduler.chunk_size=1024"], cwd=str(ROOT), encoding="utf-8", timeout=300)
+    context.write_text(
+        " ".join(
+            f"Item {i} of the inventory is a {('red', 'green', 'blue')[i % 3]} box of {i % 17} marbles."
+            for i in range(250)
+        )
+        + "\n"
+    )
+    repl = pexpect.spawn(
+        sys.executable,
+        ["-m", "mnemosyne_hpc.repl", "scheduler.chunking=fixed", "scheduler.chunk_size=1024"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=300,
+    )
     try:
         repl.expect("> ")
         repl.sendline("/load " + str(context))

@@ -1,5 +1,6 @@
 """Sampling at extreme settings: finite probabilities for any valid temperature and top_p, and a row
 whose sampling fails ends only its own request."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,16 @@ from mnemosyne_hpc.engine.request import RequestError, SamplingParams
 from mnemosyne_hpc.engine.sampler import FAILED, _filter, sample
 
 
-@pytest.mark.parametrize("fields", [{"temperature": 1e-45}, {"temperature": 1e-300}, {"temperature": 5e-324},
-                                    {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 2.0, "top_k": 1}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1e-45},
+        {"temperature": 1e-300},
+        {"temperature": 5e-324},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 2.0, "top_k": 1},
+    ],
+)
 def test_limits_of_temperature_and_top_p_sample_the_most_likely_token(fields):
     logits = torch.randn(3, 1000)
     params = [SamplingParams.from_request(SamplingConfig(), {**fields, "seed": i}) for i in range(3)]
@@ -33,8 +42,10 @@ def test_a_row_whose_sampling_fails_is_marked_and_the_others_are_sampled():
     assert tokens[1] == FAILED and tokens[2] == int(logits[2].argmax()) and 0 <= tokens[0] < 100
 
 
-@pytest.mark.parametrize("fields", [{"temperature": float("nan")}, {"temperature": float("inf")},
-                                    {"temperature": 10**400}, {"top_p": float("nan")}])
+@pytest.mark.parametrize(
+    "fields",
+    [{"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": 10**400}, {"top_p": float("nan")}],
+)
 def test_values_outside_a_floats_range_are_refused(fields):
     with pytest.raises(RequestError):
         SamplingParams.from_request(SamplingConfig(), fields)

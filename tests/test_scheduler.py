@@ -1,5 +1,6 @@
 """Scheduling policies on synthetic queues, driven by a fake clock that advances by each step's
 predicted time: deterministic, and independent of this machine's speed."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, on 2 ranks (KVP=2) with the embedded SmolLM2, through the openai
 client and raw HTTP: answers, streaming, bad input, disconnects, 200 concurrent clients, idle time."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,15 +28,34 @@ TIMEOUT_S = 6  # parallel.timeout_s: the idle test waits twice as long
 def server(tmp_path_factory):
     address_file = tmp_path_factory.mktemp("serve") / "address"
     process = subprocess.Popen(
-        [MPIRUN, "-n", "2", sys.executable, "-m", "mnemosyne_hpc.serve", "parallel.kvp=2", "cache.max_model_len=1024",
-         "scheduler.chunking=fixed", "scheduler.priority=fcfs", "scheduler.max_num_seqs=64",
-         f"parallel.timeout_s={TIMEOUT_S}", "server.port=0", f"server.api_key={KEY}",
-         f"server.address_file={address_file}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            MPIRUN,
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "mnemosyne_hpc.serve",
+            "parallel.kvp=2",
+            "cache.max_model_len=1024",
+            "scheduler.chunking=fixed",
+            "scheduler.priority=fcfs",
+            "scheduler.max_num_seqs=64",
+            f"parallel.timeout_s={TIMEOUT_S}",
+            "server.port=0",
+            f"server.api_key={KEY}",
+            f"server.address_file={address_file}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while not (address_file.exists() and address_file.read_text().strip()):
         assert process.poll() is None and time.monotonic() < deadline, (
-            process.stdout.read() if process.poll() else "slow")
+            process.stdout.read() if process.poll() else "slow"
+        )
         time.sleep(0.2)
     yield address_file.read_text().strip(), process
     os.kill(_rank_pids(process.pid)[0], signal.SIGTERM)  # a clean stop: rank 0 tells the others to shut down
@@ -66,23 +86,30 @@ def test_completion_chat_and_streaming(server):
     assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "malformed JSON"),
-    (b"[1, 2]", 400, "must be a JSON object"),
-    (json.dumps({"prompt": 42}).encode(), 400, "prompt must be a string or a list of token ids"),
-    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature must be a number"),
-    (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
-    (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "not found"),
-    (json.dumps({"prompt": "hi " * 2000}).encode(), 400, "cache.max_model_len = 1024"),
-    (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "unknown field(s): frobnicate"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (json.dumps({"prompt": 42}).encode(), 400, "prompt must be a string or a list of token ids"),
+        (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature must be a number"),
+        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
+        (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "not found"),
+        (json.dumps({"prompt": "hi " * 2000}).encode(), 400, "cache.max_model_len = 1024"),
+        (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "unknown field(s): frobnicate"),
+    ],
+)
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
     address, _ = server
     headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
     response = httpx.post(f"{address}/v1/completions", content=body, headers=headers, timeout=60)
     assert response.status_code == status and message in response.json()["error"]["message"], response.text
-    assert client(address).completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Hi",
-                                              max_tokens=2).usage.completion_tokens == 2
+    assert (
+        client(address)
+        .completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Hi", max_tokens=2)
+        .usage.completion_tokens
+        == 2
+    )
 
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -90,17 +117,23 @@ HEADERS = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
 DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
 
-@pytest.mark.parametrize("path, body, message", [
-    ("completions", json.dumps({"prompt": "abc \ud800 def"}).encode(), "lone UTF-16 surrogate"),
-    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "abc \udfff"}]}).encode(),
-     "lone UTF-16 surrogate"),
-    ("completions", DEEP, "nested too deeply"),
-    ("chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-    ("completions", b'{"prompt": "hi", "temperature": NaN}', "NaN is not a JSON value"),
-    ("completions", b'{"prompt": "hi", "top_p": Infinity}', "Infinity is not a JSON value"),
-    ("completions", json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), "temperature"),
-    ("completions", json.dumps({"prompt": "hi", "n": True}).encode(), "n must be 1"),
-])
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("completions", json.dumps({"prompt": "abc \ud800 def"}).encode(), "lone UTF-16 surrogate"),
+        (
+            "chat/completions",
+            json.dumps({"messages": [{"role": "user", "content": "abc \udfff"}]}).encode(),
+            "lone UTF-16 surrogate",
+        ),
+        ("completions", DEEP, "nested too deeply"),
+        ("chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        ("completions", b'{"prompt": "hi", "temperature": NaN}', "NaN is not a JSON value"),
+        ("completions", b'{"prompt": "hi", "top_p": Infinity}', "Infinity is not a JSON value"),
+        ("completions", json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), "temperature"),
+        ("completions", json.dumps({"prompt": "hi", "n": True}).encode(), "n must be 1"),
+    ],
+)
 def test_bodies_that_once_ended_the_job_get_a_400_and_the_server_keeps_serving(server, path, body, message):
     address, process = server
     response = httpx.post(f"{address}/v1/{path}", content=body, headers=HEADERS, timeout=60)
@@ -109,14 +142,16 @@ def test_bodies_that_once_ended_the_job_get_a_400_and_the_server_keeps_serving(s
     assert process.poll() is None
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1e-45}, {"temperature": 1e-300},
-                                      {"temperature": 1.0, "top_p": 1e-300}])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 1e-45}, {"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}]
+)
 def test_extreme_sampling_values_give_the_greedy_limit(server, sampling):
     address, process = server
     prompt = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6}
     greedy = httpx.post(f"{address}/v1/completions", json=prompt, headers=HEADERS, timeout=60)
-    extreme = httpx.post(f"{address}/v1/completions", json={**prompt, **sampling, "seed": 3}, headers=HEADERS,
-                         timeout=60)
+    extreme = httpx.post(
+        f"{address}/v1/completions", json={**prompt, **sampling, "seed": 3}, headers=HEADERS, timeout=60
+    )
     assert extreme.status_code == 200, extreme.text
     assert extreme.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
     assert process.poll() is None
@@ -132,17 +167,25 @@ def test_a_long_text_prompt_does_not_stall_a_running_stream(server):
     def send_long_prompt():
         time.sleep(2)  # the stream is flowing
         window.append(time.monotonic())
-        response = httpx.post(f"{address}/v1/completions", headers=HEADERS, timeout=120,
-                              json={"model": MODEL, "prompt": "word " * 600_000, "max_tokens": 1})
+        response = httpx.post(
+            f"{address}/v1/completions",
+            headers=HEADERS,
+            timeout=120,
+            json={"model": MODEL, "prompt": "word " * 600_000, "max_tokens": 1},
+        )
         window.append(time.monotonic())
         window.append(response)
 
     sender = threading.Thread(target=send_long_prompt)
     sender.start()
     arrivals = []
-    with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=120,
-                      json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
-                            "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{address}/v1/completions",
+        headers=HEADERS,
+        timeout=120,
+        json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True},
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 arrivals.append(time.monotonic())
@@ -156,8 +199,10 @@ def test_a_long_text_prompt_does_not_stall_a_running_stream(server):
     during = [b - a for a, b in zip(arrivals, arrivals[1:]) if b > start and a < end]
     assert before and during and arrivals[-1] > end, (start, end, arrivals[0], arrivals[-1])
     typical = before[len(before) // 2]
-    print(f"tokenised in {end - start:.2f} s; gaps before: median {1e3 * typical:.0f} ms; "
-          f"during: max {1e3 * max(during):.0f} ms over {len(during)} gaps; all: max {1e3 * max(gaps):.0f} ms")
+    print(
+        f"tokenised in {end - start:.2f} s; gaps before: median {1e3 * typical:.0f} ms; "
+        f"during: max {1e3 * max(during):.0f} ms over {len(during)} gaps; all: max {1e3 * max(gaps):.0f} ms"
+    )
     assert max(during) < max(0.5 * (end - start), 4 * typical), (end - start, typical, during)
     assert process.poll() is None
 
@@ -172,8 +217,13 @@ def test_api_key_is_required(server):
 def test_client_that_disconnects_mid_stream_frees_its_request(server):
     address, _ = server
     headers = {"authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{address}/v1/completions", headers=headers, timeout=60,
-                      json={"prompt": "Once upon a time", "max_tokens": 900, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{address}/v1/completions",
+        headers=headers,
+        timeout=60,
+        json={"prompt": "Once upon a time", "max_tokens": 900, "stream": True},
+    ) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
     _wait_until_idle(address, 30)  # the request is aborted and its blocks freed, not run to 900 tokens
@@ -185,8 +235,9 @@ def test_client_that_disconnects_before_a_whole_answer_frees_its_request(server)
     """Not streaming: the client leaves while its request decodes; it is aborted, not run to 1000 tokens."""
     address, _ = server
     aborted = _metric(address, ABORTED, default=0)
-    _send_and_hang_up(address, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000,
-                                "ignore_eos": True}, seconds=2)
+    _send_and_hang_up(
+        address, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}, seconds=2
+    )
     _wait_until_idle(address, 10)
     assert _metric(address, ABORTED) == aborted + 1
     assert _metric(address, "mnemosyne_kv_blocks_used_ratio") == 0
@@ -197,28 +248,39 @@ def test_client_that_disconnects_before_its_first_token_frees_its_request(server
     aborted before it produced a token (no TTFT observed), not when its first token would be sent."""
     address, _ = server
     aborted, first_tokens = _metric(address, ABORTED, default=0), _metric(address, "mnemosyne_ttft_seconds_count")
-    _send_and_hang_up(address, {"model": MODEL, "prompt": [1000 + i % 500 for i in range(900)], "max_tokens": 8,
-                                "stream": True}, seconds=0.2)
+    _send_and_hang_up(
+        address,
+        {"model": MODEL, "prompt": [1000 + i % 500 for i in range(900)], "max_tokens": 8, "stream": True},
+        seconds=0.2,
+    )
     _wait_until_idle(address, 10)
     assert _metric(address, ABORTED) == aborted + 1
     assert _metric(address, "mnemosyne_ttft_seconds_count") == first_tokens
 
 
-@pytest.mark.parametrize("path, field", [("completions", "max_tokens"), ("chat/completions", "max_tokens"),
-                                         ("chat/completions", "max_completion_tokens")])
+@pytest.mark.parametrize(
+    "path, field",
+    [("completions", "max_tokens"), ("chat/completions", "max_tokens"), ("chat/completions", "max_completion_tokens")],
+)
 def test_max_tokens_beyond_the_context_is_refused(server, path, field):
     """As vLLM's server: prompt + max_tokens > cache.max_model_len is a 400, not clipped."""
     address, _ = server
     prompt = {"prompt": [1000] * 24} if path == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
     for max_tokens in (1001, 10**30):
-        response = httpx.post(f"{address}/v1/{path}", headers=HEADERS, timeout=60,
-                              json={"model": MODEL, **prompt, field: max_tokens})
+        response = httpx.post(
+            f"{address}/v1/{path}", headers=HEADERS, timeout=60, json={"model": MODEL, **prompt, field: max_tokens}
+        )
         message = response.json()["error"]["message"]
         assert response.status_code == 400 and f"max_tokens is too large: {max_tokens}; cache.max_model_len" in message
         assert path != "completions" or max_tokens != 1001 or "(1001 > 1024 - 24)" in message
     if path == "completions":  # 24 + 1000 tokens fill the context: accepted (and dropped after its first token)
-        with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
-                          json={"model": MODEL, **prompt, "max_tokens": 1000, "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            f"{address}/v1/completions",
+            headers=HEADERS,
+            timeout=60,
+            json={"model": MODEL, **prompt, "max_tokens": 1000, "stream": True},
+        ) as response:
             assert response.status_code == 200 and next(line for line in response.iter_lines() if line)
         _wait_until_idle(address, 30)
 
@@ -231,7 +293,7 @@ def test_streamed_text_never_shows_part_of_a_stop_string(server):
     i = next(i for i in range(2, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1].strip()) >= 2)
     stop = pieces[i][-2:] + pieces[i + 1][:2]
     whole = httpx.post(f"{address}/v1/completions", headers=HEADERS, timeout=60, json={**request, "stop": [stop]})
-    expected = "".join(pieces)[:"".join(pieces).index(stop)]
+    expected = "".join(pieces)[: "".join(pieces).index(stop)]
     assert whole.json()["choices"][0]["text"] == expected and whole.json()["choices"][0]["finish_reason"] == "stop"
     assert "".join(_streamed(address, {**request, "stop": [stop]})) == expected, (stop, pieces)
 
@@ -244,27 +306,41 @@ def test_a_later_turn_reuses_the_cached_prefix_of_the_conversation(server):
     finds the history's complete blocks cached; usage and /metrics say how many tokens."""
     address, _ = server
     openai = client(address)
-    history = [{"role": "system", "content": " ".join(f"Fact {i}: the box number {i} holds {i * 7 % 13} marbles."
-                                                      for i in range(40))}]
+    history = [
+        {
+            "role": "system",
+            "content": " ".join(f"Fact {i}: the box number {i} holds {i * 7 % 13} marbles." for i in range(40)),
+        }
+    ]
     queried, hits = (_metric(address, f"mnemosyne_prefix_cache_{name}_tokens_total") for name in ("queries", "hits"))
     model = openai.models.list().data[0].id
-    answers = [openai.chat.completions.create(model=model, max_tokens=4, messages=history + [
-        {"role": "user", "content": question}]) for question in ("What does box 3 hold?", "And box 5?")]
+    answers = [
+        openai.chat.completions.create(
+            model=model, max_tokens=4, messages=history + [{"role": "user", "content": question}]
+        )
+        for question in ("What does box 3 hold?", "And box 5?")
+    ]
     first, second = (answer.usage for answer in answers)
     assert first.prompt_tokens > 600 and first.prompt_tokens_details.cached_tokens == 0
     assert second.prompt_tokens_details.cached_tokens >= 512  # every complete block of the history
     assert _metric(address, "mnemosyne_prefix_cache_queries_tokens_total") == (
-        queried + first.prompt_tokens + second.prompt_tokens)
+        queried + first.prompt_tokens + second.prompt_tokens
+    )
     assert _metric(address, "mnemosyne_prefix_cache_hits_tokens_total") == (
-        hits + second.prompt_tokens_details.cached_tokens)
+        hits + second.prompt_tokens_details.cached_tokens
+    )
 
 
 def _streamed(address: str, request: dict) -> list[str]:
     """The text of each event of a streamed completion."""
-    with httpx.stream("POST", f"{address}/v1/completions", headers=HEADERS, timeout=60,
-                      json={**request, "stream": True}) as response:
-        events = [json.loads(line[5:]) for line in response.iter_lines()
-                  if line.startswith("data:") and line != "data: [DONE]"]
+    with httpx.stream(
+        "POST", f"{address}/v1/completions", headers=HEADERS, timeout=60, json={**request, "stream": True}
+    ) as response:
+        events = [
+            json.loads(line[5:])
+            for line in response.iter_lines()
+            if line.startswith("data:") and line != "data: [DONE]"
+        ]
     return [event["choices"][0]["text"] for event in events]
 
 
@@ -272,8 +348,10 @@ def _send_and_hang_up(address: str, body: dict, seconds: float) -> None:
     """POST a completion, wait `seconds`, close the connection without reading the answer."""
     host, port = address.removeprefix("http://").rsplit(":", 1)
     data = json.dumps(body).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
     with socket.create_connection((host, int(port))) as connection:
         connection.sendall(head.encode() + data)
         time.sleep(seconds)
@@ -292,9 +370,12 @@ def test_200_concurrent_requests_are_all_answered(server):
     async def main():
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(timeout=300, limits=limits, headers={"authorization": f"Bearer {KEY}"}) as http:
-            return await asyncio.gather(*[
-                http.post(f"{address}/v1/completions", json={"prompt": f"Count to {i}:", "max_tokens": 4})
-                for i in range(200)])
+            return await asyncio.gather(
+                *[
+                    http.post(f"{address}/v1/completions", json={"prompt": f"Count to {i}:", "max_tokens": 4})
+                    for i in range(200)
+                ]
+            )
 
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 200

@@ -1,5 +1,6 @@
 """The simulator decides as the engine does: a real run's request stream, replayed on the virtual clock
 with that run's measured step times, gets the same chunks, in the same order, at the same steps."""
+
 from __future__ import annotations
 
 import itertools
@@ -16,12 +17,20 @@ from ranks import run_engine, tiny_overrides
 
 # Steep enough that adaptive chunks shrink along a 300-token prompt under a 5 ms SLO: 1 ms per step,
 # 20 µs per token of linear layers, attention 0.2 µs per query token per cached token.
-STEEP = PerfModel(key="steep", layers=1, stages=1, linear=Curve([0, 1000], [0.0, 0.02]),
-                  attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [2e-7, 2e-4])),
-                  lm_head=Curve([1], [0.0]), overhead_s=1e-3)
+STEEP = PerfModel(
+    key="steep",
+    layers=1,
+    stages=1,
+    linear=Curve([0, 1000], [0.0, 0.02]),
+    attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [2e-7, 2e-4])),
+    lm_head=Curve([1], [0.0]),
+    overhead_s=1e-3,
+)
 
-POLICIES = {"adaptive-lars": {"chunking": "adaptive", "priority": "lars", "tbt_slo_ms": 5.0},  # × stages
-            "fixed-fcfs": {"chunking": "fixed", "priority": "fcfs", "chunk_size": 64}}
+POLICIES = {
+    "adaptive-lars": {"chunking": "adaptive", "priority": "lars", "tbt_slo_ms": 5.0},  # × stages
+    "fixed-fcfs": {"chunking": "fixed", "priority": "fcfs", "chunk_size": 64},
+}
 # (prompt length, tokens to generate, step it arrives at): a long prompt that short ones overtake
 STREAM = [(300, 6, 0), (97, 8, 2), (13, 8, 3), (130, 4, 6), (40, 4, 20)]
 
@@ -30,15 +39,26 @@ STREAM = [(300, 6, 0), (97, 8, 2), (13, 8, 3), (130, 4, 6), (40, 4, 20)]
 def test_replay_of_a_real_run_makes_the_same_decisions(layout, tmp_path):
     model_dir = make_tiny_model("llama", tmp_path / "llama")
     STEEP.save(tmp_path / "steep.json")
-    overrides = tiny_overrides(model_dir, **{"scheduler.profile": tmp_path / "steep.json",
-                                             "scheduler.chunking": "adaptive", "scheduler.priority": "lars",
-                                             "cache.num_blocks": 64, **layout})
+    overrides = tiny_overrides(
+        model_dir,
+        **{
+            "scheduler.profile": tmp_path / "steep.json",
+            "scheduler.chunking": "adaptive",
+            "scheduler.priority": "lars",
+            "cache.num_blocks": 64,
+            **layout,
+        },
+    )
     prompts = [[2 + (i * 7 + j) % 200 for j in range(n)] for i, (n, _, _) in enumerate(STREAM)]
-    requests = [{"prompt_token_ids": p, "max_tokens": m, "ignore_eos": True, "arrival_step": a}
-                for p, (_, m, a) in zip(prompts, STREAM)]
+    requests = [
+        {"prompt_token_ids": p, "max_tokens": m, "ignore_eos": True, "arrival_step": a}
+        for p, (_, m, a) in zip(prompts, STREAM)
+    ]
     stages = layout.get("parallel.spp", 1)  # each stage's share of the SLO is the same in every layout
-    policies = {name: {k: v * stages if k == "tbt_slo_ms" else v for k, v in policy.items()}
-                for name, policy in POLICIES.items()}
+    policies = {
+        name: {k: v * stages if k == "tbt_slo_ms" else v for k, v in policy.items()}
+        for name, policy in POLICIES.items()
+    }
     cases = [{"name": name, "scheduler": policy, "requests": requests} for name, policy in policies.items()]
     runs = run_engine(tmp_path / "run", 1 + bool(layout), overrides, cases)
 
@@ -48,15 +68,23 @@ def test_replay_of_a_real_run_makes_the_same_decisions(layout, tmp_path):
         for key, value in policy.items():
             setattr(cfg.scheduler, key, value)
         starts = run["step_starts"]
-        simulator = Simulator(cfg, ModelArgs.from_dir(model_dir), STEEP,
-                              step_time=RecordedSteps([b - a for a, b in itertools.pairwise(starts)]), start=starts[0])
+        simulator = Simulator(
+            cfg,
+            ModelArgs.from_dir(model_dir),
+            STEEP,
+            step_time=RecordedSteps([b - a for a, b in itertools.pairwise(starts)]),
+            start=starts[0],
+        )
         result = simulator.run([Arrival(t, n, m) for t, (n, m, _) in zip(run["arrivals"], STREAM)])
         simulated = [[(i, n) for i, _, n in step] for step in result.steps]
-        measured = [[(i, lengths[i]) for i in stages[0]]
-                    for lengths, stages in zip(run["chunk_lengths"], run["stage_requests"])]
+        measured = [
+            [(i, lengths[i]) for i in stages[0]] for lengths, stages in zip(run["chunk_lengths"], run["stage_requests"])
+        ]
         prefills = [[n for n in result.chunks_of(i) if n > 1] for i in range(len(STREAM))]
-        print(f"{name} {layout}: {len(measured)} steps; prefill chunks {prefills}; "
-              f"simulated TTFT {[round(1000 * r['ttft_s'], 1) for r in result.records]} ms")
+        print(
+            f"{name} {layout}: {len(measured)} steps; prefill chunks {prefills}; "
+            f"simulated TTFT {[round(1000 * r['ttft_s'], 1) for r in result.records]} ms"
+        )
         assert simulated == measured, f"{name}: the simulation's chunks differ from the engine's"
         assert all(r["finish_reason"] == "length" for r in result.records)
         if policy["chunking"] == "adaptive":  # the test is only as strong as the decisions it compares

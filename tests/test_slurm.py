@@ -1,5 +1,6 @@
 """`sbatch slurm/serve.sh` on a real single-node SLURM cluster (started here, torn down after):
 2 ranks, the embedded model, answers through the openai client, a clean stop."""
+
 from __future__ import annotations
 
 import os
@@ -66,17 +67,31 @@ def test_sbatch_serve_answers_openai_clients_and_stops_cleanly(cluster):
     env, directory = cluster
     address_file = directory / "address"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", f"--output={directory}/job-%j.log", "slurm/serve.sh", "parallel.kvp=2",
-         "server.port=0", "cache.max_model_len=1024", "scheduler.chunking=fixed", "scheduler.priority=fcfs"],
-        cwd=ROOT, env={**env, "MNEMOSYNE_ADDRESS_FILE": str(address_file)}, capture_output=True, text=True,
-        check=True)
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={directory}/job-%j.log",
+            "slurm/serve.sh",
+            "parallel.kvp=2",
+            "server.port=0",
+            "cache.max_model_len=1024",
+            "scheduler.chunking=fixed",
+            "scheduler.priority=fcfs",
+        ],
+        cwd=ROOT,
+        env={**env, "MNEMOSYNE_ADDRESS_FILE": str(address_file)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = submitted.stdout.strip().split(";")[0]
     log = directory / f"job-{job}.log"
     deadline = time.monotonic() + 240
     while not (address_file.exists() and address_file.read_text().strip()):
         state = _job_state(job, env)
-        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, \
+        assert state in ("PENDING", "RUNNING", "CONFIGURING") and time.monotonic() < deadline, (
             f"job {job} is {state}: {log.read_text()[-3000:] if log.exists() else ''}"
+        )
         time.sleep(0.5)
 
     openai = OpenAI(base_url=address_file.read_text().strip() + "/v1", api_key="none", max_retries=0)

@@ -1,4 +1,5 @@
 """Sequence pipeline parallelism: exact against transformers and one rank, and really pipelined."""
+
 from __future__ import annotations
 
 import random
@@ -19,10 +20,16 @@ def test_stage_layers_are_balanced_and_cover_the_model():
         stage_layers(2, 3, 0)
 
 
-@pytest.mark.parametrize("family, tp, spp, pipeline", [
-    ("llama", 1, 2, "spp"), ("llama", 1, 3, "spp"), ("qwen2", 1, 3, "spp"), ("llama", 2, 2, "spp"),
-    ("llama", 1, 2, "plain"),
-])
+@pytest.mark.parametrize(
+    "family, tp, spp, pipeline",
+    [
+        ("llama", 1, 2, "spp"),
+        ("llama", 1, 3, "spp"),
+        ("qwen2", 1, 3, "spp"),
+        ("llama", 2, 2, "spp"),
+        ("llama", 1, 2, "plain"),
+    ],
+)
 def test_pipeline_matches_transformers(family, tp, spp, pipeline, deep_tiny_models, reference, tmp_path):
     model_dir = deep_tiny_models[family]
     hf = reference(model_dir)
@@ -47,8 +54,10 @@ def overlapping_ticks(stage_requests: list[list[list[int]]]) -> int:
 def test_long_prefill_beside_decodes_equals_solo_runs(pipeline, deep_tiny_models, tmp_path):
     rng = random.Random(3)
     long = {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(300)], "max_tokens": 8, "arrival_step": 4}
-    short = [{"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 40,
-              "arrival_step": i} for i in range(3)]
+    short = [
+        {"prompt_token_ids": [rng.randrange(2, 250) for _ in range(12)], "max_tokens": 40, "arrival_step": i}
+        for i in range(3)
+    ]
     requests = short + [long]
     cases = together_and_solo_cases("together", 32, requests)
     overrides = tiny_overrides(deep_tiny_models["llama"], **{"parallel.spp": 2, "scheduler.pipeline": pipeline})

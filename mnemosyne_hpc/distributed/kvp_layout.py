@@ -6,6 +6,7 @@ holding KV before a chunk runs it (its *holders*); the last of them, the chunk's
 the chunk's own KV. The scheduler (to predict a chunk's cost), the block books and the model runner (to
 execute it) all ask this object, so they cannot disagree.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Launchers set different variables; MPI ones win because under `mpirun` inside a 
 allocation every rank also sees `SLURM_PROCID=0`. Inside an sbatch script but outside an
 `srun` step only `SLURM_PROCID`/`SLURM_NTASKS` exist: we ignore them (no `SLURM_STEP_NUM_TASKS`).
 """
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,10 @@ def rendezvous_address(info: RankInfo, env=os.environ) -> tuple[str, int]:
 
         comm = MPI.COMM_WORLD
         if comm.Get_size() != info.world_size:
-            raise RuntimeError(f"mpi4py sees {comm.Get_size()} ranks but the launcher says {info.world_size}; "
-                               "is mpi4py built for the MPI that started this job?")
+            raise RuntimeError(
+                f"mpi4py sees {comm.Get_size()} ranks but the launcher says {info.world_size}; "
+                "is mpi4py built for the MPI that started this job?"
+            )
         address = (socket.gethostname() if info.world_size > _local_size(env) else "127.0.0.1", _free_port())
         return comm.bcast(address if info.rank == 0 else None, root=0)
     if info.launcher == "slurm":
@@ -95,11 +98,18 @@ def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     addr, port = rendezvous_address(info)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
-                                world_size=info.world_size, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{addr}:{port}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
     except Exception as e:  # noqa: BLE001 - report which rendezvous failed, then let the caller exit
-        raise RuntimeError(f"rank {info.rank}/{info.world_size}: rendezvous at {addr}:{port} failed within "
-                           f"{timeout_s:g}s (a rank never arrived?): {e}") from e
+        raise RuntimeError(
+            f"rank {info.rank}/{info.world_size}: rendezvous at {addr}:{port} failed within "
+            f"{timeout_s:g}s (a rank never arrived?): {e}"
+        ) from e
     return info
 
 

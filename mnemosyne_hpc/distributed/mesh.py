@@ -1,4 +1,5 @@
 """The named (spp, kvp, tp) device mesh and the groups and peers every module uses."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,25 +51,37 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> ParallelContext:
     world = dist.get_world_size()
     shape = (cfg.spp, cfg.kvp, cfg.tp)
     if cfg.spp * cfg.kvp * cfg.tp != world:
-        raise ValueError(f"world size {world} != parallel.spp × parallel.kvp × parallel.tp = "
-                         f"{cfg.spp} × {cfg.kvp} × {cfg.tp}; launch {cfg.spp * cfg.kvp * cfg.tp} ranks")
+        raise ValueError(
+            f"world size {world} != parallel.spp × parallel.kvp × parallel.tp = "
+            f"{cfg.spp} × {cfg.kvp} × {cfg.tp}; launch {cfg.spp * cfg.kvp * cfg.tp} ranks"
+        )
     timeout = timedelta(seconds=cfg.timeout_s)
     backend = dist.get_backend()
     options = _group_options(backend, timeout)  # sub-groups otherwise wait 30 minutes for a lost peer
-    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS,
-                            backend_override={name: (backend, options) for name in MESH_DIMS})
+    mesh = init_device_mesh(
+        device.type, shape, mesh_dim_names=MESH_DIMS, backend_override={name: (backend, options) for name in MESH_DIMS}
+    )
     cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     tp = mesh["tp"]
     stage, kvp_index, tp_index = mesh.get_coordinate()
     ranks = mesh.mesh  # [spp, kvp, tp] → global rank
     return ParallelContext(
-        mesh=mesh, device=device, rank=dist.get_rank(), tp_rank=tp.get_local_rank(), tp_size=tp.size(),
-        tp_group=tp.get_group(), cpu_group=cpu_group, stage=stage, num_stages=cfg.spp,
+        mesh=mesh,
+        device=device,
+        rank=dist.get_rank(),
+        tp_rank=tp.get_local_rank(),
+        tp_size=tp.size(),
+        tp_group=tp.get_group(),
+        cpu_group=cpu_group,
+        stage=stage,
+        num_stages=cfg.spp,
         prev_rank=int(ranks[stage - 1, kvp_index, tp_index]) if stage > 0 else None,
         next_rank=int(ranks[stage + 1, kvp_index, tp_index]) if stage < cfg.spp - 1 else None,
-        kvp_rank=kvp_index, kvp_size=cfg.kvp,
+        kvp_rank=kvp_index,
+        kvp_size=cfg.kvp,
         kvp_groups=_kvp_range_groups(ranks, (stage, kvp_index, tp_index), timeout),
-        sampler_ranks=[int(ranks[cfg.spp - 1, g, 0]) for g in range(cfg.kvp)])
+        sampler_ranks=[int(ranks[cfg.spp - 1, g, 0]) for g in range(cfg.kvp)],
+    )
 
 
 def _kvp_range_groups(ranks: torch.Tensor, coordinate: tuple[int, int, int], timeout: timedelta):
@@ -81,7 +94,7 @@ def _kvp_range_groups(ranks: torch.Tensor, coordinate: tuple[int, int, int], tim
         for last in range(first + 1, kvp):
             for s in range(spp):
                 for t in range(tp):
-                    group = dist.new_group([int(r) for r in ranks[s, first:last + 1, t]], timeout=timeout)
+                    group = dist.new_group([int(r) for r in ranks[s, first : last + 1, t]], timeout=timeout)
                     if (s, t) == (stage, tp_index) and first <= kvp_index <= last:
                         mine[first, last] = group
     return mine

@@ -22,6 +22,7 @@ stop string a step or more late and have to abort a request that had run on. The
 not grow with the output (a decode of a few tokens, `bench/detokenize.py`), so the ranks do not wait
 on it; the front ends receive text deltas only (`TextOutput.take`).
 """
+
 from __future__ import annotations
 
 
@@ -41,15 +42,15 @@ class IncrementalDetokenizer:
         text = self._decode(self.window)
         if len(text) <= len(self.prefix_text) or text.endswith("\ufffd"):
             return ""
-        new = text[len(self.prefix_text):]
-        self.window = self.window[self.read:]
+        new = text[len(self.prefix_text) :]
+        self.window = self.window[self.read :]
         self.read = len(self.window)
         self.prefix_text = self._decode(self.window)
         return new
 
     def flush(self) -> str:
         """The text not yet returned, an incomplete character at its end as "\\ufffd" (the output ended)."""
-        return self._decode(self.window)[len(self.prefix_text):]
+        return self._decode(self.window)[len(self.prefix_text) :]
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -77,7 +78,7 @@ class TextOutput:
 
     def take(self) -> str:
         """Text released since the last call."""
-        new = "".join(self.released[self.taken:])
+        new = "".join(self.released[self.taken :])
         self.taken = len(self.released)
         return new
 
@@ -94,11 +95,11 @@ class TextOutput:
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         stopped = bool(hits)
         if stopped:
-            text = text[:min(hits)]
+            text = text[: min(hits)]
         keep = 0 if stopped or last else _stop_start(text, self.stop)
         if len(text) > keep:
-            self.released.append(text[:len(text) - keep])
-        self.held = text[len(text) - keep:]
+            self.released.append(text[: len(text) - keep])
+        self.held = text[len(text) - keep :]
         self.closed = stopped or last
         return stopped
 

@@ -1,5 +1,6 @@
 """Rank 0 owns the requests: each step, the scheduler forms a plan, the executor runs it on every
 rank, and the sampled tokens update the requests."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,8 +29,16 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, cfg: Config, runner: ModelRunner, tokenizer=None, perf_model: PerfModel | None = None,
-                 record_logits: bool = False, clock=time.perf_counter, executor: Executor | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        runner: ModelRunner,
+        tokenizer=None,
+        perf_model: PerfModel | None = None,
+        record_logits: bool = False,
+        clock=time.perf_counter,
+        executor: Executor | None = None,
+    ):
         """`clock` and `executor` are the simulator's seams (`mnemosyne_hpc/sim/`): a virtual clock, and an
         executor that runs no model but advances that clock by a step's time."""
         self.cfg, self.runner, self.tokenizer, self.perf_model = cfg, runner, tokenizer, perf_model
@@ -47,8 +56,9 @@ class Engine:
         # micro-batches now in stages 1 … P−1, newest first
         self.in_flight: list[MicroBatch] = [[] for _ in range(runner.ctx.num_stages - 1)]
 
-    def add_request(self, prompt_token_ids: list[int], sampling: dict | None = None,
-                    arrival: float | None = None) -> int:
+    def add_request(
+        self, prompt_token_ids: list[int], sampling: dict | None = None, arrival: float | None = None
+    ) -> int:
         """Queue a request; raises RequestError (nothing queued) when its input is bad. Text is
         tokenised by the front ends (`serving/inputs.py`), not on this thread."""
         params = SamplingParams.from_request(self.cfg.sampling, sampling)
@@ -58,23 +68,33 @@ class Engine:
         """Queue a request whose token ids are known to be good (checked, or a simulator's); raises
         RequestError when it can never fit."""
         if len(token_ids) >= self.max_model_len:
-            raise RequestError(f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
-                               "leaves no room to generate")
+            raise RequestError(
+                f"prompt has {len(token_ids)} tokens; cache.max_model_len = {self.max_model_len} "
+                "leaves no room to generate"
+            )
         max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
         blocks = self.placement.blocks_needed(max_len)
         if blocks > self.placement.blocks_per_group:
-            raise RequestError(f"request needs {blocks} KV blocks in one KVP group, a group holds "
-                               f"{self.placement.blocks_per_group}; shorten it or enlarge cache.kv_memory_gib")
-        request = Request(id=next(self._ids), prompt_token_ids=token_ids, sampling=params, max_len=max_len,
-                          arrival=self.clock() if arrival is None else arrival,
-                          output=TextOutput(self.tokenizer, params.stop) if self.tokenizer is not None else None)
+            raise RequestError(
+                f"request needs {blocks} KV blocks in one KVP group, a group holds "
+                f"{self.placement.blocks_per_group}; shorten it or enlarge cache.kv_memory_gib"
+            )
+        request = Request(
+            id=next(self._ids),
+            prompt_token_ids=token_ids,
+            sampling=params,
+            max_len=max_len,
+            arrival=self.clock() if arrival is None else arrival,
+            output=TextOutput(self.tokenizer, params.stop) if self.tokenizer is not None else None,
+        )
         self.requests[request.id] = request
         self.scheduler.add(request)
         return request.id
 
     def _checked(self, prompt_token_ids) -> list[int]:
         if not isinstance(prompt_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids
+        ):
             raise RequestError("prompt_token_ids must be a list of integers")
         if not prompt_token_ids:
             raise RequestError("empty prompt")

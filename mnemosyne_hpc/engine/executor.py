@@ -6,6 +6,7 @@ now), then receives its own input from the previous stage, computes, and keeps t
 next tick. Every KVP group's sampler (last stage, TP rank 0) sends rank 0 the tokens of the requests
 whose first group it is.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -96,8 +97,9 @@ class Executor:
             if ctx.first_stage:
                 x = torch.tensor([t for c in batch for t in c.token_ids], device=ctx.device)
             else:
-                x = torch.empty(sum(len(c.token_ids) for c in batch), runner.args.hidden_size, dtype=runner.dtype,
-                                device=ctx.device)
+                x = torch.empty(
+                    sum(len(c.token_ids) for c in batch), runner.args.hidden_size, dtype=runner.dtype, device=ctx.device
+                )
                 dist.recv(x, src=ctx.prev_rank)
             hidden = runner.forward(batch, x)
             if ctx.last_stage:

@@ -1,4 +1,5 @@
 """Paged KV cache: a pool of fixed-size blocks on every rank, handed out by rank 0."""
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class BlockAllocator:
             raise MemoryError(f"{n} KV blocks wanted, {self.num_free} free")
         for _ in range(n - (self.num_free - len(self._evictable))):
             self._evict()
-        if after is not None and after + 1 + n <= self.num_blocks and self._is_free[after + 1: after + 1 + n].all():
+        if after is not None and after + 1 + n <= self.num_blocks and self._is_free[after + 1 : after + 1 + n].all():
             blocks = np.arange(after + 1, after + 1 + n)
         else:
             free_before = np.concatenate(([0], np.cumsum(self._is_free)))
@@ -155,8 +156,10 @@ class KVPlacement:
         for first in range(len(self.allocators) - span + 1):
             hits = self._hits(first, identities, num_tokens)
             groups = [self.allocators[first + i] for i in range(len(shards))]
-            if all(g.blocks_for(n) - len(hit) <= g.num_free - sum(map(g.is_evictable, hit))
-                   for g, n, hit in zip(groups, shards, hits)):
+            if all(
+                g.blocks_for(n) - len(hit) <= g.num_free - sum(map(g.is_evictable, hit))
+                for g, n, hit in zip(groups, shards, hits)
+            ):
                 cached = self.grid.end(sum(map(len, hits)) - 1) if any(hits) else 0
                 key = (cached, min(self.headroom(first + i) for i in range(span)))
                 if best_key is None or key > best_key:
@@ -187,8 +190,13 @@ class KVPlacement:
     def cached_prefix(self, identities: list[bytes], num_tokens: int) -> int:
         """Tokens of a request's first `num_tokens` that placing it now would find cached."""
         span = len(self.layout.shard_tokens(num_tokens))
-        most = max((sum(map(len, self._hits(first, identities, num_tokens)))
-                    for first in range(len(self.allocators) - span + 1)), default=0)
+        most = max(
+            (
+                sum(map(len, self._hits(first, identities, num_tokens)))
+                for first in range(len(self.allocators) - span + 1)
+            ),
+            default=0,
+        )
         return self.grid.end(most - 1) if most else 0
 
     def register(self, first_group: int, tables: list[list[int]], identities: list[bytes], blocks: range) -> None:
@@ -240,8 +248,16 @@ class KVCache:
     is the layout the attention kernels read.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
         # Uninitialised: attention reads only slots already written, and untouched pages cost nothing.
         self.k = torch.empty(shape, dtype=dtype, device=device)
@@ -256,7 +272,7 @@ class KVCache:
         """The table index of the block holding position `start`, and the blocks holding [start, end):
         only those, since a decode's table grows with its context."""
         first = start // self.block_size
-        return first, block_table[first: (end - 1) // self.block_size + 1]
+        return first, block_table[first : (end - 1) // self.block_size + 1]
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Slots of token positions [start, end) of a sequence with this block table."""
@@ -274,8 +290,9 @@ class KVCache:
         runs = []
         for begin, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             position = max(start, (first + begin) * bs)  # of the run's first slot
-            runs.append((int(blocks[begin]) * bs + position - (first + begin) * bs,
-                         min(end, (first + stop) * bs) - position))
+            runs.append(
+                (int(blocks[begin]) * bs + position - (first + begin) * bs, min(end, (first + stop) * bs) - position)
+            )
         return runs
 
     def index(self, block_table: list[int], start: int, end: int) -> torch.Tensor | slice:

@@ -1,4 +1,5 @@
 """Per-request latency records (one JSON line each) and the aggregates of a run."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,10 @@ def format_summary(summary: dict) -> str:
     def ms(p):
         return "/".join("-" if summary[p][k] is None else f"{1000 * summary[p][k]:.1f}" for k in ("p50", "p90", "p99"))
 
-    return (f"{summary['requests']} requests in {summary['duration_s']:.2f} s, "
-            f"{summary['output_tokens_per_s'] or 0:.1f} output tokens/s; TTFT p50/p90/p99 {ms('ttft_s')} ms; "
-            f"TBT p50/p90/p99 {ms('tbt_s')} ms; TBT within the {1000 * summary['tbt_slo_s']:g} ms SLO: "
-            f"{100 * (summary['tbt_within_slo'] or 0):.1f}% of tokens, {100 * summary['requests_within_slo']:.1f}% "
-            f"of requests; {summary['preemptions']} preemptions")
+    return (
+        f"{summary['requests']} requests in {summary['duration_s']:.2f} s, "
+        f"{summary['output_tokens_per_s'] or 0:.1f} output tokens/s; TTFT p50/p90/p99 {ms('ttft_s')} ms; "
+        f"TBT p50/p90/p99 {ms('tbt_s')} ms; TBT within the {1000 * summary['tbt_slo_s']:g} ms SLO: "
+        f"{100 * (summary['tbt_within_slo'] or 0):.1f}% of tokens, {100 * summary['requests_within_slo']:.1f}% "
+        f"of requests; {summary['preemptions']} preemptions"
+    )

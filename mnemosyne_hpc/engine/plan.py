@@ -1,4 +1,5 @@
 """The step plan: everything every rank needs to run one engine iteration. Plain, picklable data."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ dtype and layout are those of the process, the same for every block of its cache
 The blocks themselves, their reference counts and the least recently used order of the unreferenced
 ones are the block books' (`kv_cache.BlockAllocator`); this module names blocks.
 """
+
 from __future__ import annotations
 
 import hashlib

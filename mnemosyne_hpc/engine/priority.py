@@ -6,6 +6,7 @@ its slack is `deadline − now − predicted remaining prefill time`. LARS order
 the deadline span, so a short request overtakes a long prefill until the long one's slack runs out.
 The smallest key goes first; the largest key is the first to be preempted.
 """
+
 from __future__ import annotations
 
 from mnemosyne_hpc.config import SchedulerConfig
@@ -18,14 +19,16 @@ class Priority:
         self.cfg, self.perf_model = cfg, perf_model
 
     def deadline(self, request: Request) -> float:
-        prefill = (self.perf_model.prefill_time(len(request.prompt_token_ids))
-                   - self.perf_model.prefill_time(request.cached_at_arrival))
+        prefill = self.perf_model.prefill_time(len(request.prompt_token_ids)) - self.perf_model.prefill_time(
+            request.cached_at_arrival
+        )
         span = self.cfg.deadline_multiplier * prefill
         return request.arrival + max(span, self.cfg.min_deadline_ms / 1000)
 
     def slack(self, request: Request, now: float) -> float:
         remaining = self.perf_model.prefill_time(request.prefill_len) - self.perf_model.prefill_time(
-            min(request.num_scheduled, request.prefill_len))
+            min(request.num_scheduled, request.prefill_len)
+        )
         return self.deadline(request) - now - remaining
 
     def key(self, request: Request, now: float) -> tuple:

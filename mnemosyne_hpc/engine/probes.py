@@ -2,6 +2,7 @@
 calibration). Each method returns a callable that runs one part the way a step runs it, with this
 rank's shard shapes, on random inputs of the given size.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,6 +43,7 @@ class StepProbes:
         def fn():
             attn.project(layer.input_layernorm(x), angles, angles)
             return layer.feed_forward(attn.o_proj(attended), x)
+
         return fn
 
     def attention(self, queries: int, context: int, pool: int) -> Callable:
@@ -60,8 +62,10 @@ class StepProbes:
             cached = slice(start, start + span)
             if queries == 1:
                 return backend.attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
-            return backend.chunk_attention(query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached])
-                                                              if context else (None, None)))
+            return backend.chunk_attention(
+                query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if context else (None, None))
+            )
+
         return fn
 
     def lm_head(self, rows: int) -> Callable:
@@ -86,6 +90,7 @@ class StepProbes:
                 dist.recv(received, src=self.ctx.prev_rank)
             if send is not None:
                 send.wait()
+
         return fn
 
     def _hidden(self, tokens: int) -> torch.Tensor:

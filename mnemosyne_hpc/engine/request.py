@@ -1,4 +1,5 @@
 """Requests as rank 0 tracks them, and their sampling parameters."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,13 @@ class SamplingParams:
         values.update(overrides or {})
         if isinstance(values["stop"], str):
             values["stop"] = [values["stop"]]
-        params = cls(**{**values, "stop": _as_tuple(values["stop"], "stop"),
-                        "stop_token_ids": _as_tuple(values["stop_token_ids"], "stop_token_ids")})
+        params = cls(
+            **{
+                **values,
+                "stop": _as_tuple(values["stop"], "stop"),
+                "stop_token_ids": _as_tuple(values["stop_token_ids"], "stop_token_ids"),
+            }
+        )
         params._check()
         if params.seed is None:
             params = replace(params, seed=random.SystemRandom().randrange(2**63))
@@ -125,7 +131,7 @@ class Request:
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence."""
         n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[start:end] + self.output_token_ids[max(start - n, 0):max(end - n, 0)]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[max(start - n, 0) : max(end - n, 0)]
 
     @property
     def num_unscheduled(self) -> int:

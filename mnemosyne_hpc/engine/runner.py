@@ -5,6 +5,7 @@ groups runs on all of them; they merge their attention per layer, so all of them
 hidden states. The chunk's owner (the group holding its positions) stores its K/V; the request's
 first group, which runs every chunk of it, samples. How plans arrive and results leave: `executor.py`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,18 +34,30 @@ class ModelRunner:
         tp = TensorParallel(ctx.tp_group, ctx.tp_rank, ctx.tp_size)
         layer_ids = stage_layers(args.num_layers, ctx.num_stages, ctx.stage)
         self.backend = select_backend(self.dtype, ctx.device)  # the kernels every layer computes with
-        self.model = load_model(model_dir, args, tp, self.backend, layer_ids, first_stage=ctx.first_stage,
-                                last_stage=ctx.last_stage, dtype=self.dtype, device=ctx.device)
+        self.model = load_model(
+            model_dir,
+            args,
+            tp,
+            self.backend,
+            layer_ids,
+            first_stage=ctx.first_stage,
+            last_stage=ctx.last_stage,
+            dtype=self.dtype,
+            device=ctx.device,
+        )
         kv_heads = args.num_kv_heads // ctx.tp_size
         block_size = cfg.cache.block_size
         # Every stage gets the same block count (sized for stage 0, the largest), so one block table
         # serves all of them.
         largest_stage = len(stage_layers(args.num_layers, ctx.num_stages, 0))
         self.num_blocks = cfg.cache.num_blocks or int(
-            cfg.cache.kv_memory_gib * 2**30
-            // KVCache.bytes_per_block(largest_stage, kv_heads, args.head_dim, block_size, self.dtype))
-        self.kv_cache = KVCache(len(layer_ids), kv_heads, args.head_dim, self.num_blocks, block_size,
-                                self.dtype, ctx.device)
+            cfg.cache.kv_memory_gib
+            * 2**30
+            // KVCache.bytes_per_block(largest_stage, kv_heads, args.head_dim, block_size, self.dtype)
+        )
+        self.kv_cache = KVCache(
+            len(layer_ids), kv_heads, args.head_dim, self.num_blocks, block_size, self.dtype, ctx.device
+        )
         self.inv_freq = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).to(ctx.device)
         self.layout = KVPLayout.of(cfg)
         self.block_tables: dict[int, list[int]] = {}  # request id → its blocks in this rank's KVP group
@@ -88,11 +101,15 @@ class ModelRunner:
                 decodes.append((start, runs := self.kv_cache.runs(table, 0, attended)))
             else:
                 slots = self.kv_cache.index(table, 0, attended) if attended else None
-                sequences.append(SequenceSlice(start, end, slots.to(device) if torch.is_tensor(slots) else slots,
-                                               within_chunk))
+                sequences.append(
+                    SequenceSlice(start, end, slots.to(device) if torch.is_tensor(slots) else slots, within_chunk)
+                )
             if holds_chunk:  # a decode's own slot is the last one it attends to
-                write_slots.append(torch.tensor([runs[-1][0] + runs[-1][1] - 1]) if runs else
-                                   self.kv_cache.slots(table, cached, cached + len(chunk.token_ids)))
+                write_slots.append(
+                    torch.tensor([runs[-1][0] + runs[-1][1] - 1])
+                    if runs
+                    else self.kv_cache.slots(table, cached, cached + len(chunk.token_ids))
+                )
                 write_rows.append(torch.arange(start, end))
             if len(chunk.groups) > 1:
                 merges.setdefault((chunk.groups[0], chunk.groups[-1]), []).append(torch.arange(start, end))
@@ -101,8 +118,11 @@ class ModelRunner:
         cos, signed_sin = rope_tables(positions.to(device)[:, None].float() * self.inv_freq[None], self.dtype)
         write_rows = torch.cat(write_rows) if write_rows else torch.empty(0, dtype=torch.long)
         return BatchMetadata(
-            cos=cos, signed_sin=signed_sin,
+            cos=cos,
+            signed_sin=signed_sin,
             write_slots=torch.cat(write_slots).to(device) if write_slots else torch.empty(0, dtype=torch.long),
-            write_rows=None if len(write_rows) == start else write_rows.to(device), sequences=sequences,
+            write_rows=None if len(write_rows) == start else write_rows.to(device),
+            sequences=sequences,
             decodes=decode_batch,
-            merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())])
+            merges=[(self.ctx.kvp_groups[key], torch.cat(rows).to(device)) for key, rows in sorted(merges.items())],
+        )

@@ -4,6 +4,7 @@ Randomness is a pure function of the request's seed and the position being sampl
 can sample any request (a request changes KVP group as it grows) and a recomputed token is
 sampled again exactly as before.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
             try:
                 tokens[i] = _sample_row(row, p, position)
             except (RuntimeError, ValueError) as e:
-                print(f"warning: sampling failed ({type(e).__name__}: {e}); the request ends with an error",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: sampling failed ({type(e).__name__}: {e}); the request ends with an error",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 tokens[i] = FAILED
     return tokens
 

@@ -22,6 +22,7 @@ Prefix caching. Admission first takes the cached blocks of the request's longest
 (`kv_cache.KVPlacement.reserve`): those tokens count as computed, and only the rest is prefilled,
 predicted and weighed by the priority. Blocks are cached once their KV is in every stage (`computed`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -65,8 +66,14 @@ class GroupLoad:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, placement: KVPlacement, num_stages: int = 1,
-                 perf_model: PerfModel | None = None, clock=time.perf_counter):
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        placement: KVPlacement,
+        num_stages: int = 1,
+        perf_model: PerfModel | None = None,
+        clock=time.perf_counter,
+    ):
         self.cfg, self.placement, self.layout, self.num_stages = cfg, placement, placement.layout, num_stages
         self.perf_model, self.clock = perf_model, clock
         self.priority = Priority(cfg, perf_model)
@@ -93,9 +100,12 @@ class Scheduler:
         """The request's KV grew in every stage: cache its blocks that are now complete."""
         complete = self.placement.grid.complete_blocks(request.num_computed)
         if self.placement.prefix_caching and complete > request.registered_blocks and request in self.running:
-            self.placement.register(request.first_group, request.block_tables,
-                                    self._identities(request, request.num_computed),
-                                    range(request.registered_blocks, complete))
+            self.placement.register(
+                request.first_group,
+                request.block_tables,
+                self._identities(request, request.num_computed),
+                range(request.registered_blocks, complete),
+            )
             request.registered_blocks = complete
 
     @property
@@ -112,8 +122,11 @@ class Scheduler:
         now = self.clock()
         loads = self._loads = [GroupLoad(self.cfg.max_num_batched_tokens) for _ in self.placement.allocators]
         chunks: MicroBatch = []
-        ready = [r for r in self.running if r.num_unscheduled and r.finish_reason is None
-                 and not (self.cfg.pipeline == "plain" and r.in_flight)]
+        ready = [
+            r
+            for r in self.running
+            if r.num_unscheduled and r.finish_reason is None and not (self.cfg.pipeline == "plain" and r.in_flight)
+        ]
         # Spread decodes over the P micro-batches in flight so every pipeline stage has work.
         decoding = sum(not r.in_prefill for r in self.running)
         for request in [r for r in ready if not r.in_prefill][: math.ceil(decoding / self.num_stages)]:
@@ -129,8 +142,9 @@ class Scheduler:
                 continue
             if not admitting or len(self.running) >= self.cfg.max_num_seqs:
                 continue
-            placed = self.placement.reserve(request.prefill_len, request.max_len,
-                                            self._identities(request, request.prefill_len))
+            placed = self.placement.reserve(
+                request.prefill_len, request.max_len, self._identities(request, request.prefill_len)
+            )
             if placed is None:
                 admitting = False  # nothing behind it overtakes it into memory
                 continue
@@ -155,8 +169,9 @@ class Scheduler:
         """Predicted seconds of the last micro-batch formed (its slowest KVP group), given a performance model."""
         if self.perf_model is None or not self._loads:
             return None
-        return max(self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
-                   for load in self._loads)
+        return max(
+            self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows) for load in self._loads
+        )
 
     def _has_slack(self, request: Request, now: float) -> bool:
         return self.cfg.space_share > 0 and self.perf_model is not None and self.priority.slack(request, now) > 0
@@ -172,8 +187,9 @@ class Scheduler:
 
     def _chunk_size(self, loads: list[GroupLoad], request: Request, leave_share: bool) -> int:
         start, groups = request.num_scheduled, self._groups(request)
-        limit = min(request.num_unscheduled, min(loads[g].tokens_left for g in groups),
-                    self.layout.tokens_to_boundary(start))
+        limit = min(
+            request.num_unscheduled, min(loads[g].tokens_left for g in groups), self.layout.tokens_to_boundary(start)
+        )
         if limit <= 0:
             return 0
         if self.cfg.chunking == "fixed":
@@ -187,8 +203,10 @@ class Scheduler:
             sizes.append(limit)
 
         def too_slow(size: int) -> bool:
-            return any(loads[g].time_with(self.perf_model, shape, sampled, merged) > budget
-                       for g, shape, sampled, merged in self._shapes(request, size))
+            return any(
+                loads[g].time_with(self.perf_model, shape, sampled, merged) > budget
+                for g, shape, sampled, merged in self._shapes(request, size)
+            )
 
         fitting = bisect.bisect_left(sizes, True, key=too_slow)  # predicted time grows with the size
         if fitting:
@@ -209,8 +227,15 @@ class Scheduler:
         groups = self._groups(request)
         start = request.num_scheduled
         end = request.num_scheduled = start + size
-        chunks.append(Chunk(request_id=request.id, token_ids=request.token_ids(start, end), start_pos=start,
-                            groups=groups, sampling=request.sampling if end == request.num_tokens else None))
+        chunks.append(
+            Chunk(
+                request_id=request.id,
+                token_ids=request.token_ids(start, end),
+                start_pos=start,
+                groups=groups,
+                sampling=request.sampling if end == request.num_tokens else None,
+            )
+        )
 
     def _make_room(self, request: Request, now: float) -> bool:
         """Make sure the KV block of the request's next position is reserved, preempting if needed.

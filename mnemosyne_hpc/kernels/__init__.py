@@ -1,4 +1,5 @@
 """CPU kernels in C, built on first use (`build.py`), with their ctypes bindings."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ the flags and the CPU. Its OpenMP runtime is the one torch already loaded, so ke
 thread count. Without a compiler, or if the build fails, `build` warns and returns None, and callers
 use torch's ops: the same math, only slower.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,8 +29,9 @@ AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-DWITH_AMX")
 @functools.cache
 def _cpuinfo_lines() -> tuple[str, ...]:
     try:
-        return tuple(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("model name", "flags")))
+        return tuple(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("model name", "flags"))
+        )
     except OSError:
         return ()
 
@@ -39,8 +41,10 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_model() -> str:
-    return next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
-                platform.machine())
+    return next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+        platform.machine(),
+    )
 
 
 def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
@@ -58,18 +62,23 @@ def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # ranks may build at once: rename is atomic
             built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True,
-                                    text=True)
+            result = subprocess.run(
+                [compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True
+            )
             if result.returncode != 0:
-                print(f"warning: building {source.name} failed; torch's kernels stand in for it:\n"
-                      f"{result.stderr[-2000:]}", file=sys.stderr)
+                print(
+                    f"warning: building {source.name} failed; torch's kernels stand in for it:\n"
+                    f"{result.stderr[-2000:]}",
+                    file=sys.stderr,
+                )
                 return None
             os.replace(built, path)
     return ctypes.CDLL(str(path))
 
 
-def load(source: Path, functions: dict[str, list], flags: tuple[str, ...] = (),
-         amx: bool = False) -> ctypes.CDLL | None:
+def load(
+    source: Path, functions: dict[str, list], flags: tuple[str, ...] = (), amx: bool = False
+) -> ctypes.CDLL | None:
     """`build`s `source` and declares its `functions` (name → argument types; none returns a value).
     With `amx`, for a kernel that uses AMX bf16 tiles (it includes amx.h): None on CPUs without them,
     or where the process is refused AMX state."""

@@ -1,4 +1,5 @@
 """Matrix-vector products for decode steps on CPU (`gemv.c`), built on first use (see `build.py`)."""
+
 from __future__ import annotations
 
 import ctypes

@@ -4,6 +4,7 @@ on first use (see `build.py`).
 They return None where they do not apply (not bf16 on CPU, or no compiler) and callers use the
 torch ops, which round at the same points.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,12 +22,32 @@ FLAGS = ("-mprefer-vector-width=512",)  # whole AVX-512 registers where the CPU 
 
 @functools.cache
 def _library():
-    return load(SOURCE, {
-        "rms_norm": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                     ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p],
-        "silu_mul": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
-        "rope": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                 ctypes.c_void_p]}, FLAGS)
+    return load(
+        SOURCE,
+        {
+            "rms_norm": [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_float,
+                ctypes.c_void_p,
+            ],
+            "silu_mul": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
+            "rope": [
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ],
+        },
+        FLAGS,
+    )
 
 
 def _run(kernel: str, *args) -> None:
@@ -38,18 +59,32 @@ def _applies(*tensors: torch.Tensor) -> bool:
     return bf16_rows_on_cpu(*tensors) and _library() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | None:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """weight · bf16(x / rms(x)) for rows x [T, D]; with `residual` (x's shape and strides), first
     x += residual in place. None where the kernel does not apply (nothing is changed then)."""
     tensors = (x, weight) if residual is None else (x, weight, residual)
-    if not (x.dim() == 2 and weight.is_contiguous() and _applies(*tensors)
-            and (residual is None or residual.stride() == x.stride())):
+    if not (
+        x.dim() == 2
+        and weight.is_contiguous()
+        and _applies(*tensors)
+        and (residual is None or residual.stride() == x.stride())
+    ):
         return None
     rows, dim = x.shape
     out = torch.empty(rows, dim, dtype=x.dtype)
-    _run("rms_norm", x.data_ptr(), None if residual is None else residual.data_ptr(), rows, x.stride(0), dim,
-         weight.data_ptr(), eps, out.data_ptr())
+    _run(
+        "rms_norm",
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        rows,
+        x.stride(0),
+        dim,
+        weight.data_ptr(),
+        eps,
+        out.data_ptr(),
+    )
     return out
 
 
@@ -68,8 +103,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
     """Rotates x [T, H, D] (heads adjacent in a row) in place by cos, signed_sin [T, D] (see
     `TorchBackend.rope_`); False, with x unchanged, where the kernel does not apply."""
     rows, heads, dim = x.shape
-    if not (x.stride(1) == dim and cos.is_contiguous() and signed_sin.is_contiguous()
-            and _applies(x, cos, signed_sin)):
+    if not (x.stride(1) == dim and cos.is_contiguous() and signed_sin.is_contiguous() and _applies(x, cos, signed_sin)):
         return False
     _run("rope", x.data_ptr(), rows, x.stride(0), heads, dim, cos.data_ptr(), signed_sin.data_ptr())
     return True

@@ -3,6 +3,7 @@
 On CPUs without AMX bf16 tiles (or where the kernel cannot be built) `prefill_attention` returns
 None and callers use torch's flash kernel: the same attention, only slower.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,15 +21,37 @@ HEAD_DIMS = (64, 128)
 
 @functools.cache
 def _library():
-    return load(SOURCE, {"prefill_attention": [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]},
-        amx=True)
+    return load(
+        SOURCE,
+        {
+            "prefill_attention": [
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int,
+                ctypes.c_int64,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_float,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ]
+        },
+        amx=True,
+    )
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """q [Hq, Lq, D] over k, v [Hkv, Lk, D] (bf16, CPU, any row and head strides) → out [Hq, Lq, D],
     lse [Hq, Lq]; `causal` lets row i see keys up to i + Lk − Lq. None where the kernel does not apply."""
     hq, lq, d = q.shape
@@ -38,7 +61,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(hq, lq, d, dtype=torch.bfloat16)
     lse = torch.empty(hq, lq, dtype=torch.float32)
     with profiled("prefill_attention"):
-        _library().prefill_attention(q.data_ptr(), hq, lq, q.stride(0), q.stride(1), k.data_ptr(), k.stride(0),
-                                     k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), hkv, lk, d, int(causal),
-                                     d ** -0.5, out.data_ptr(), lse.data_ptr())
+        _library().prefill_attention(
+            q.data_ptr(),
+            hq,
+            lq,
+            q.stride(0),
+            q.stride(1),
+            k.data_ptr(),
+            k.stride(0),
+            k.stride(1),
+            v.data_ptr(),
+            v.stride(0),
+            v.stride(1),
+            hkv,
+            lk,
+            d,
+            int(causal),
+            d**-0.5,
+            out.data_ptr(),
+            lse.data_ptr(),
+        )
     return out, lse

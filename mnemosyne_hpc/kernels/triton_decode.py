@@ -6,6 +6,7 @@ for the query heads of that KV head (an online softmax over blocks of keys); one
 (sequence, KV head) then merges its splits by log-sum-exp, the exact softmax over all its keys.
 Without a GPU, Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,8 +35,14 @@ class Splits:
     most: int  # the most splits of any sequence
 
     @classmethod
-    def of(cls, rows: torch.Tensor, first_run: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-           device: torch.device) -> Splits:
+    def of(
+        cls,
+        rows: torch.Tensor,
+        first_run: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        device: torch.device,
+    ) -> Splits:
         """Cut every run (rows, first_run, starts, lengths as in `DecodeBatch`) into splits."""
         pieces = (lengths + SPLIT_KEYS - 1) // SPLIT_KEYS
         run = torch.repeat_interleave(pieces)
@@ -48,42 +55,93 @@ class Splits:
         return cls(*on_device.split([len(part) for part in parts]), most=int(torch.diff(first).max()))
 
 
-def decode_attention_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: Splits, out: torch.Tensor,
-                          lse: torch.Tensor) -> bool:
+def decode_attention_into(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: Splits, out: torch.Tensor, lse: torch.Tensor
+) -> bool:
     """Each sequence's queries q[seq_row[i]] ([Hkv, G, D]; q is [T, Hkv, G, D]) attend, unmasked, to its
     splits of k, v ([Hkv, slots, D]); into out (contiguous, q's shape and dtype) and lse (contiguous
     [T, Hkv, G], float32) at those rows. False, with nothing written, where the kernel does not apply."""
     _, hkv, group, d = q.shape
-    if not (triton is not None and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == v.dtype == q.dtype
-            and d in (64, 128, 256) and q.stride()[1:] == (group * d, d, 1) and k.stride() == v.stride()
-            and k.stride(-1) == 1 and out.is_contiguous() and lse.is_contiguous()):
+    if not (
+        triton is not None
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.dtype == v.dtype == q.dtype
+        and d in (64, 128, 256)
+        and q.stride()[1:] == (group * d, d, 1)
+        and k.stride() == v.stride()
+        and k.stride(-1) == 1
+        and out.is_contiguous()
+        and lse.is_contiguous()
+    ):
         return False
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot takes blocks of at least 16 rows
     num_splits = len(splits.row)
     partial_out = torch.empty(num_splits, hkv, group, d, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(num_splits, hkv, group, dtype=torch.float32, device=q.device)
-    _attend_splits[(num_splits, hkv)](q, k, v, splits.row, splits.start, splits.length, partial_out, partial_lse,
-                                      d ** -0.5, q.stride(0), k.stride(0), k.stride(1), GROUP=group,
-                                      GROUP_PAD=group_pad, D=d, BLOCK=BLOCK_KEYS, SPLIT=SPLIT_KEYS)
-    _merge_splits[(len(splits.seq_row), hkv)](partial_out, partial_lse, splits.first, splits.seq_row, out, lse,
-                                              GROUP=group, GROUP_PAD=group_pad, D=d,
-                                              MAX_SPLITS=triton.next_power_of_2(splits.most))
+    _attend_splits[(num_splits, hkv)](
+        q,
+        k,
+        v,
+        splits.row,
+        splits.start,
+        splits.length,
+        partial_out,
+        partial_lse,
+        d**-0.5,
+        q.stride(0),
+        k.stride(0),
+        k.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        D=d,
+        BLOCK=BLOCK_KEYS,
+        SPLIT=SPLIT_KEYS,
+    )
+    _merge_splits[(len(splits.seq_row), hkv)](
+        partial_out,
+        partial_lse,
+        splits.first,
+        splits.seq_row,
+        out,
+        lse,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        D=d,
+        MAX_SPLITS=triton.next_power_of_2(splits.most),
+    )
     return True
 
 
 if triton is not None:
+
     @triton.jit
-    def _attend_splits(q, k, v, split_row, split_start, split_length, partial_out, partial_lse, scale,
-                       q_token_stride, kv_head_stride, kv_slot_stride,
-                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                       SPLIT: tl.constexpr):
+    def _attend_splits(
+        q,
+        k,
+        v,
+        split_row,
+        split_start,
+        split_length,
+        partial_out,
+        partial_lse,
+        scale,
+        q_token_stride,
+        kv_head_stride,
+        kv_slot_stride,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SPLIT: tl.constexpr,
+    ):
         split, head, heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         row = tl.load(split_row + split).to(tl.int64)
         start = tl.load(split_start + split).to(tl.int64)
         length = tl.load(split_length + split)
         g, d, n = tl.arange(0, GROUP_PAD), tl.arange(0, D), tl.arange(0, BLOCK)
-        query = tl.load(q + row * q_token_stride + (head * GROUP + g[:, None]) * D + d[None, :],
-                        mask=g[:, None] < GROUP, other=0.0)
+        query = tl.load(
+            q + row * q_token_stride + (head * GROUP + g[:, None]) * D + d[None, :], mask=g[:, None] < GROUP, other=0.0
+        )
         kv = k.dtype.element_ty
         best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
@@ -105,8 +163,18 @@ if triton is not None:
         tl.store(partial_lse + at, best + tl.log(total), mask=g < GROUP)
 
     @triton.jit
-    def _merge_splits(partial_out, partial_lse, seq_first, seq_row, out, lse,
-                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    def _merge_splits(
+        partial_out,
+        partial_lse,
+        seq_first,
+        seq_row,
+        out,
+        lse,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        D: tl.constexpr,
+        MAX_SPLITS: tl.constexpr,
+    ):
         seq, head, heads = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         first, last = tl.load(seq_first + seq), tl.load(seq_first + seq + 1)
         g, d = tl.arange(0, GROUP_PAD), tl.arange(0, D)
@@ -126,6 +194,7 @@ if triton is not None:
             total = total * rescale + weight
             best = new_best
         at = (tl.load(seq_row + seq).to(tl.int64) * heads + head) * GROUP + g
-        tl.store(out + at[:, None] * D + d[None, :], (acc / total[:, None]).to(out.dtype.element_ty),
-                 mask=g[:, None] < GROUP)
+        tl.store(
+            out + at[:, None] * D + d[None, :], (acc / total[:, None]).to(out.dtype.element_ty), mask=g[:, None] < GROUP
+        )
         tl.store(lse + at, best + tl.log(total), mask=g < GROUP)

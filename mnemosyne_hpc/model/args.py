@@ -1,4 +1,5 @@
 """Model hyper-parameters read from a Hugging Face config.json (Llama, Mistral, Qwen2)."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,17 @@ class ModelArgs:
     def from_hf_config(cls, config: dict) -> "ModelArgs":
         architecture = (config.get("architectures") or [_ARCHITECTURE_OF_TYPE.get(config.get("model_type"), "?")])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {architecture!r}; supported: "
-                             f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+            raise ValueError(
+                f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config['hidden_act']!r} (only silu)")
         window = config.get("sliding_window")
         if window is not None and (architecture == "MistralForCausalLM" or config.get("use_sliding_window")):
-            raise ValueError(f"sliding-window attention (window {window}) is not supported: it would "
-                             "change results beyond the window")
+            raise ValueError(
+                f"sliding-window attention (window {window}) is not supported: it would "
+                "change results beyond the window"
+            )
         # transformers 5 writes rope settings as `rope_parameters`; older files use rope_theta + rope_scaling.
         rope = dict(config.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))

@@ -5,6 +5,7 @@ Which kernel computes an attention is the backend's choice (`backend.py`).
 Shapes: queries `[Hq, Lq, D]`, keys and values `[Hkv, Lk, D]` with `Hq = g · Hkv` (GQA);
 results `out [Hq, Lq, D]` and `lse [Hq, Lq]` (float32, natural log).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,14 @@ class DecodeBatch:
         """Row rows[i] attends to the runs runs[i], (first slot, length) each, in a cache on `device`."""
         flat = torch.tensor([run for seq in runs for run in seq], dtype=torch.long).reshape(-1, 2)
         first_run = torch.tensor([0, *itertools.accumulate(map(len, runs))], dtype=torch.long)
-        return cls(torch.tensor(rows, dtype=torch.long), first_run, flat[:, 0].contiguous(), flat[:, 1].contiguous(),
-                   int(flat[:, 1].sum()), torch.device(device))
+        return cls(
+            torch.tensor(rows, dtype=torch.long),
+            first_run,
+            flat[:, 0].contiguous(),
+            flat[:, 1].contiguous(),
+            int(flat[:, 1].sum()),
+            torch.device(device),
+        )
 
     @functools.cached_property
     def splits(self) -> triton_decode.Splits:
@@ -45,7 +52,7 @@ class DecodeBatch:
 
     def runs_of(self, i: int) -> list[slice]:
         """Sequence i's runs as slices of the cache."""
-        bounds = range(*self.first_run[i: i + 2].tolist())
+        bounds = range(*self.first_run[i : i + 2].tolist())
         starts, lengths = self.starts[bounds].tolist(), self.lengths[bounds].tolist()
         return [slice(start, start + n) for start, n in zip(starts, lengths)]
 

@@ -6,6 +6,7 @@ that runs them. `TorchBackend` is the portable reference; the others replace wha
 better, and fall back to it only for shapes their kernels do not take (a head size, a row count).
 The model's modules take a backend when they are built and never look at the device themselves.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ class TorchBackend:
         """x·Wᵀ + b."""
         return F.linear(x, weight, bias)
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """weight · (x / rms(x)) rounded to x's dtype before the product; with `residual`, first
         x += residual in place (the layer's running sum)."""
         if residual is not None:
@@ -71,14 +73,23 @@ class TorchBackend:
         prefix_out, prefix_lse = self.attention(q, k_prefix, v_prefix, causal=False)
         return merge_attention([prefix_out, self_out], [prefix_lse, self_lse])
 
-    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         decodes: DecodeBatch, out: torch.Tensor, lse: torch.Tensor) -> None:
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        decodes: DecodeBatch,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
         """Token-major q [T, Hq, D]: each row of `decodes` attends, unmasked, to its runs of cached keys and
         values in k_cache, v_cache [Hkv, slots, D]; written to out [T, Hq, D] and lse [T, Hq] at those
         rows. Here each run of each token is one call, read in place, and a token's runs are merged."""
         for i, row in enumerate(decodes.rows.tolist()):
-            pieces = [self.attention(q[row][:, None], k_cache[:, run], v_cache[:, run], causal=False)
-                      for run in decodes.runs_of(i)]
+            pieces = [
+                self.attention(q[row][:, None], k_cache[:, run], v_cache[:, run], causal=False)
+                for run in decodes.runs_of(i)
+            ]
             row_out, row_lse = merge_attention([piece[0] for piece in pieces], [piece[1] for piece in pieces])
             out[row], lse[row] = row_out[:, 0], row_lse[:, 0]
 
@@ -121,14 +132,15 @@ class CPUBackend(TorchBackend):
 
     def attention(self, q, k, v, causal):
         if not causal and k.shape[1] > KEYS_PER_CALL:
-            pieces = [self.attention(q, k[:, i:i + KEYS_PER_CALL], v[:, i:i + KEYS_PER_CALL], False)
-                      for i in range(0, k.shape[1], KEYS_PER_CALL)]
+            pieces = [
+                self.attention(q, k[:, i : i + KEYS_PER_CALL], v[:, i : i + KEYS_PER_CALL], False)
+                for i in range(0, k.shape[1], KEYS_PER_CALL)
+            ]
             return merge_attention([out for out, _ in pieces], [lse for _, lse in pieces])
         return self._attention_piece(q, k, v, causal)
 
     def _attention_piece(self, q, k, v, causal):
-        return torch_flash(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, causal,
-                           maps_heads=True)
+        return torch_flash(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, causal, maps_heads=True)
 
 
 class CPUKernelBackend(CPUBackend):
@@ -179,9 +191,21 @@ class CPUKernelBackend(CPUBackend):
 
     def decode_attention(self, q, k_cache, v_cache, decodes, out, lse):
         grouped_q, grouped_out, grouped_lse = by_kv_head(q, out, lse, k_cache.shape[0])
-        if not (self.has_decode and decode.decode_attention_into(
-                grouped_q, k_cache, v_cache, decodes.rows, decodes.first_run, decodes.starts, decodes.lengths,
-                decodes.total_keys, grouped_out, grouped_lse)):
+        if not (
+            self.has_decode
+            and decode.decode_attention_into(
+                grouped_q,
+                k_cache,
+                v_cache,
+                decodes.rows,
+                decodes.first_run,
+                decodes.starts,
+                decodes.lengths,
+                decodes.total_keys,
+                grouped_out,
+                grouped_lse,
+            )
+        ):
             super().decode_attention(q, k_cache, v_cache, decodes, out, lse)
 
 
@@ -194,8 +218,13 @@ class CUDABackend(TorchBackend):
     def attention(self, q, k, v, causal):
         half = q.dtype in (torch.float16, torch.bfloat16)
         if flash_attn_func is not None and half:
-            out, lse, _ = flash_attn_func(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                          causal=causal, return_attn_probs=True)
+            out, lse, _ = flash_attn_func(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                causal=causal,
+                return_attn_probs=True,
+            )
             return out[0].transpose(0, 1), lse[0]
         if half and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
             # A causal call is a chunk over its own K/V, the only K/V it repeats; the cached prefix is
@@ -205,8 +234,9 @@ class CUDABackend(TorchBackend):
 
     def decode_attention(self, q, k_cache, v_cache, decodes, out, lse):
         grouped_q, grouped_out, grouped_lse = by_kv_head(q, out, lse, k_cache.shape[0])
-        if not triton_decode.decode_attention_into(grouped_q, k_cache, v_cache, decodes.splits, grouped_out,
-                                                   grouped_lse):
+        if not triton_decode.decode_attention_into(
+            grouped_q, k_cache, v_cache, decodes.splits, grouped_out, grouped_lse
+        ):
             super().decode_attention(q, k_cache, v_cache, decodes, out, lse)
 
 

@@ -3,6 +3,7 @@
 transformers dequantises the GGUF weights (and undoes llama.cpp's Q/K permutation); we write the
 result once, keyed by the file's path, size and modification time, and load it like any checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib

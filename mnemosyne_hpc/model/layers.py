@@ -1,4 +1,5 @@
 """Tensor-parallel building blocks: each rank holds a shard; all-reduce/all-gather on the TP group."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 A rank builds only its pipeline stage: the layers `layer_ids`, the embedding on the first
 stage, the final norm and LM head on the last. Every linear is sharded over the TP group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         rotated = self.num_heads + self.num_kv_heads
         qk = self.backend.rope_(qkv[:, : rotated * d].view(tokens, rotated, d), cos, signed_sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return q, k, qkv[:, rotated * d:].view(tokens, self.num_kv_heads, d)
+        return q, k, qkv[:, rotated * d :].view(tokens, self.num_kv_heads, d)
 
     def forward(self, x, meta: BatchMetadata, k_cache: torch.Tensor, v_cache: torch.Tensor):
         q, k, v = self.project(x, meta.cos, meta.signed_sin)
@@ -123,8 +124,15 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, tp: TensorParallel, backend: TorchBackend, layer_ids: range,
-                 first_stage: bool, last_stage: bool):
+    def __init__(
+        self,
+        args: ModelArgs,
+        tp: TensorParallel,
+        backend: TorchBackend,
+        layer_ids: range,
+        first_stage: bool,
+        last_stage: bool,
+    ):
         super().__init__()
         self.args, self.layer_ids = args, layer_ids
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp) if first_stage else None

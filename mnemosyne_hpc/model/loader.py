@@ -1,4 +1,5 @@
 """Load a Hugging Face checkpoint shard by shard: each rank reads only the rows or columns it owns."""
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,9 @@ class Checkpoint:
             return tensor[:]
         if split == "cols":
             width = cols // tp.size
-            return tensor[:, tp.rank * width:(tp.rank + 1) * width]
+            return tensor[:, tp.rank * width : (tp.rank + 1) * width]
         height = rows // tp.size if split == "rows" else math.ceil(rows / tp.size)
-        part = tensor[tp.rank * height: min((tp.rank + 1) * height, rows)]
+        part = tensor[tp.rank * height : min((tp.rank + 1) * height, rows)]
         return torch.nn.functional.pad(part, (0, 0, 0, height - part.shape[0])) if part.dim() == 2 else part
 
 
@@ -82,8 +83,17 @@ def _sources(args: ModelArgs, name: str) -> tuple[list[str], str | None]:
     raise CheckpointError(f"no checkpoint source for parameter {name}")
 
 
-def load_model(model_dir: Path, args: ModelArgs, tp: TensorParallel, backend: TorchBackend, layer_ids: range,
-               first_stage: bool, last_stage: bool, dtype: torch.dtype, device: torch.device) -> Transformer:
+def load_model(
+    model_dir: Path,
+    args: ModelArgs,
+    tp: TensorParallel,
+    backend: TorchBackend,
+    layer_ids: range,
+    first_stage: bool,
+    last_stage: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args, tp, backend, layer_ids, first_stage, last_stage)
     checkpoint = Checkpoint(model_dir)
@@ -94,8 +104,10 @@ def load_model(model_dir: Path, args: ModelArgs, tp: TensorParallel, backend: To
         sources, split = _sources(args, name)
         tensor = torch.cat([checkpoint.read(s, split, tp) for s in sources], dim=0)
         if tensor.shape != param.shape:
-            raise CheckpointError(f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects "
-                                  f"{tuple(param.shape)} (config.json does not match the weights?)")
+            raise CheckpointError(
+                f"{name}: checkpoint gives shape {tuple(tensor.shape)}, model expects "
+                f"{tuple(param.shape)} (config.json does not match the weights?)"
+            )
         state[name] = tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_word_embeddings and first_stage and last_stage:

@@ -7,6 +7,7 @@
    every rank executing it) on random batch shapes: one set fits the per-step overhead, a
    held-out set measures the prediction error, which is printed and stored with the profile.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,25 +81,42 @@ class Profiler:
             return None
         model = self._fit_components(gathered)
         slowest = 0.25 if quick else 2.0  # seconds of kernel time a random step may take
-        calibration, held_out = (self._shapes(model, seed, count, slowest)
-                                 for seed, count in ((1, 16 if quick else 40), (2, 8 if quick else 24)))
-        steps = [(shape, self._time_step(shape)) for shape in tqdm(calibration + held_out, desc="whole steps",
-                                                                   file=sys.stderr, leave=False)]
+        calibration, held_out = (
+            self._shapes(model, seed, count, slowest)
+            for seed, count in ((1, 16 if quick else 40), (2, 8 if quick else 24))
+        )
+        steps = [
+            (shape, self._time_step(shape))
+            for shape in tqdm(calibration + held_out, desc="whole steps", file=sys.stderr, leave=False)
+        ]
         self.executor.shutdown()
         self._fit_overhead(model, steps[: len(calibration)])
-        errors = [abs(self._predict(model, shape) - seconds) / seconds for shape, seconds in steps[len(calibration):]]
+        errors = [abs(self._predict(model, shape) - seconds) / seconds for shape, seconds in steps[len(calibration) :]]
         model.report = {
-            "hardware": hardware_name(self.device), "dtype": self.cfg.model.dtype, "quick": quick,
+            "hardware": hardware_name(self.device),
+            "dtype": self.cfg.model.dtype,
+            "quick": quick,
             "layout": {"tp": self.cfg.parallel.tp, "spp": self.cfg.parallel.spp, "kvp": self.cfg.parallel.kvp},
-            "held_out_steps": len(errors), "median_abs_error": statistics.median(errors),
-            "p90_abs_error": float(np.percentile(errors, 90)), "max_abs_error": max(errors),
-            "held_out": [{"sequences": [list(seq) for seq in shape], "measured_s": seconds,
-                          "predicted_s": self._predict(model, shape)} for shape, seconds in steps[len(calibration):]],
+            "held_out_steps": len(errors),
+            "median_abs_error": statistics.median(errors),
+            "p90_abs_error": float(np.percentile(errors, 90)),
+            "max_abs_error": max(errors),
+            "held_out": [
+                {
+                    "sequences": [list(seq) for seq in shape],
+                    "measured_s": seconds,
+                    "predicted_s": self._predict(model, shape),
+                }
+                for shape, seconds in steps[len(calibration) :]
+            ],
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        print(f"performance model: median |error| {model.report['median_abs_error']:.1%}, p90 "
-              f"{model.report['p90_abs_error']:.1%}, max {model.report['max_abs_error']:.1%} "
-              f"over {len(errors)} held-out batch shapes", file=sys.stderr)
+        print(
+            f"performance model: median |error| {model.report['median_abs_error']:.1%}, p90 "
+            f"{model.report['p90_abs_error']:.1%}, max {model.report['max_abs_error']:.1%} "
+            f"over {len(errors)} held-out batch shapes",
+            file=sys.stderr,
+        )
         return model
 
     # --- 1. kernels on every rank ----------------------------------------------------------------
@@ -116,8 +134,12 @@ class Profiler:
         flop_cap = 2e10 if quick else 1e11  # skip attention points slower than about a second
         measured = {"linear": {}, "attention": {}, "lm_head": {}, "merge": {}, "hand_over": {}}
         points = [("linear", t) for t in tokens]
-        points += [("attention", (q, n)) for q in queries for i, n in enumerate(contexts)
-                   if i < 2 or 4 * q * n * heads * d <= flop_cap]
+        points += [
+            ("attention", (q, n))
+            for q in queries
+            for i, n in enumerate(contexts)
+            if i < 2 or 4 * q * n * heads * d <= flop_cap
+        ]
         if self.ctx.last_stage:
             points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs]
         points += [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
@@ -148,11 +170,16 @@ class Profiler:
             slope, intercept = np.polyfit(n, seconds, 1)
             intercepts.append(float(intercept))
             slopes.append(float(max(slope, 0.0)))
-        return PerfModel(key="", layers=len(stage_layers(self.runner.args.num_layers, self.ctx.num_stages, 0)),
-                         stages=self.ctx.num_stages, linear=curve(worst("linear")),
-                         attention=AttentionFit(Curve(queries, intercepts), Curve(queries, slopes)),
-                         lm_head=curve(worst("lm_head")), merge=curve(worst("merge")),
-                         hand_over=curve(worst("hand_over")))
+        return PerfModel(
+            key="",
+            layers=len(stage_layers(self.runner.args.num_layers, self.ctx.num_stages, 0)),
+            stages=self.ctx.num_stages,
+            linear=curve(worst("linear")),
+            attention=AttentionFit(Curve(queries, intercepts), Curve(queries, slopes)),
+            lm_head=curve(worst("lm_head")),
+            merge=curve(worst("merge")),
+            hand_over=curve(worst("hand_over")),
+        )
 
     def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int, bool]]]:
         """Random batches of (query tokens, cached tokens, sampled), each predicted to take at most
@@ -193,18 +220,22 @@ class Profiler:
         """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
         table = list(range(self.runner.num_blocks))
         groups = [range(i % self.ctx.kvp_size, i % self.ctx.kvp_size + 1) for i in range(len(shape))]
-        chunks = [Chunk(request_id=i, token_ids=[1] * q, start_pos=n, groups=groups[i],
-                        sampling=GREEDY if sampled else None) for i, (q, n, sampled) in enumerate(shape)]
+        chunks = [
+            Chunk(request_id=i, token_ids=[1] * q, start_pos=n, groups=groups[i], sampling=GREEDY if sampled else None)
+            for i, (q, n, sampled) in enumerate(shape)
+        ]
         tables = {i: (i % self.ctx.kvp_size, [table]) for i in range(len(shape))}
         stages = self.ctx.num_stages
         ticks = []
         for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
-            plan = StepPlan(stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else []
-                                    for s in range(stages)], block_tables=tables if tick == 0 else {})
+            plan = StepPlan(
+                stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else [] for s in range(stages)],
+                block_tables=tables if tick == 0 else {},
+            )
             start = time.perf_counter()
             self.executor.run(plan)
             ticks.append(time.perf_counter() - start)
-        return statistics.median(ticks[stages: stages + self.reps])
+        return statistics.median(ticks[stages : stages + self.reps])
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
         """Whole step ≈ overhead + per_sequence × sequences + collectives + Σ weight × measured term, by

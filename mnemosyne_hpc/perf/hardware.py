@@ -1,4 +1,5 @@
 """Where a performance model is stored: one profile per model shape, dtype, hardware and layout."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,22 @@ def hardware_name(device: torch.device) -> str:
 
 
 def profile_key(args: ModelArgs, dtype: str, hardware: str, layout: dict) -> str:
-    shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
-                                           "num_kv_heads", "head_dim", "vocab_size")}
-    text = json.dumps({"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout,
-                       "format": PROFILE_FORMAT}, sort_keys=True)
+    shape = {
+        k: getattr(args, k)
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+        )
+    }
+    text = json.dumps(
+        {"model": shape, "dtype": dtype, "hardware": hardware, "layout": layout, "format": PROFILE_FORMAT},
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

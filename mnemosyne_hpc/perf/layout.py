@@ -16,6 +16,7 @@ simulator use, for one pipeline stage of one KVP group:
 - SPP hand-over: a stage's hidden states to the next stage (point-to-point);
 - LM head: the measured layer curve scaled to the head's weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -153,8 +154,10 @@ class LayoutCost:
         heads = args.num_heads / self.layout.tp
         flops = hw["bf16_peak_tflops"] * 1e12 * hw["prefill_attention_efficiency"]
         read = hw["hbm_tb_per_s"] * 1e12 * hw["decode_attention_efficiency"]
-        per_cached = [max(4 * q * args.head_dim * heads / flops, 2 * self.kv_heads * args.head_dim * BF16 / read)
-                      for q in POWERS_OF_TWO]
+        per_cached = [
+            max(4 * q * args.head_dim * heads / flops, 2 * self.kv_heads * args.head_dim * BF16 / read)
+            for q in POWERS_OF_TWO
+        ]
         fixed = [2 * q * q * args.head_dim * heads / flops + hw["attention_kernel_us"] * 1e-6 for q in POWERS_OF_TWO]
         return AttentionFit(Curve(POWERS_OF_TWO, fixed), Curve(POWERS_OF_TWO, per_cached))
 
@@ -168,8 +171,14 @@ class LayoutCost:
         if layout.spp > 1:  # the next stage is tp × kvp ranks away
             p2p = self._p2p(layout.tp * layout.kvp >= per_node)
             hand_over = Curve(POWERS_OF_TWO, [p2p(t * args.hidden_size * BF16) for t in POWERS_OF_TWO])
-        return PerfModel(key=f"{self.hw['name']}: {layout}", layers=self.stage_layers, stages=layout.spp,
-                         linear=Curve(POWERS_OF_TWO, [self.linear_s(t) for t in POWERS_OF_TWO]),
-                         attention=self.attention(),
-                         lm_head=Curve(POWERS_OF_TWO, [self.lm_head_s(r) for r in POWERS_OF_TWO]),
-                         merge=merge, hand_over=hand_over, overhead_s=self.hw["step_overhead_ms"] / 1000)
+        return PerfModel(
+            key=f"{self.hw['name']}: {layout}",
+            layers=self.stage_layers,
+            stages=layout.spp,
+            linear=Curve(POWERS_OF_TWO, [self.linear_s(t) for t in POWERS_OF_TWO]),
+            attention=self.attention(),
+            lm_head=Curve(POWERS_OF_TWO, [self.lm_head_s(r) for r in POWERS_OF_TWO]),
+            merge=merge,
+            hand_over=hand_over,
+            overhead_s=self.hw["step_overhead_ms"] / 1000,
+        )

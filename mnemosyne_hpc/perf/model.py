@@ -12,6 +12,7 @@ over KVP groups and R sampled rows. Every curve is measured on the real kernels 
 weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data) are
 fitted to whole engine steps.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -88,17 +89,25 @@ class PerfModel:
         attention = [0.0, 0.0]  # decodes (memory-bound), prefill chunks (compute-bound)
         for s in sequences:
             attention[s.query_tokens > 1] += self.attention(s.query_tokens, s.cached_tokens)
-        return {"linear": self.layers * self.linear(tokens), "decode_attention": self.layers * attention[0],
-                "prefill_attention": self.layers * attention[1],
-                "lm_head": self.lm_head(sampled_rows) if sampled_rows else 0.0, "collectives": collectives}
+        return {
+            "linear": self.layers * self.linear(tokens),
+            "decode_attention": self.layers * attention[0],
+            "prefill_attention": self.layers * attention[1],
+            "lm_head": self.lm_head(sampled_rows) if sampled_rows else 0.0,
+            "collectives": collectives,
+        }
 
     def batch_time(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> float:
         """Seconds one stage of one KVP group needs for this micro-batch."""
         if not sequences:
             return 0.0
         terms = self.terms(sequences, sampled_rows, merged_rows)
-        return (self.overhead_s + self.per_sequence_s * len(sequences) + terms["collectives"]
-                + sum(self.weights[name] * terms[name] for name in FITTED_TERMS))
+        return (
+            self.overhead_s
+            + self.per_sequence_s * len(sequences)
+            + terms["collectives"]
+            + sum(self.weights[name] * terms[name] for name in FITTED_TERMS)
+        )
 
     @functools.lru_cache(maxsize=4096)
     def prefill_time(self, tokens: int, chunk: int = 512) -> float:
@@ -122,7 +131,13 @@ class PerfModel:
     def load(cls, path: Path) -> "PerfModel":
         data = json.loads(Path(path).read_text())
         curve = lambda d: None if d is None else Curve(**d)  # noqa: E731
-        return cls(**{**data, "linear": curve(data["linear"]), "lm_head": curve(data["lm_head"]),
-                      "merge": curve(data["merge"]), "hand_over": curve(data["hand_over"]),
-                      "attention": AttentionFit(curve(data["attention"]["intercept"]),
-                                                curve(data["attention"]["slope"]))})
+        return cls(
+            **{
+                **data,
+                "linear": curve(data["linear"]),
+                "lm_head": curve(data["lm_head"]),
+                "merge": curve(data["merge"]),
+                "hand_over": curve(data["hand_over"]),
+                "attention": AttentionFit(curve(data["attention"]["intercept"]), curve(data["attention"]["slope"])),
+            }
+        )

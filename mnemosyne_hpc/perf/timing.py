@@ -1,4 +1,5 @@
 """Timing one piece of work: the median of repeated runs, after a warm-up run."""
+
 from __future__ import annotations
 
 import statistics

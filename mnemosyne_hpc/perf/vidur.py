@@ -7,6 +7,7 @@ point-to-point send/receive within and across nodes. Run once; the profile JSON 
 Only the measured curves are written (under "measured"); the rest of the profile (attention efficiency,
 memory, links) is written by hand with its sources and kept when the file exists.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,17 @@ from collections import defaultdict
 from pathlib import Path
 
 # Every operation of a layer except attention itself: projections, MLP, norms, RoPE, residual add.
-LAYER_OPS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
-             "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
+LAYER_OPS = (
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+)
 REFERENCE_MODELS = ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf")
 
 
@@ -35,9 +45,11 @@ def layer_curves(mlp_csv: Path) -> dict:
     shape = {k: int(rows[0][k]) for k in ("n_head", "n_kv_head", "n_embd", "n_expanded_embd")}
     by_tp = {}
     for tp in sorted({int(r["num_tensor_parallel_workers"]) for r in rows}):
-        times = _median_by([r for r in rows if int(r["num_tensor_parallel_workers"]) == tp],
-                           key=lambda r: int(r["num_tokens"]),
-                           value=lambda r: sum(float(r[f"time_stats.{op}.median"]) for op in LAYER_OPS))
+        times = _median_by(
+            [r for r in rows if int(r["num_tensor_parallel_workers"]) == tp],
+            key=lambda r: int(r["num_tokens"]),
+            value=lambda r: sum(float(r[f"time_stats.{op}.median"]) for op in LAYER_OPS),
+        )
         by_tp[str(tp)] = {"tokens": list(times), "ms": list(times.values())}
     return {"shape": shape, "tp": by_tp}
 
@@ -46,8 +58,11 @@ def collective_curves(path: Path, name: str, key) -> dict:
     rows = list(csv.DictReader(open(path)))
     out = {}
     for label in sorted({key(r) for r in rows}):
-        times = _median_by([r for r in rows if key(r) == label], key=lambda r: int(r["size"]),
-                           value=lambda r: float(r[f"time_stats.{name}.median"]))
+        times = _median_by(
+            [r for r in rows if key(r) == label],
+            key=lambda r: int(r["size"]),
+            value=lambda r: float(r[f"time_stats.{name}.median"]),
+        )
         out[label] = {"bytes": list(times), "ms": list(times.values())}
     return out
 
@@ -58,8 +73,9 @@ def measured(profiling: Path, gpu: str, network: str) -> dict:
         "linear_layer": {m: layer_curves(profiling / "compute" / gpu / m / "mlp.csv") for m in REFERENCE_MODELS},
         "all_reduce": collective_curves(net / "all_reduce.csv", "all_reduce", lambda r: r["num_workers"]),
         # devices_per_node 1: the two ranks are on two nodes; 2: on one node (NVLink)
-        "send_recv": collective_curves(net / "send_recv.csv", "send_recv",
-                                       lambda r: "inter_node" if r["devices_per_node"] == "1" else "intra_node"),
+        "send_recv": collective_curves(
+            net / "send_recv.csv", "send_recv", lambda r: "inter_node" if r["devices_per_node"] == "1" else "intra_node"
+        ),
     }
 
 

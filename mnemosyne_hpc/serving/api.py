@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API over a ServingLoop: completions, chat completions, streaming (SSE),
 models, health and Prometheus metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,23 @@ from mnemosyne_hpc.serving.loop import Event, ServingLoop
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
 SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
-IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "n", "messages", "prompt", "logprobs", "echo",
-                  "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix", "max_completion_tokens"}
+IGNORED_FIELDS = {
+    "model",
+    "stream",
+    "stream_options",
+    "user",
+    "n",
+    "messages",
+    "prompt",
+    "logprobs",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+    "best_of",
+    "logit_bias",
+    "suffix",
+    "max_completion_tokens",
+}
 
 
 class ApiError(Exception):
@@ -39,10 +55,16 @@ class PrefixCacheCounters:
         self.scheduler = scheduler
 
     def collect(self):
-        yield CounterMetricFamily("mnemosyne_prefix_cache_queries_tokens", "prompt tokens admitted (looked up in "
-                                  "the prefix cache)", value=self.scheduler.prefix_queried_tokens)
-        yield CounterMetricFamily("mnemosyne_prefix_cache_hits_tokens", "admitted prompt tokens found in the prefix "
-                                  "cache (not prefilled)", value=self.scheduler.prefix_hit_tokens)
+        yield CounterMetricFamily(
+            "mnemosyne_prefix_cache_queries_tokens",
+            "prompt tokens admitted (looked up in the prefix cache)",
+            value=self.scheduler.prefix_queried_tokens,
+        )
+        yield CounterMetricFamily(
+            "mnemosyne_prefix_cache_hits_tokens",
+            "admitted prompt tokens found in the prefix cache (not prefilled)",
+            value=self.scheduler.prefix_hit_tokens,
+        )
 
 
 class Metrics:
@@ -51,16 +73,20 @@ class Metrics:
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("mnemosyne_ttft_seconds", "time to first token", buckets=buckets, registry=self.registry)
         self.tbt = Histogram("mnemosyne_tbt_seconds", "time between tokens", buckets=buckets, registry=self.registry)
-        self.requests = Counter("mnemosyne_requests", "finished requests by reason", ["finish_reason"],
-                                registry=self.registry)
+        self.requests = Counter(
+            "mnemosyne_requests", "finished requests by reason", ["finish_reason"], registry=self.registry
+        )
         scheduler = loop.engine.scheduler
-        Gauge("mnemosyne_waiting_requests", "requests waiting for admission",
-              registry=self.registry).set_function(lambda: len(scheduler.waiting))
-        Gauge("mnemosyne_running_requests", "requests holding KV blocks",
-              registry=self.registry).set_function(lambda: len(scheduler.running))
+        Gauge("mnemosyne_waiting_requests", "requests waiting for admission", registry=self.registry).set_function(
+            lambda: len(scheduler.waiting)
+        )
+        Gauge("mnemosyne_running_requests", "requests holding KV blocks", registry=self.registry).set_function(
+            lambda: len(scheduler.running)
+        )
         placement = scheduler.placement
-        Gauge("mnemosyne_kv_blocks_used_ratio", "share of KV blocks in use, all KVP groups",
-              registry=self.registry).set_function(lambda: placement.blocks_in_use / placement.total_blocks)
+        Gauge(
+            "mnemosyne_kv_blocks_used_ratio", "share of KV blocks in use, all KVP groups", registry=self.registry
+        ).set_function(lambda: placement.blocks_in_use / placement.total_blocks)
         self.registry.register(PrefixCacheCounters(scheduler))
         loop.observers.append(self.observe)
 
@@ -118,9 +144,14 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
     async def chat_completions(request: Request):
         body = await _body(request)
         messages = body.get("messages")
-        if not (isinstance(messages, list) and messages and all(
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+                for m in messages
+            )
+        ):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
         conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
         return await _respond(request, body, await _off_the_loop(inputs.chat_tokens, conversation), chat=True)
@@ -137,8 +168,9 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if body.get("model", model) != model:
-            raise ApiError(404, f"model {body.get('model')!r} not found; this server serves {model!r}",
-                           "not_found_error")
+            raise ApiError(
+                404, f"model {body.get('model')!r} not found; this server serves {model!r}", "not_found_error"
+            )
         if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
             raise ApiError(400, "n must be 1")
         if not isinstance(body.get("stream", False), bool):
@@ -163,8 +195,9 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream", False):
-            return StreamingResponse(_stream(first, events, completion_id, created, chat),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(first, events, completion_id, created, chat), media_type="text/event-stream"
+            )
         text, done = await _unless_disconnected(request, _collect(first, events))
         if done.finish_reason == "error":
             raise ApiError(500, SAMPLING_FAILED, "server_error")
@@ -207,6 +240,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             finally:
                 if not finished:  # the client went away: free the request's blocks
                     loop.cancel(ticket)
+
         return events()
 
     async def _chain(first: Event, events):
@@ -219,8 +253,15 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         kind = "chat.completion.chunk" if chat else "text_completion"
         if chat:
             delta = {"role": "assistant", "content": ""}
-            yield _sse({"id": completion_id, "object": kind, "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            yield _sse(
+                {
+                    "id": completion_id,
+                    "object": kind,
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                }
+            )
         try:
             async for event in _chain(first, events):
                 if event.finish_reason == "error":
@@ -228,26 +269,39 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                     break
                 if event.text or event.kind == "done":
                     choice = {"index": 0, "finish_reason": event.finish_reason}
-                    choice.update({"delta": {"content": event.text} if event.text else {}} if chat else
-                                  {"text": event.text, "logprobs": None})
-                    yield _sse({"id": completion_id, "object": kind, "created": created, "model": model,
-                                "choices": [choice]})
+                    choice.update(
+                        {"delta": {"content": event.text} if event.text else {}}
+                        if chat
+                        else {"text": event.text, "logprobs": None}
+                    )
+                    yield _sse(
+                        {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+                    )
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # a client that went away cancels its request
 
     def _full_response(completion_id, created, chat, text, done: Event) -> dict:
         request = done.request
-        usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(request.output_token_ids),
-                 "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids),
-                 "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
+        usage = {
+            "prompt_tokens": len(request.prompt_token_ids),
+            "completion_tokens": len(request.output_token_ids),
+            "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids),
+            "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
+        }
         choice = {"index": 0, "finish_reason": done.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update({"text": text, "logprobs": None})
-        return {"id": completion_id, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model, "choices": [choice], "usage": usage}
+        return {
+            "id": completion_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     return app
 
@@ -264,13 +318,17 @@ def _check_room(max_tokens, prompt_tokens: int, max_model_len: int) -> None:
     at all, or a max_tokens that is not a positive integer, is the engine's to refuse."""
     room = max_model_len - prompt_tokens
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < room < max_tokens:
-        raise ApiError(400, f"max_tokens is too large: {max_tokens}; cache.max_model_len = {max_model_len} and the "
-                            f"prompt has {prompt_tokens} tokens ({max_tokens} > {max_model_len} - {prompt_tokens})")
+        raise ApiError(
+            400,
+            f"max_tokens is too large: {max_tokens}; cache.max_model_len = {max_model_len} and the "
+            f"prompt has {prompt_tokens} tokens ({max_tokens} > {max_model_len} - {prompt_tokens})",
+        )
 
 
 def _parse_json(data: bytes):
     """A request body as JSON, or a 400: malformed, nested too deeply to parse, or NaN or Infinity
     (not JSON). Text that is not Unicode is the input processor's to refuse."""
+
     def not_json(constant: str):
         raise ValueError(f"{constant} is not a JSON value")
 

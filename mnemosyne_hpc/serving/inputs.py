@@ -2,6 +2,7 @@
 server's worker threads, the REPL's conversation thread, the batch reader), never on the thread that
 drives the ranks: a 1M-token prompt takes the tokenizer about two seconds, which every streaming
 request would otherwise wait for. The engine takes token ids only."""
+
 from __future__ import annotations
 
 from mnemosyne_hpc.engine.request import RequestError
@@ -34,8 +35,9 @@ class InputProcessor:
         for message in messages:
             _check_unicode(message["content"], f"a {message['role']!r} message")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         except Exception as e:  # noqa: BLE001 - the template or tokenizer refused this conversation
             raise RequestError(f"messages could not be formatted or tokenised: {type(e).__name__}: {e}") from None
         return list(ids)

@@ -4,6 +4,7 @@ receives their text as events.
 While there is no work the loop sleeps on its inbox (no CPU spent) and, every `heartbeat_s`, sends
 the other ranks an empty plan, so their wait for the next plan never reaches parallel.timeout_s.
 """
+
 from __future__ import annotations
 
 import queue

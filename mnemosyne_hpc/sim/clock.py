@@ -1,4 +1,5 @@
 """Time that passes only when the simulator says so."""
+
 from __future__ import annotations
 
 

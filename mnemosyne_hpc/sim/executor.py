@@ -2,6 +2,7 @@
 that, instead of running a plan on ranks, advances the virtual clock by the plan's step time and
 returns a token for every chunk that samples. Everything that decides (admission, chunk sizes,
 priorities, preemption, the pipeline's in-flight micro-batches, `num_computed`) stays the engine's."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ token range on one GPU) and, where it fits, simulated: the request arrives alone
 performance model (`perf/layout.py`) timing it. Ranked: layouts meeting the TBT SLO (p99) by TTFT, then
 those missing it by TBT, then those that do not fit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,18 +41,34 @@ def evaluate(cfg: Config, args: ModelArgs, hw: dict, layout: Layout) -> dict:
     """One row of the plan: memory per GPU, whether it fits and why not, and the simulated latencies."""
     cost, cfg = LayoutCost(hw, args, layout), layout_config(cfg, layout)
     kv_bytes = KVPLayout.of(cfg).group_tokens * cost.kv_bytes_per_token
-    row = {"layout": str(layout), "tp": layout.tp, "spp": layout.spp, "kvp": layout.kvp, "gpus": layout.gpus,
-           "weights_gib": cost.weight_bytes / GIB, "kv_gib_per_gpu": kv_bytes / GIB, "fits": False}
+    row = {
+        "layout": str(layout),
+        "tp": layout.tp,
+        "spp": layout.spp,
+        "kvp": layout.kvp,
+        "gpus": layout.gpus,
+        "weights_gib": cost.weight_bytes / GIB,
+        "kv_gib_per_gpu": kv_bytes / GIB,
+        "fits": False,
+    }
     if cost.kv_capacity_bytes < kv_bytes:
         free = max(cost.kv_capacity_bytes, 0) / GIB
-        row["why_not"] = f"KV {kv_bytes / GIB:.1f} GiB > {free:.1f} GiB free" if free else \
-            f"weights {cost.weight_bytes / GIB:.1f} GiB leave no room"
+        row["why_not"] = (
+            f"KV {kv_bytes / GIB:.1f} GiB > {free:.1f} GiB free"
+            if free
+            else f"weights {cost.weight_bytes / GIB:.1f} GiB leave no room"
+        )
         return row
     num_blocks = int(cost.kv_capacity_bytes // (cfg.cache.block_size * cost.kv_bytes_per_token))
     simulator = Simulator(cfg, args, cost.perf_model(), num_blocks=num_blocks)
     summary = simulator.run([Arrival(0.0, cfg.plan.context_tokens, cfg.plan.decode_tokens)]).summary
-    row.update(fits=True, ttft_s=summary["ttft_s"]["p50"], tbt_p50_s=summary["tbt_s"]["p50"],
-               tbt_p99_s=summary["tbt_s"]["p99"], meets_slo=summary["tbt_s"]["p99"] <= summary["tbt_slo_s"])
+    row.update(
+        fits=True,
+        ttft_s=summary["ttft_s"]["p50"],
+        tbt_p50_s=summary["tbt_s"]["p50"],
+        tbt_p99_s=summary["tbt_s"]["p99"],
+        meets_slo=summary["tbt_s"]["p99"] <= summary["tbt_slo_s"],
+    )
     return row
 
 

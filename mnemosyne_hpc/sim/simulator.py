@@ -2,6 +2,7 @@
 KV placement, pipeline) steps over them, and each step advances the clock by its time. The clock jumps
 over idle gaps to the next arrival. The result holds the same per-request records and aggregates as a
 real run (`engine/metrics.py`) and the chunks every step fed to the pipeline."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,15 @@ class Simulator:
     """One simulated deployment: `cfg` (parallel layout, cache, scheduler), a model shape, the performance
     model the scheduler decides with, and the step times (by default that model's pipeline ticks)."""
 
-    def __init__(self, cfg: Config, args: ModelArgs, perf_model: PerfModel | None, num_blocks: int | None = None,
-                 step_time: Callable[[StepPlan], float] | None = None, start: float = 0.0):
+    def __init__(
+        self,
+        cfg: Config,
+        args: ModelArgs,
+        perf_model: PerfModel | None,
+        num_blocks: int | None = None,
+        step_time: Callable[[StepPlan], float] | None = None,
+        start: float = 0.0,
+    ):
         # A stream gives prompt lengths, not their tokens: every simulated prompt is the same token
         # repeated, which a prefix cache would take for one shared prefix.
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, prefix_caching=False))

@@ -7,6 +7,7 @@ long as its slowest group. The per-group time, TP collectives and KVP merge incl
 performance model's `batch_time` of that group's part of the micro-batch, composed by the same
 `chunk_shapes` the scheduler predicts with. `RecordedSteps` replays a real run's measured durations.
 """
+
 from __future__ import annotations
 
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
@@ -41,14 +42,20 @@ class PipelineTicks:
         """Seconds a stage needs for `batch`: its slowest KVP group. Only the last stage samples."""
         loads: dict[int, GroupLoad] = {}
         for c in batch:
-            for g, shape, sampled, merged in chunk_shapes(self.layout, c.first_group, c.start_pos, len(c.token_ids),
-                                                          c.sampling is not None):
+            for g, shape, sampled, merged in chunk_shapes(
+                self.layout, c.first_group, c.start_pos, len(c.token_ids), c.sampling is not None
+            ):
                 load = loads.setdefault(g, GroupLoad(tokens_left=0))
                 load.sequences.append(shape)
                 load.sampled_rows += sampled if samples else 0
                 load.merged_rows += merged
-        return max((self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
-                    for load in loads.values()), default=0.0)
+        return max(
+            (
+                self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
+                for load in loads.values()
+            ),
+            default=0.0,
+        )
 
 
 class RecordedSteps:
