@@ -26,6 +26,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MNEMOSYNE_CACHE", "~/.cache/mnemosyne_hpc")).expanduser()
 
 
+def llama(
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int | None = None,
+    *,
+    vocab: int,
+    positions: int,
+    **extra,
+) -> dict:
+    """A Llama's shape as `random_llama` takes it (config.json fields; embeddings not tied)."""
+    shape = dict(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+        **extra,
+    )
+    return shape if head_dim is None else {**shape, "head_dim": head_dim}
+
+
+def long_prompt_overrides(model_dir: Path, max_model_len: int, chunk: int, timeout_s: int, **cache) -> list[str]:
+    """Engine settings of the long-prompt benchmarks: the random model in bf16, FCFS, fixed chunks of
+    `chunk` tokens; `cache` sets cache.* knobs."""
+    return [
+        "model=hf", f"model.path={model_dir}", "model.dtype=bfloat16", f"cache.max_model_len={max_model_len}",
+        *(f"cache.{knob}={value}" for knob, value in cache.items()), "scheduler.chunking=fixed",
+        "scheduler.priority=fcfs", f"scheduler.chunk_size={chunk}", f"scheduler.max_num_batched_tokens={chunk}",
+        f"parallel.timeout_s={timeout_s}",
+    ]  # fmt: skip
+
+
 def random_llama(directory: Path, **config) -> Path:
     """A Llama checkpoint with random weights (bf16 safetensors), made once and reused."""
     if (directory / "config.json").exists():

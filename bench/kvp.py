@@ -13,22 +13,11 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import random_llama, random_prompt, run_generate, write_results
+from common import llama, long_prompt_overrides, random_llama, random_prompt, run_generate, write_results
 
 # Few layers and small projections, but 4 KB of KV per token (4 KV heads × 128 dims, 2 layers, bf16),
 # so that, as in real long-context models, reading the KV dominates a decode step.
-MODEL = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=128,
-    max_position_embeddings=1 << 20,
-    rope_theta=1e7,
-    tie_word_embeddings=False,
-)
+MODEL = llama(2, 256, 512, 4, 4, 128, vocab=1024, positions=1 << 20, rope_theta=1e7)
 DTYPE_BYTES = 2  # bfloat16
 BLOCK_SIZE = 128
 
@@ -50,19 +39,9 @@ def main() -> None:
     request = {"prompt_token_ids": prompt, "max_tokens": args.decode + 1, "ignore_eos": True}
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 2 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
-    common = [
-        "model=hf",
-        f"model.path={model_dir}",
-        "model.dtype=bfloat16",
-        f"cache.max_model_len={max_model_len}",
-        f"cache.block_size={BLOCK_SIZE}",
-        f"cache.kv_memory_gib={kv_gib:.3f}",
-        "scheduler.chunking=fixed",
-        "scheduler.priority=fcfs",
-        f"scheduler.chunk_size={args.chunk}",
-        f"scheduler.max_num_batched_tokens={args.chunk}",
-        "parallel.timeout_s=3600",
-    ]
+    common = long_prompt_overrides(
+        model_dir, max_model_len, args.chunk, 3600, block_size=BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
+    )
     results = {}
     for kvp in (1, 2):
         output = run_generate(

@@ -23,21 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import random_llama, random_prompt, run_in_process, write_results
+from common import llama, long_prompt_overrides, random_llama, random_prompt, run_in_process, write_results
 
-MODEL = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=1,
-    num_key_value_heads=1,
-    head_dim=64,
-    max_position_embeddings=1 << 23,
-    rope_theta=1e8,
-    initializer_range=0.2,
-    tie_word_embeddings=False,
-)
+MODEL = llama(2, 256, 512, 1, 1, 64, vocab=1024, positions=1 << 23, rope_theta=1e8, initializer_range=0.2)
 BLOCK_SIZE = 1024
 DTYPE_BYTES = 2  # bfloat16
 
@@ -68,19 +56,9 @@ def main() -> None:
     prompt = random_prompt(args.tokens, 0, MODEL["vocab_size"])
     max_model_len = args.tokens + args.decode + 1
     kv_gib = 1.05 * max_model_len * kv_bytes_per_block() / BLOCK_SIZE / 2**30
-    overrides = [
-        "model=hf",
-        f"model.path={model_dir}",
-        "model.dtype=bfloat16",
-        f"cache.max_model_len={max_model_len}",
-        f"cache.block_size={BLOCK_SIZE}",
-        f"cache.kv_memory_gib={kv_gib:.3f}",
-        "scheduler.chunking=fixed",
-        "scheduler.priority=fcfs",
-        f"scheduler.chunk_size={args.chunk}",
-        f"scheduler.max_num_batched_tokens={args.chunk}",
-        "parallel.timeout_s=7200",
-    ]
+    overrides = long_prompt_overrides(
+        model_dir, max_model_len, args.chunk, 7200, block_size=BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
+    )
     done = {}
 
     def leader(engine) -> None:

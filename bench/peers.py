@@ -32,33 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, cache_dir, random_llama, random_prompt, run_in_process, write_results
+from common import ROOT, cache_dir, llama, random_llama, random_prompt, run_in_process, write_results
 
 MODELS = {  # random-weight Llamas in bf16; vLLM's CPU build wants head size 64
-    "llama-8x1024": dict(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=65536,
-        tie_word_embeddings=False,
-    ),
+    "llama-8x1024": llama(8, 1024, 2816, 16, 4, 64, vocab=32000, positions=1 << 16),
     # Llama-3.2-1B's layer shape, 4 layers: the projections outweigh attention up to long prompts
-    "llama-4x2048": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=65536,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ),
+    "llama-4x2048": llama(4, 2048, 8192, 32, 8, 64, vocab=32000, positions=1 << 16, rope_theta=500000.0),
 }
 VOCAB_SIZE = 32000  # of both models
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"

@@ -28,50 +28,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import llama_bytes, llama_flops, random_llama, random_prompt, run_in_process, timed_requests, write_results
+from common import (
+    llama,
+    llama_bytes,
+    llama_flops,
+    random_llama,
+    random_prompt,
+    run_in_process,
+    timed_requests,
+    write_results,
+)
 from mnemosyne_hpc.kernels import triton_decode
 from mnemosyne_hpc.kernels.prefill import prefill_attention
 from mnemosyne_hpc.model.attention import DecodeBatch
 from mnemosyne_hpc.perf.timing import median_time
 
-WIDE = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=4,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=1 << 17,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+WIDE = llama(4, 2048, 8192, 32, 8, 64, vocab=32000, positions=1 << 17, rope_theta=500000.0)
 # Small projections, 4 KB of KV per token: at 128k context a decode step reads 512 MiB of KV.
-LLAMA3_8B_8L = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=8,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=1 << 17,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B_8L = llama(8, 4096, 14336, 32, 8, 128, vocab=128256, positions=1 << 17, rope_theta=500000.0)
 MODELS = {"llama-4x2048": WIDE, "llama3-8b-8l": LLAMA3_8B_8L}
-LONG_KV = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=128,
-    max_position_embeddings=1 << 20,
-    rope_theta=1e7,
-    tie_word_embeddings=False,
-)
+LONG_KV = llama(2, 256, 512, 4, 4, 128, vocab=1024, positions=1 << 20, rope_theta=1e7)
 GEMM_SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096), (8192, 2048, 2048), (8192, 8192, 2048)]  # (m, n, k)
 GPU_GEMM_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 14336, 4096)]
 PROFILE_ROWS = 12

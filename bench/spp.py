@@ -12,18 +12,9 @@ import argparse
 import time
 from pathlib import Path
 
-from common import random_llama, random_prompt, run_generate, write_results
+from common import llama, random_llama, random_prompt, run_generate, write_results
 
-MODEL = dict(
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    max_position_embeddings=65536,
-    tie_word_embeddings=False,
-)
+MODEL = llama(8, 1024, 2816, 16, 4, vocab=32000, positions=1 << 16)
 
 RUNS = [  # name, ranks, threads per rank, pin one core per rank, overrides
     ("spp1_1core", 1, 1, True, ["parallel.spp=1"]),

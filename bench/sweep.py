@@ -18,19 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, ROOT, random_llama, random_prompt, run_generate, write_results
+from common import RESULTS, ROOT, llama, random_llama, random_prompt, run_generate, write_results
 
-MODEL = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=1 << 17,
-    tie_word_embeddings=False,
-)
+MODEL = llama(2, 256, 512, 4, 2, 64, vocab=1024, positions=1 << 17)
 LAYOUTS = {  # name → (ranks, overrides)
     "tp1": (1, []),
     "tp2": (2, ["parallel.tp=2"]),

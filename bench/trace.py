@@ -33,20 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, random_llama, write_results
+from common import ROOT, llama, random_llama, write_results
 
-MODEL = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=64,
-    max_position_embeddings=1 << 17,
-    rope_theta=1e6,
-    tie_word_embeddings=False,
-)
+MODEL = llama(2, 512, 2048, 4, 1, 64, vocab=8192, positions=1 << 17, rope_theta=1e6)
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 FIXED = {
     f"fixed{size}-fcfs": {"chunking": "fixed", "chunk_size": size, "priority": "fcfs"} for size in (256, 1024, 4096)

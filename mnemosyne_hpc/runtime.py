@@ -7,6 +7,7 @@ hit `parallel.timeout_s`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -136,3 +137,4 @@ def run(
             )
         fail(f"{type(e).__name__}: {e}")
     dist.destroy_process_group()
+    gc.collect()  # the process groups' C++ threads end here, not in the interpreter's teardown

@@ -23,7 +23,7 @@ from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.attention import DecodeBatch
 from mnemosyne_hpc.model.backend import select_backend
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
-from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice
+from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice, Transformer
 from mnemosyne_hpc.model.loader import load_model
 
 
@@ -34,17 +34,9 @@ class ModelRunner:
         tp = TensorParallel(ctx.tp_group, ctx.tp_rank, ctx.tp_size)
         layer_ids = stage_layers(args.num_layers, ctx.num_stages, ctx.stage)
         self.backend = select_backend(self.dtype, ctx.device)  # the kernels every layer computes with
-        self.model = load_model(
-            model_dir,
-            args,
-            tp,
-            self.backend,
-            layer_ids,
-            first_stage=ctx.first_stage,
-            last_stage=ctx.last_stage,
-            dtype=self.dtype,
-            device=ctx.device,
-        )
+        with torch.device("meta"):
+            model = Transformer(args, tp, self.backend, layer_ids, ctx.first_stage, ctx.last_stage)
+        self.model = load_model(model_dir, model, tp, self.dtype, ctx.device)
         kv_heads = args.num_kv_heads // ctx.tp_size
         block_size = cfg.cache.block_size
         # Every stage gets the same block count (sized for stage 0, the largest), so one block table

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
+from mnemosyne_hpc.kernels import F32, I64, INT, PTR, bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -20,26 +19,7 @@ TASKS_PER_THREAD = 4
 
 
 FUNCTIONS = {
-    "decode_attention": [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_float,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]
+    "decode_attention": [PTR, I64, PTR, INT, PTR, PTR, PTR, INT, INT, INT, PTR, PTR, I64, I64, F32, I64, PTR, PTR]
 }
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
+from mnemosyne_hpc.kernels import I64, PTR, bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("gemv.c")
@@ -16,7 +15,7 @@ SOURCE = Path(__file__).with_name("gemv.c")
 
 @functools.cache
 def _library():
-    return load(SOURCE, {"gemv": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]})
+    return load(SOURCE, {"gemv": [PTR, I64, I64, PTR, PTR]})
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

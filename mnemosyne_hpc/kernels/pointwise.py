@@ -7,13 +7,12 @@ torch ops, which round at the same points.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
+from mnemosyne_hpc.kernels import F32, I64, PTR, bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("pointwise.c")
@@ -25,26 +24,9 @@ def _library():
     return load(
         SOURCE,
         {
-            "rms_norm": [
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_float,
-                ctypes.c_void_p,
-            ],
-            "silu_mul": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p],
-            "rope": [
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-            ],
+            "rms_norm": [PTR, PTR, I64, I64, I64, PTR, F32, PTR],
+            "silu_mul": [PTR, I64, I64, PTR],
+            "rope": [PTR, I64, I64, I64, I64, PTR, PTR],
         },
         FLAGS,
     )

@@ -6,47 +6,26 @@ None and callers use torch's flash kernel: the same attention, only slower.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
+from mnemosyne_hpc.kernels import F32, I64, INT, PTR, bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("prefill.c")
 HEAD_DIMS = (64, 128)
 
 
+FUNCTIONS = {
+    "prefill_attention": [PTR, INT, I64, I64, I64, PTR, I64, I64, PTR, I64, I64, INT, I64, INT, INT, F32, PTR, PTR]
+}
+
+
 @functools.cache
 def _library():
-    return load(
-        SOURCE,
-        {
-            "prefill_attention": [
-                ctypes.c_void_p,
-                ctypes.c_int,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int,
-                ctypes.c_int64,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_float,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-            ]
-        },
-        amx=True,
-    )
+    return load(SOURCE, FUNCTIONS, amx=True)
 
 
 def prefill_attention(

@@ -3,13 +3,12 @@ first use (see `build.py`)."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.kernels import bf16_rows_on_cpu, profiled
+from mnemosyne_hpc.kernels import I64, PTR, bf16_rows_on_cpu, profiled
 from mnemosyne_hpc.kernels.build import load
 
 SOURCE = Path(__file__).with_name("skinny.c")
@@ -18,21 +17,7 @@ MAX_ROWS = 64
 
 @functools.cache
 def _library():
-    return load(
-        SOURCE,
-        {
-            "skinny_linear": [
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-            ]
-        },
-        amx=True,
-    )
+    return load(SOURCE, {"skinny_linear": [PTR, I64, I64, PTR, I64, I64, PTR]}, amx=True)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 
 from mnemosyne_hpc.model.args import ModelArgs
-from mnemosyne_hpc.model.backend import TorchBackend
 from mnemosyne_hpc.model.layers import TensorParallel
 from mnemosyne_hpc.model.llama import Transformer
 
@@ -84,18 +83,11 @@ def _sources(args: ModelArgs, name: str) -> tuple[list[str], str | None]:
 
 
 def load_model(
-    model_dir: Path,
-    args: ModelArgs,
-    tp: TensorParallel,
-    backend: TorchBackend,
-    layer_ids: range,
-    first_stage: bool,
-    last_stage: bool,
-    dtype: torch.dtype,
-    device: torch.device,
+    model_dir: Path, model: Transformer, tp: TensorParallel, dtype: torch.dtype, device: torch.device
 ) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args, tp, backend, layer_ids, first_stage, last_stage)
+    """`model`, built on the meta device for this rank's stage and TP shard, with its weights from the
+    checkpoint in `model_dir`, in `dtype` on `device`."""
+    args, first_stage, last_stage = model.args, model.embed_tokens is not None, model.lm_head is not None
     checkpoint = Checkpoint(model_dir)
     if not args.tie_word_embeddings and last_stage and not checkpoint.has("lm_head.weight"):
         raise CheckpointError(f"lm_head.weight missing from {model_dir} and tie_word_embeddings is false")
