@@ -67,6 +67,9 @@ def main() -> None:
         parser.error("name the benchmark after --, e.g. -- roofline.py")
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    shared = args.workdir / "shared"  # the benchmarks read ../shared (traces) beside their checkout
+    if (ROOT.parent / "shared").exists() and not shared.exists():
+        shared.symlink_to(ROOT.parent / "shared")
     revisions = {"base": checkout(args.base, args.workdir), "head": checkout(args.head, args.workdir)}
     figures = {"base": [], "head": []}
     for round_ in range(args.rounds):
