@@ -66,3 +66,34 @@ def test_plan_command_ranks_layouts_and_writes_its_result(tmp_path, capsys):
     assert len(rows) == len({r["layout"] for r in rows}) and all(r["gpus"] <= 16 for r in rows)
     assert rows[0]["fits"] and rows[0]["meets_slo"] and rows[0]["layout"] in printed.splitlines()[2]
     assert not rows[-1]["fits"] and rows[-1]["layout"] == "TP1×SPP1×KVP1"  # 70B in bf16 alone: 131 GiB of weights
+
+
+def test_a_whole_prompt_in_one_chunk_pays_its_causal_attention_in_full():
+    """A chunk of 1M query tokens (scheduler.chunk_size=0) costs q² of causal attention, 64× a 128k one."""
+    args = load_shape("llama3-8b")
+    attention = LayoutCost(HW, args, Layout(8, 1, 1)).attention()
+    flops = HW["bf16_peak_tflops"] * 1e12 * HW["prefill_attention_efficiency"]
+    q = 2**20
+    assert attention(q, 0) == pytest.approx(2 * q * q * args.head_dim * args.num_heads / 8 / flops, rel=1e-3)
+    assert attention(q, 0) == pytest.approx(64 * attention(q // 8, 0), rel=1e-3)
+
+
+def test_prefill_time_of_any_prefix_is_the_sum_of_its_chunks_in_whatever_order_it_is_asked():
+    model = LayoutCost(HW, load_shape("llama3-8b"), Layout(8, 2, 1)).perf_model()
+
+    def from_scratch(tokens, chunk=512):
+        ticks = sum(model.batch_time([SequenceShape(min(chunk, tokens - s), s)], 0) for s in range(0, tokens, chunk))
+        return ticks + (model.stages - 1) * model.batch_time([SequenceShape(min(chunk, tokens), 0)], 0)
+
+    for tokens in (100_000, 1, 512, 513, 1024, 3_000_000, 70_001):
+        assert model.prefill_time(tokens) == from_scratch(tokens)
+    assert model.prefill_time(5000, chunk=1000) == from_scratch(5000, 1000)
+    assert model.prefill_time(0) == 0.0
+
+
+def test_a_layout_that_does_not_fit_is_simulated_only_when_asked():
+    cfg = compose(["plan.context=1M", "plan.decode_tokens=2"], "plan")
+    args, layout = load_shape(cfg.model.path), Layout(1, 1, 1)  # 8B at TP 1: 128 KiB of KV per token
+    bound, unbound = (evaluate(cfg, args, HW, layout, memory_bound=m) for m in (True, False))
+    assert not bound["fits"] and "ttft_s" not in bound and bound["why_not"].startswith("KV 122.1 GiB")
+    assert not unbound["fits"] and unbound["ttft_s"] > 0 and unbound["tbt_p50_s"] > 0

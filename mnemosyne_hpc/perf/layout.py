@@ -31,7 +31,10 @@ from mnemosyne_hpc.perf.model import AttentionFit, Curve, PerfModel
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
-POWERS_OF_TWO = [2**i for i in range(18)]  # grid of tokens, query tokens and rows the curves are tabulated on
+# Grid of tokens, query tokens and rows the curves are tabulated on, up to 16M: a whole multi-million-token
+# prompt in one chunk (`scheduler.chunk_size=0`) gets its causal attention's q² from the grid, not a linear
+# extension of its last two points.
+POWERS_OF_TWO = [2**i for i in range(25)]
 BF16 = 2  # bytes per weight, activation and KV element
 GIB = 2**30
 
@@ -113,6 +116,10 @@ class LayoutCost:
         hw = self.hw
         usable = hw["gpu_memory_gib"] * hw["memory_utilization"] - hw["activation_reserve_gib"]
         return usable * GIB - self.weight_bytes
+
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks of `block_size` tokens that fit in a GPU's `kv_capacity_bytes` (per KVP group)."""
+        return int(max(self.kv_capacity_bytes, 0) // (block_size * self.kv_bytes_per_token))
 
     def _collective(self, name: str, key: str) -> Curve:
         """A measured collective's seconds against message bytes."""

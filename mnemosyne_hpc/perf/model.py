@@ -111,11 +111,16 @@ class PerfModel:
 
     @functools.lru_cache(maxsize=4096)
     def prefill_time(self, tokens: int, chunk: int = 512) -> float:
-        """Seconds to prefill `tokens` tokens alone in chunks of `chunk`, through every stage."""
+        """Seconds to prefill `tokens` tokens alone in chunks of `chunk`, through every stage. The times of
+        whole chunks are kept as running sums: the scheduler asks about the prefix prefilled so far at every
+        step, and at millions of tokens a sum from the first chunk would cost thousands of chunks a call."""
         if tokens <= 0:
             return 0.0
-        starts = range(0, tokens, chunk)
-        ticks = sum(self.batch_time([SequenceShape(min(chunk, tokens - s), s)], 0) for s in starts)
+        whole = (tokens - 1) // chunk  # whole chunks before the last one
+        sums = self.__dict__.setdefault("_prefill_sums", {}).setdefault(chunk, [0.0])
+        while len(sums) <= whole:
+            sums.append(sums[-1] + self.batch_time([SequenceShape(chunk, (len(sums) - 1) * chunk)], 0))
+        ticks = sums[whole] + self.batch_time([SequenceShape(tokens - whole * chunk, whole * chunk)], 0)
         return ticks + (self.stages - 1) * self.batch_time([SequenceShape(min(chunk, tokens), 0)], 0)
 
     def __hash__(self) -> int:  # for lru_cache: one model object, one cache

@@ -11,6 +11,7 @@ those missing it by TBT, then those that do not fit.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterator
 
 from mnemosyne_hpc.config import Config
@@ -37,10 +38,13 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
     return cfg
 
 
-def evaluate(cfg: Config, args: ModelArgs, hw: dict, layout: Layout) -> dict:
-    """One row of the plan: memory per GPU, whether it fits and why not, and the simulated latencies."""
+def evaluate(cfg: Config, args: ModelArgs, hw: dict, layout: Layout, memory_bound: bool = True) -> dict:
+    """One row of the plan: memory per GPU, whether it fits and why not, and the simulated latencies. With
+    `memory_bound` false a layout that does not fit is simulated all the same, as if its GPUs held the
+    request's KV (for scaling curves); its row still says it does not fit."""
     cost, cfg = LayoutCost(hw, args, layout), layout_config(cfg, layout)
-    kv_bytes = KVPLayout.of(cfg).group_tokens * cost.kv_bytes_per_token
+    group_tokens = KVPLayout.of(cfg).group_tokens
+    kv_bytes = group_tokens * cost.kv_bytes_per_token
     row = {
         "layout": str(layout),
         "tp": layout.tp,
@@ -49,21 +53,21 @@ def evaluate(cfg: Config, args: ModelArgs, hw: dict, layout: Layout) -> dict:
         "gpus": layout.gpus,
         "weights_gib": cost.weight_bytes / GIB,
         "kv_gib_per_gpu": kv_bytes / GIB,
-        "fits": False,
+        "fits": cost.kv_capacity_bytes >= kv_bytes,
     }
-    if cost.kv_capacity_bytes < kv_bytes:
+    if not row["fits"]:
         free = max(cost.kv_capacity_bytes, 0) / GIB
         row["why_not"] = (
             f"KV {kv_bytes / GIB:.1f} GiB > {free:.1f} GiB free"
             if free
             else f"weights {cost.weight_bytes / GIB:.1f} GiB leave no room"
         )
-        return row
-    num_blocks = int(cost.kv_capacity_bytes // (cfg.cache.block_size * cost.kv_bytes_per_token))
+        if memory_bound:
+            return row
+    num_blocks = max(cost.kv_blocks(cfg.cache.block_size), math.ceil(group_tokens / cfg.cache.block_size))
     simulator = Simulator(cfg, args, cost.perf_model(), num_blocks=num_blocks)
     summary = simulator.run([Arrival(0.0, cfg.plan.context_tokens, cfg.plan.decode_tokens)]).summary
     row.update(
-        fits=True,
         ttft_s=summary["ttft_s"]["p50"],
         tbt_p50_s=summary["tbt_s"]["p50"],
         tbt_p99_s=summary["tbt_s"]["p99"],
