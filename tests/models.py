@@ -46,7 +46,7 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
+def make_tiny_model(name: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     import transformers
 
     config_class, model_class, extra = TINY_CONFIGS[name]
@@ -57,7 +57,7 @@ def make_tiny_model(name: str, directory: Path, seed: int = 0, **overrides) -> P
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.5)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

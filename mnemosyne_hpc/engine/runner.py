@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mnemosyne_hpc.config import Config
+from mnemosyne_hpc.config import CacheConfig, Config
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.distributed.mesh import ParallelContext, stage_layers
 from mnemosyne_hpc.engine.kv_cache import KVCache
@@ -25,6 +25,18 @@ from mnemosyne_hpc.model.backend import select_backend
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice, Transformer
 from mnemosyne_hpc.model.loader import load_model
+
+
+def kv_pool_blocks(cache: CacheConfig, args: ModelArgs, tp_size: int, num_stages: int, dtype: torch.dtype) -> int:
+    """KV blocks per rank: cache.num_blocks, or as many as cache.kv_memory_gib holds. Every stage gets the
+    same count (sized for stage 0, the largest), so one block table serves all of them."""
+    if cache.num_blocks:
+        return cache.num_blocks
+    largest_stage = len(stage_layers(args.num_layers, num_stages, 0))
+    per_block = KVCache.bytes_per_block(
+        largest_stage, args.num_kv_heads // tp_size, args.head_dim, cache.block_size, dtype
+    )
+    return int(cache.kv_memory_gib * 2**30 // per_block)
 
 
 class ModelRunner:
@@ -39,14 +51,7 @@ class ModelRunner:
         self.model = load_model(model_dir, model, tp, self.dtype, ctx.device)
         kv_heads = args.num_kv_heads // ctx.tp_size
         block_size = cfg.cache.block_size
-        # Every stage gets the same block count (sized for stage 0, the largest), so one block table
-        # serves all of them.
-        largest_stage = len(stage_layers(args.num_layers, ctx.num_stages, 0))
-        self.num_blocks = cfg.cache.num_blocks or int(
-            cfg.cache.kv_memory_gib
-            * 2**30
-            // KVCache.bytes_per_block(largest_stage, kv_heads, args.head_dim, block_size, self.dtype)
-        )
+        self.num_blocks = kv_pool_blocks(cfg.cache, args, ctx.tp_size, ctx.num_stages, self.dtype)
         self.kv_cache = KVCache(
             len(layer_ids), kv_heads, args.head_dim, self.num_blocks, block_size, self.dtype, ctx.device
         )

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mnemosyne_hpc.auto_config import model_len
 from mnemosyne_hpc.config import Config
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.engine import Engine
@@ -58,10 +59,15 @@ class Simulator:
     ):
         # A stream gives prompt lengths, not their tokens: every simulated prompt is the same token
         # repeated, which a prefix cache would take for one shared prefix.
-        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, prefix_caching=False))
+        # cache.max_model_len = 0 is the model's window, as a real run settles it (`auto_config.py`).
+        num_blocks = num_blocks or cfg.cache.num_blocks
+        max_model_len = cfg.cache.max_model_len or model_len(cfg, args, num_blocks)[0]
+        cfg = dataclasses.replace(
+            cfg, cache=dataclasses.replace(cfg.cache, prefix_caching=False, max_model_len=max_model_len)
+        )
         self.cfg, self.clock = cfg, VirtualClock(start)
         layout = KVPLayout.of(cfg)
-        runner = VirtualRunner(args, layout, num_blocks or cfg.cache.num_blocks, StageCount(cfg.parallel.spp))
+        runner = VirtualRunner(args, layout, num_blocks, StageCount(cfg.parallel.spp))
         self.token = next(t for t in range(args.vocab_size) if t not in args.eos_token_ids)
         executor = SimulatedExecutor(self.clock, step_time or PipelineTicks(perf_model, layout), self.token)
         self.engine = Engine(cfg, runner, perf_model=perf_model, clock=self.clock, executor=executor)
