@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from ranks import MPIRUN, ROOT
+from servers import metric as _metric
+from servers import rank_pids as _rank_pids
+from servers import start_server
 
 KEY = "test-key"
 TIMEOUT_S = 6  # parallel.timeout_s: the idle test waits twice as long
@@ -26,38 +26,19 @@ TIMEOUT_S = 6  # parallel.timeout_s: the idle test waits twice as long
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    address_file = tmp_path_factory.mktemp("serve") / "address"
-    process = subprocess.Popen(
+    address, process = start_server(
+        tmp_path_factory.mktemp("serve"),
         [
-            MPIRUN,
-            "-n",
-            "2",
-            sys.executable,
-            "-m",
-            "mnemosyne_hpc.serve",
             "parallel.kvp=2",
             "cache.max_model_len=1024",
             "scheduler.chunking=fixed",
             "scheduler.priority=fcfs",
             "scheduler.max_num_seqs=64",
             f"parallel.timeout_s={TIMEOUT_S}",
-            "server.port=0",
             f"server.api_key={KEY}",
-            f"server.address_file={address_file}",
         ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
     )
-    deadline = time.monotonic() + 240
-    while not (address_file.exists() and address_file.read_text().strip()):
-        assert process.poll() is None and time.monotonic() < deadline, (
-            process.stdout.read() if process.poll() else "slow"
-        )
-        time.sleep(0.2)
-    yield address_file.read_text().strip(), process
+    yield address, process
     os.kill(_rank_pids(process.pid)[0], signal.SIGTERM)  # a clean stop: rank 0 tells the others to shut down
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 0, output[-3000:]
@@ -392,36 +373,6 @@ def test_idle_server_outlives_the_collective_timeout_without_spending_cpu(server
     assert spent < 0.1 * 2 * TIMEOUT_S, f"idle ranks spent {spent:.2f} CPU-seconds in {2 * TIMEOUT_S} s"
     completion = client(address).completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Hi", max_tokens=3)
     assert completion.usage.completion_tokens == 3 and process.poll() is None
-
-
-def _metric(address: str, name: str, default: float | None = None) -> float:
-    """A metric's value; `default` for one not exported (yet: a label's counter appears at its first count)."""
-    for line in httpx.get(f"{address}/metrics", timeout=60).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    assert default is not None, f"metric {name} not exported"
-    return default
-
-
-def _rank_pids(root: int) -> list[int]:
-    """The rank processes under the mpirun of `root`, in rank order."""
-    children, found = {root}, []
-    for _ in range(4):
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid in children and pid not in children:
-                children.add(pid)
-    for pid in children - {root}:
-        try:
-            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
-            if "mnemosyne_hpc.serve" in Path(f"/proc/{pid}/cmdline").read_text() and "PMI_RANK" in environ:
-                found.append((int(environ["PMI_RANK"]), pid))
-        except OSError:
-            pass
-    return [pid for _, pid in sorted(found)]
 
 
 def _cpu_seconds(pid: int) -> float:
