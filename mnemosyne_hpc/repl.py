@@ -48,11 +48,16 @@ class Repl:
         print(text, end=end, file=self.out, flush=True)
 
     def serve(self) -> None:
-        """The loop on this (main) thread; the conversation on another."""
+        """The loop on this (main) thread; the conversation on another. Once it ends, Ctrl-C is ignored:
+        the handler must not keep this REPL, and through it the process groups, alive (runtime._leave)."""
         signal.signal(signal.SIGINT, self._interrupt)
         conversation = threading.Thread(target=self._converse, name="repl", daemon=True)
         conversation.start()
-        self.loop.run()
+        try:
+            self.loop.run()
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            conversation.join(timeout=5)
 
     def _interrupt(self, signum, frame) -> None:
         if self.current is not None:

@@ -120,28 +120,7 @@ def run(
     Ranks other than 0 ignore `followers_ignore`: rank 0 alone decides what a signal means (a
     launcher forwards a terminal's Ctrl-C, or a scheduler's SIGTERM, to every rank)."""
     try:
-        path = check_model_path(cfg)
-        info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
-        if info.rank != 0:
-            for signum in followers_ignore:
-                signal.signal(signum, signal.SIG_IGN)
-        on_gpu = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        if device.type == "cpu":
-            retain_freed_memory()
-        ctx = build_mesh(cfg.parallel, device)
-        _check_same_config(cfg, ctx.cpu_group)
-        model_dir = _model_dir(cfg, path, info.rank)
-        args = ModelArgs.from_dir(model_dir)
-        cfg = _settle(cfg, args, model_dir, ctx)
-        runner = ModelRunner(cfg, ctx, model_dir, args)
-        model = perf_model(cfg, runner)
-        if info.rank == 0:
-            engine = Engine(cfg, runner, load_tokenizer(model_dir), model, **engine_options)
-            leader(engine)
-            engine.shutdown()
-        else:
-            Executor(runner).follow()
+        _run_rank(cfg, leader, perf_model, followers_ignore, engine_options)
     except KeyboardInterrupt:
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
@@ -151,5 +130,40 @@ def run(
                 f"{cfg.parallel.timeout_s:g}s): {type(e).__name__}: {e}"
             )
         fail(f"{type(e).__name__}: {e}")
+    _leave()
+
+
+def _run_rank(cfg, leader, perf_model, followers_ignore, engine_options) -> None:
+    """`run`'s work; what this rank built (mesh, model, engine) is left behind when it returns."""
+    path = check_model_path(cfg)
+    info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    if info.rank != 0:
+        for signum in followers_ignore:
+            signal.signal(signum, signal.SIG_IGN)
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        retain_freed_memory()
+    ctx = build_mesh(cfg.parallel, device)
+    _check_same_config(cfg, ctx.cpu_group)
+    model_dir = _model_dir(cfg, path, info.rank)
+    args = ModelArgs.from_dir(model_dir)
+    cfg = _settle(cfg, args, model_dir, ctx)
+    runner = ModelRunner(cfg, ctx, model_dir, args)
+    model = perf_model(cfg, runner)
+    if info.rank == 0:
+        engine = Engine(cfg, runner, load_tokenizer(model_dir), model, **engine_options)
+        leader(engine)
+        engine.shutdown()
+    else:
+        Executor(runner).follow()
+
+
+def _leave() -> None:
+    """Destroy the process groups, then collect what referred to them (mesh, model, engine), so that
+    their destructors join gloo's worker threads while the interpreter still runs. Left to interpreter
+    shutdown, a worker releasing the tensors of its last collective takes the GIL there, which ends the
+    thread (pthread_exit) inside a C++ destructor: std::terminate, "terminate called without an active
+    exception", exit status 134."""
     dist.destroy_process_group()
-    gc.collect()  # the process groups' C++ threads end here, not in the interpreter's teardown
+    gc.collect()
