@@ -134,6 +134,12 @@ class ServerConfig:
     api_key: str = ""  # when set, requests need "Authorization: Bearer <api_key>"
     model_name: str = ""  # the model id clients name; empty: the model file's or directory's name
     address_file: str = ""  # where rank 0 writes http://host:port once it listens (empty: not written)
+    # After SIGTERM or SIGINT: new requests get 503 at once; those in flight may run this many seconds
+    # more, then those left end with an error (a stream: an error event). A second signal ends them at once.
+    shutdown_grace_s: float = 20.0
+    # /health answers 503 once requests are pending and no engine step has completed for this long (a
+    # rank frozen or too slow); keep it above the longest step (adaptive chunking: about tbt_slo_ms).
+    health_stall_s: float = 10.0
 
 
 @dataclass
@@ -265,6 +271,10 @@ def validate(cfg: Config) -> None:
             "scheduler.max_num_seqs and scheduler.max_num_batched_tokens must be >= 1",
         ),
         (cfg.plan.gpus >= 1 and cfg.plan.decode_tokens >= 2, "plan.gpus must be >= 1 and plan.decode_tokens >= 2"),
+        (
+            cfg.server.shutdown_grace_s >= 0 and cfg.server.health_stall_s > 0,
+            "server.shutdown_grace_s must be >= 0 and server.health_stall_s > 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:

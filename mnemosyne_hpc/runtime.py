@@ -157,6 +157,7 @@ def _run_rank(cfg, leader, perf_model, followers_ignore, engine_options) -> None
         engine.shutdown()
     else:
         Executor(runner).follow()
+        print(f"[rank {info.rank}] rank 0 shut the job down; exiting", file=sys.stderr, flush=True)
 
 
 def _leave() -> None:

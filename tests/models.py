@@ -61,6 +61,23 @@ def make_tiny_model(name: str, directory: Path, seed: int = 0, dtype: torch.dtyp
     return directory
 
 
+def make_tiny_text_model(directory: Path, **overrides) -> Path:
+    """A tiny random Llama that reads and writes text through the embedded SmolLM2's tokenizer: a server
+    on it starts in seconds and streams text (of no meaning)."""
+    import shutil
+
+    from mnemosyne_hpc.config import compose, resolve_cache_dir
+    from mnemosyne_hpc.model.gguf import convert_gguf
+
+    cfg = compose([])
+    smollm2 = convert_gguf(Path(cfg.model.path), resolve_cache_dir(cfg))
+    make_tiny_model("llama", directory, vocab_size=49152, **overrides)
+    for path in smollm2.iterdir():
+        if path.name != "config.json" and path.suffix != ".safetensors":
+            shutil.copy(path, directory / path.name)
+    return directory
+
+
 def load_reference(directory: Path):
     from transformers import AutoModelForCausalLM
 

@@ -3,6 +3,8 @@ processes (to signal one alone) and its Prometheus metrics."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +44,13 @@ def start_server(directory: Path, overrides: list[str], ranks: int = 2) -> tuple
         )
         time.sleep(0.2)
     return address_file.read_text().strip(), process
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """What is left of a job a test gave up on: mpirun and its ranks (a session of their own)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
 
 
 def rank_pids(root: int) -> list[int]:

@@ -1,5 +1,9 @@
 """The OpenAI-compatible HTTP API over a ServingLoop: completions, chat completions, streaming (SSE),
-models, health and Prometheus metrics."""
+models, health and Prometheus metrics.
+
+Every failure a client can meet is an OpenAI-shaped error: a response, or the last event of a stream
+(a stream that has started cannot change its status). `/health` tells a load balancer what clients
+would find: 503 while the server stops, or while its ranks make no progress."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.serving.inputs import InputProcessor
-from mnemosyne_hpc.serving.loop import Event, ServingLoop
+from mnemosyne_hpc.serving.loop import REFUSED, Event, ServingLoop
 
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
 SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
@@ -39,13 +43,28 @@ IGNORED_FIELDS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def error_body(status: int, message: str, kind: str | None = None) -> dict:
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind), status_code=status)
+
+
+def failure(event: Event) -> tuple[int, str] | None:
+    """(status, message) of an event that ends its request with an error: refused or ended by the loop,
+    or its sampling failed."""
+    if event.kind == "error":
+        return event.status, event.text
+    if event.finish_reason == "error":
+        return 500, SAMPLING_FAILED
+    return None
 
 
 class PrefixCacheCounters:
@@ -98,7 +117,8 @@ class Metrics:
         self.requests.labels(request.finish_reason).inc()
 
 
-def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
+def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float = 10.0) -> FastAPI:
+    """`stall_s`: /health answers 503 once the loop has had work this long without completing a step."""
     app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
     metrics = Metrics(loop)
     inputs = InputProcessor(loop.engine.tokenizer)
@@ -108,6 +128,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         authorized = request.headers.get("authorization") == f"Bearer {api_key}"
         if api_key and request.url.path.startswith("/v1") and not authorized:
             return error_response(401, "missing or wrong API key", "authentication_error")
+        if loop.stopping and request.method == "POST":
+            return error_response(503, REFUSED)
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -116,6 +138,12 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if loop.stopping:
+            return JSONResponse({"status": "stopping", "message": REFUSED}, status_code=503)
+        stalled = loop.stalled_s()
+        if stalled > stall_s:
+            message = f"no engine step has completed for {stalled:.1f} s while requests are pending"
+            return JSONResponse({"status": "stalled", "message": message}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -191,7 +219,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
         first = await _unless_disconnected(request, events.__anext__())
         if first.kind == "error":
             await events.aclose()
-            raise ApiError(first.status, first.text, "invalid_request_error" if first.status < 500 else "server_error")
+            raise ApiError(*failure(first))
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream", False):
@@ -199,8 +227,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
                 _stream(first, events, completion_id, created, chat), media_type="text/event-stream"
             )
         text, done = await _unless_disconnected(request, _collect(first, events))
-        if done.finish_reason == "error":
-            raise ApiError(500, SAMPLING_FAILED, "server_error")
+        if failure(done):
+            raise ApiError(*failure(done))
         return _full_response(completion_id, created, chat, text, done)
 
     async def _unless_disconnected(request: Request, awaitable):
@@ -264,8 +292,8 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "") -> FastAPI:
             )
         try:
             async for event in _chain(first, events):
-                if event.finish_reason == "error":
-                    yield _sse({"error": {"message": SAMPLING_FAILED, "type": "server_error", "code": 500}})
+                if failure(event):
+                    yield _sse(error_body(*failure(event)))
                     break
                 if event.text or event.kind == "done":
                     choice = {"index": 0, "finish_reason": event.finish_reason}

@@ -3,18 +3,25 @@ receives their text as events.
 
 While there is no work the loop sleeps on its inbox (no CPU spent) and, every `heartbeat_s`, sends
 the other ranks an empty plan, so their wait for the next plan never reaches parallel.timeout_s.
+
+A stop (`stop`, also from a signal handler) refuses new requests at once and lets those submitted
+finish within a grace period; whatever is left then ends with an error event, as does every request
+when a step fails (a rank lost): no client is left with a cut connection and no answer.
 """
 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.request import Request, RequestError
+
+POLL_S = 0.25  # while waiting for work, how soon the loop notices a stop
+REFUSED = "the server is shutting down and accepts no new requests"
+ENDED = "the server is shutting down: this request did not finish within its grace period"
 
 
 @dataclass
@@ -42,7 +49,9 @@ class ServingLoop:
     heartbeat_s: float
     _inbox: queue.Queue = field(default_factory=queue.Queue)
     _tickets: dict = field(default_factory=dict)  # request id → Ticket
-    _stopping: threading.Event = field(default_factory=threading.Event)
+    _deadline: Optional[float] = None  # once stopping: when the requests still running are ended
+    # (waiting for work, since when): the loop's last sign of progress (stalled_s)
+    _progress: tuple = field(default_factory=lambda: (True, time.monotonic()))
     observers: list = field(default_factory=list)  # called with every finished request (on the loop's thread)
 
     def submit(self, on_event: Callable[[Event], None], **request) -> Ticket:
@@ -60,26 +69,70 @@ class ServingLoop:
         """Run `function` on the loop's thread between steps, after what was submitted before (thread-safe)."""
         self._inbox.put(function)
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self._inbox.put(None)
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests from now on; those submitted may run `grace_s` seconds more, then those
+        left end with an error event and `run` returns. A second call ends them at once. It takes no
+        lock, so a signal handler may call it while this thread holds one: the loop notices within POLL_S."""
+        now = time.monotonic()
+        self._deadline = now if self.stopping else now + grace_s
+
+    @property
+    def stopping(self) -> bool:
+        return self._deadline is not None
 
     @property
     def idle(self) -> bool:
         return not self.engine.has_unfinished and self._inbox.empty()
 
+    def stalled_s(self) -> float:
+        """Seconds the loop has had work without completing a step (0 while it waits for work): a rank
+        frozen or slowed to a crawl shows here long before parallel.timeout_s ends the job."""
+        waiting, since = self._progress
+        return 0.0 if waiting else time.monotonic() - since
+
     def run(self) -> None:
-        """Serve until `stop()`: the caller's thread does every collective of rank 0."""
+        """Serve until stopped: the caller's thread does every collective of rank 0. A step that raises
+        ends every request with an error event, then propagates."""
+        try:
+            self._serve()
+        except BaseException as e:
+            self._end_all(f"the server failed and stops: {type(e).__name__}: {e}", 500)
+            raise
+
+    def _serve(self) -> None:
         last_contact = time.monotonic()
-        while not self._stopping.is_set():
-            self._take_inbox(block=not self.engine.has_unfinished, until=last_contact + self.heartbeat_s)
+        while True:
+            waiting = not self.engine.has_unfinished
+            if waiting:
+                self._progress = (True, time.monotonic())
+            self._take_inbox(block=waiting, until=min(last_contact + self.heartbeat_s, time.monotonic() + POLL_S))
+            if waiting:
+                self._progress = (False, time.monotonic())
+            if self.stopping and (not self._tickets or time.monotonic() >= self._deadline):
+                self._end_all(ENDED, 503)
+                return
             if self.engine.has_unfinished:
                 out = self.engine.step()
+                self._progress = (False, time.monotonic())
                 self._emit(out.sampled, out.finished)
                 last_contact = time.monotonic()
             elif time.monotonic() >= last_contact + self.heartbeat_s:
                 self.engine.keep_alive()
                 last_contact = time.monotonic()
+
+    def _end_all(self, message: str, status: int) -> None:
+        """Every request still running, or still in the inbox, ends with an error event."""
+        ending = list(self._tickets.values())
+        self._tickets.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Ticket) and not item.cancelled:
+                ending.append(item)
+        for ticket in ending:
+            ticket.on_event(Event("error", text=message, status=status))
 
     def _take_inbox(self, block: bool, until: float) -> None:
         while True:
@@ -89,14 +142,15 @@ class ServingLoop:
             except queue.Empty:
                 return
             block = False  # after the first arrival, take only what is already there
-            if ticket is None:
-                continue
             if not isinstance(ticket, Ticket):
                 ticket()  # a `call`
                 continue
             if ticket.cancelled:  # its cancellation; a request cancelled before it was taken never starts
                 finished = self.engine.abort(ticket.request_id) if ticket.request_id is not None else None
                 self._emit([], [finished] if finished else [])
+                continue
+            if self.stopping:
+                ticket.on_event(Event("error", text=REFUSED, status=503))
                 continue
             try:
                 ticket.request_id = self.engine.add_request(**ticket.request)
