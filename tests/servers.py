@@ -15,9 +15,11 @@ import httpx
 from ranks import MPIRUN, ROOT
 
 
-def start_server(directory: Path, overrides: list[str], ranks: int = 2) -> tuple[str, subprocess.Popen]:
-    """`mpirun -n ranks python -m mnemosyne_hpc.serve OVERRIDES` on any free port; its address once it
-    listens, and the process (stdout and stderr together in a pipe)."""
+def start_server(
+    directory: Path, overrides: list[str], ranks: int = 2, program: tuple[str, ...] = ("-m", "mnemosyne_hpc.serve")
+) -> tuple[str, subprocess.Popen]:
+    """`mpirun -n ranks python PROGRAM OVERRIDES` (the server, or what wraps it) on any free port; its
+    address once it listens, and the process (stdout and stderr together in a pipe)."""
     address_file = directory / "address"
     process = subprocess.Popen(
         [
@@ -25,8 +27,7 @@ def start_server(directory: Path, overrides: list[str], ranks: int = 2) -> tuple
             "-n",
             str(ranks),
             sys.executable,
-            "-m",
-            "mnemosyne_hpc.serve",
+            *program,
             *overrides,
             "server.port=0",
             f"server.address_file={address_file}",

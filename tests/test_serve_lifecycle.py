@@ -225,3 +225,35 @@ def test_a_stream_cut_by_a_lost_rank_ends_with_an_error_event(text_model, tmp_pa
     print(f"the stream's last event: {error}")
     assert error["code"] == 500 and error["message"].startswith("the server failed and stops"), error
     assert process.returncode != 0 and "lost contact with a peer rank" in output, output[-3000:]
+
+
+# The server, and after runtime._leave, on each rank: how many of the objects that hold process groups
+# survived collection.
+SURVIVORS = """
+import gc, json, sys
+import mnemosyne_hpc.runtime as runtime
+import mnemosyne_hpc.serve as serve
+leave = runtime._leave
+def counted():
+    leave()
+    names = ("ParallelContext", "TensorParallel", "ModelRunner", "DeviceMesh")
+    print("survivors", json.dumps({n: sum(type(o).__name__ == n for o in gc.get_objects()) for n in names}))
+runtime._leave = counted
+serve.main(sys.argv[1:])
+"""
+
+
+def test_a_stopped_rank_lets_its_process_groups_go_before_the_interpreter_exits(text_model, tmp_path):
+    """A gloo worker that releases its last collective's tensors during interpreter shutdown aborts the
+    process ("terminate called without an active exception"): the groups must be destroyed, their workers
+    joined, while the interpreter runs; nothing of a rank (mesh, layers, model) may outlive runtime._leave,
+    though the web framework's caches keep the server's handlers and, through them, the engine."""
+    address, process = start_server(tmp_path, overrides(text_model), program=("-c", SURVIVORS))
+    try:
+        httpx.post(f"{address}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+        output = stop_cleanly(process, rank_pids(process.pid)[0])
+    finally:
+        kill_job(process)
+    survivors = [json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("survivors ")]
+    print(survivors)
+    assert survivors == [dict.fromkeys(("ParallelContext", "TensorParallel", "ModelRunner", "DeviceMesh"), 0)] * 2

@@ -172,4 +172,9 @@ class Engine:
         return request.finish_reason is not None
 
     def shutdown(self) -> None:
+        """The last plan: every rank stops. Then the engine lets go of this rank's model and process
+        groups, which must be collected before the interpreter exits (runtime._leave) even where the
+        engine itself lives on (a web framework's caches keep the server's handlers, and with them the
+        engine)."""
         self.executor.shutdown()
+        self.executor = self.runner = None
