@@ -65,13 +65,13 @@ class BlockAllocator:
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block; a cached block nobody references becomes evictable, the
         last block of a sequence first (its prefix is the likelier to be asked for again)."""
-        self._refs[block_ids] -= 1
-        released = [b for b in block_ids if self._refs[b] == 0]
-        for block in reversed(released):
-            if block in self._identity_of:
-                self._evictable[block] = None
-            else:
-                self._is_free[block] = True
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        self._refs[blocks] -= 1
+        released = blocks[self._refs[blocks] == 0]
+        cached = [b for b in released[::-1].tolist() if b in self._identity_of] if self._identity_of else []
+        self._evictable.update(dict.fromkeys(cached))
+        self._is_free[released] = True
+        self._is_free[cached] = False
         self.num_free += len(released)
 
     def lookup(self, identity: bytes) -> int | None:
@@ -160,7 +160,7 @@ class KVPlacement:
                 g.blocks_for(n) - len(hit) <= g.num_free - sum(map(g.is_evictable, hit))
                 for g, n, hit in zip(groups, shards, hits)
             ):
-                cached = self.grid.end(sum(map(len, hits)) - 1) if any(hits) else 0
+                cached = self._cached_tokens(hits)
                 key = (cached, min(self.headroom(first + i) for i in range(span)))
                 if best_key is None or key > best_key:
                     best, best_key = (first, hits, cached), key
@@ -190,14 +190,13 @@ class KVPlacement:
     def cached_prefix(self, identities: list[bytes], num_tokens: int) -> int:
         """Tokens of a request's first `num_tokens` that placing it now would find cached."""
         span = len(self.layout.shard_tokens(num_tokens))
-        most = max(
-            (
-                sum(map(len, self._hits(first, identities, num_tokens)))
-                for first in range(len(self.allocators) - span + 1)
-            ),
-            default=0,
-        )
-        return self.grid.end(most - 1) if most else 0
+        runs = range(len(self.allocators) - span + 1)
+        return max((self._cached_tokens(self._hits(first, identities, num_tokens)) for first in runs), default=0)
+
+    def _cached_tokens(self, hits: list[list[int]]) -> int:
+        """Positions covered by a request's leading cached blocks (as `_hits` finds them)."""
+        count = sum(map(len, hits))
+        return self.grid.end(count - 1) if count else 0
 
     def register(self, first_group: int, tables: list[list[int]], identities: list[bytes], blocks: range) -> None:
         """Cache the request's blocks `blocks` (their KV computed in every stage) under their identities."""
