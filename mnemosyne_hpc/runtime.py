@@ -22,7 +22,7 @@ import torch.distributed as dist
 from mnemosyne_hpc.auto_config import settle
 from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
-from mnemosyne_hpc.distributed.launch import fail, init_distributed
+from mnemosyne_hpc.distributed.launch import fail, init_distributed, ranks_by_host
 from mnemosyne_hpc.distributed.mesh import ParallelContext, build_mesh
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.executor import Executor
@@ -65,7 +65,13 @@ def _model_dir(cfg: Config, path: Path, rank: int) -> Path:
     if rank == 0:
         convert_gguf(path, cache_dir)
     dist.barrier()
-    return converted_dir(path, cache_dir)
+    converted = converted_dir(path, cache_dir)
+    if not (converted / "config.json").exists():
+        raise ModelDirError(
+            f"rank 0 converted {path} into {converted}, which this host cannot see: ranks on several hosts "
+            "need model.path and model.cache_dir (MNEMOSYNE_CACHE) on a file system every node shares"
+        )
+    return converted
 
 
 def _check_same_config(cfg: Config, group) -> None:
@@ -125,9 +131,10 @@ def run(
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
         if _raised_in_collective(e) and dist.is_initialized():
+            placement = ranks_by_host()
             fail(
                 f"lost contact with a peer rank (it exited, or was silent for parallel.timeout_s = "
-                f"{cfg.parallel.timeout_s:g}s): {type(e).__name__}: {e}"
+                f"{cfg.parallel.timeout_s:g}s; {placement}): {type(e).__name__}: {e}"
             )
         fail(f"{type(e).__name__}: {e}")
     _leave()

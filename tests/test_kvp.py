@@ -9,31 +9,7 @@ import pytest
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
 from models import DECODE_STEPS, assert_matches_reference, reference_greedy
-from ranks import greedy_cases, run_engine, tiny_overrides, together_and_solo_cases
-
-GROUP_TOKENS = 80  # L: small, so short prompts cross several group boundaries
-
-
-def kvp_prompts(kvp: int, vocab_size: int) -> list[list[int]]:
-    """A 50-token prompt whose decode crosses the first boundary, and prompts crossing 1 … kvp−1
-    boundaries during prefill; every request fits the kvp · L positions."""
-    rng = random.Random(kvp)
-    lengths = [50] + [j * GROUP_TOKENS + 10 for j in range(1, kvp)]
-    return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
-
-
-def kvp_overrides(model_dir, tp: int, spp: int, kvp: int, max_model_len: int) -> list[str]:
-    """With kvp == 1 the one group holds everything (L automatic)."""
-    return tiny_overrides(
-        model_dir,
-        **{
-            "parallel.tp": tp,
-            "parallel.spp": spp,
-            "parallel.kvp": kvp,
-            "parallel.max_tokens_per_kvp_group": GROUP_TOKENS if kvp > 1 else 0,
-            "cache.max_model_len": max_model_len,
-        },
-    )
+from ranks import GROUP_TOKENS, greedy_cases, kvp_overrides, kvp_prompts, run_engine, together_and_solo_cases
 
 
 @pytest.mark.parametrize(

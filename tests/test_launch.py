@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnemosyne_hpc.distributed.launch import discover_rank
+from mnemosyne_hpc.distributed.launch import discover_rank, on_one_host
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,29 @@ from mnemosyne_hpc.distributed.launch import discover_rank
 def test_rank_discovery_precedence(env, expected):
     info = discover_rank(env)
     assert (info.launcher, info.rank, info.world_size, info.local_rank) == expected
+
+
+@pytest.mark.parametrize(
+    "env, one_host",
+    [
+        # an allocation of 2 tasks per node, a step of 1 per node on 2 nodes: srun keeps the allocation's count
+        (
+            {
+                "SLURM_PROCID": "0",
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_STEP_NUM_NODES": "2",
+            },
+            False,
+        ),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}, True),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "1"}, False),
+        ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}, True),
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, True),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, False),  # not said: ranks may be anywhere
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, True),
+        ({}, True),
+    ],
+)
+def test_one_host_or_several(env, one_host):
+    assert on_one_host(discover_rank(env), env) == one_host

@@ -70,7 +70,7 @@ def rendezvous_address(info: RankInfo, env=os.environ) -> tuple[str, int]:
                 f"mpi4py sees {comm.Get_size()} ranks but the launcher says {info.world_size}; "
                 "is mpi4py built for the MPI that started this job?"
             )
-        address = (socket.gethostname() if info.world_size > _local_size(env) else "127.0.0.1", _free_port())
+        address = ("127.0.0.1" if on_one_host(info, env) else socket.gethostname(), _free_port())
         return comm.bcast(address if info.rank == 0 else None, root=0)
     if info.launcher == "slurm":
         host = _slurm_first_host(env["SLURM_STEP_NODELIST"])
@@ -78,11 +78,24 @@ def rendezvous_address(info: RankInfo, env=os.environ) -> tuple[str, int]:
     raise RuntimeError("no rendezvous: set MASTER_ADDR and MASTER_PORT")
 
 
-def _local_size(env) -> int:
-    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"):
-        if name in env:
-            return int(env[name].split("(")[0])
-    return 1
+# Per launcher, the number of this job's ranks on this host. SLURM's SLURM_NTASKS_PER_NODE is the
+# allocation's, not the step's (`srun -N 2 -n 2` in an allocation of 2 tasks per node keeps 2): the
+# step's node count is what tells.
+_LOCAL_SIZE_VARIABLES = {
+    "openmpi": "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "mpich": "MPI_LOCALNRANKS",
+    "torchrun": "LOCAL_WORLD_SIZE",
+}
+
+
+def on_one_host(info: RankInfo, env=os.environ) -> bool:
+    """Whether the launcher says every rank runs on this host (unknown counts as no)."""
+    if info.world_size == 1:
+        return True
+    if info.launcher == "slurm":
+        return env.get("SLURM_STEP_NUM_NODES") == "1"
+    local = _LOCAL_SIZE_VARIABLES.get(info.launcher)
+    return local in env and int(env[local]) == info.world_size
 
 
 def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
@@ -94,7 +107,7 @@ def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
         backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    if info.world_size <= _local_size(os.environ):  # one host: keep gloo on loopback
+    if on_one_host(info):  # keep gloo on loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     addr, port = rendezvous_address(info)
     try:
@@ -110,7 +123,41 @@ def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
             f"rank {info.rank}/{info.world_size}: rendezvous at {addr}:{port} failed within "
             f"{timeout_s:g}s (a rank never arrived?): {e}"
         ) from e
+    _gather_hosts(info, f"{addr}:{port}")
     return info
+
+
+_hosts: list[str] = []  # every rank's host name, in rank order, once the ranks have joined
+
+
+def _gather_hosts(info: RankInfo, rendezvous: str) -> None:
+    hosts = [""] * info.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    _hosts[:] = hosts
+    if info.rank == 0 and len(set(hosts)) > 1:
+        print(
+            f"[rank 0] {info.world_size} ranks on {len(set(hosts))} hosts ({info.launcher}, rendezvous {rendezvous}): "
+            f"{ranks_by_host()}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def ranks_by_host() -> str:
+    """'node0: ranks 0-3; node1: ranks 4-7', or '' before the ranks have joined."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(_hosts):
+        by_host.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: rank{'s' * (len(r) > 1)} {_spans(r)}" for host, r in by_host.items())
+
+
+def _spans(ranks: list[int]) -> str:
+    spans, start = [], ranks[0]
+    for previous, rank in zip(ranks, ranks[1:] + [None]):
+        if rank != previous + 1:
+            spans.append(str(start) if start == previous else f"{start}-{previous}")
+            start = rank
+    return ", ".join(spans)
 
 
 def fail(message: str) -> None:
