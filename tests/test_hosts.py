@@ -87,10 +87,11 @@ def test_hosts_are_apart(hosts):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_mpirun_with_a_hostfile(layout, hosts, layouts, tmp_path):
-    """`mpirun -f HOSTFILE -n 2` with one slot per host: hydra starts the far rank over ssh."""
+    """`mpirun -f HOSTFILE -n 2` with one slot per host: hydra starts the far rank over ssh; gloo on the
+    interface named by GLOO_SOCKET_IFNAME, as on hosts with several networks."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{name}:1\n" for name in hosts.names))
-    env = {**os.environ, "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(hosts.ssh)}
+    env = {**os.environ, "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(hosts.ssh), "GLOO_SOCKET_IFNAME": "eth0"}
 
     def across_hosts(n, args):
         command = [MPIRUN, "-f", hostfile, "-n", n, sys.executable, *args]
@@ -119,13 +120,15 @@ def test_sbatch_on_two_nodes(cluster, layouts, tmp_path):
         assert_matches_one_rank(torch.load(out), layouts, f"sbatch {layout}=2 on two nodes")
 
 
-@pytest.mark.slow  # the embedded model loaded on two nodes, the server started and stopped
+@pytest.mark.slow  # the embedded model loaded on four ranks, the server started and stopped
 def test_server_on_two_nodes(cluster, hosts, tmp_path):
+    """slurm/serve.sh on 2 nodes × 2 tasks: the pipeline's stages on different nodes, each stage's two
+    KVP groups on one node."""
     address_file = tmp_path / "address"
     log = tmp_path / "job.log"
-    overrides = ["parallel.spp=2", "server.host=0.0.0.0", "server.port=0", "cache.max_model_len=1024"]
+    overrides = ["parallel.spp=2", "parallel.kvp=2", "server.host=0.0.0.0", "server.port=0", "cache.max_model_len=1024"]
     job = cluster.submit(
-        ["--nodes=2", "--ntasks-per-node=1", f"--output={log}", "slurm/serve.sh", *overrides],
+        ["--nodes=2", "--ntasks-per-node=2", f"--output={log}", "slurm/serve.sh", *overrides],
         cwd=ROOT,
         env={"MNEMOSYNE_ADDRESS_FILE": str(address_file)},
     )

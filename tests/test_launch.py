@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnemosyne_hpc.distributed.launch import discover_rank, on_one_host
+from mnemosyne_hpc.distributed.launch import check_interfaces, discover_rank, on_one_host, rendezvous_address
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,15 @@ def test_rank_discovery_precedence(env, expected):
 )
 def test_one_host_or_several(env, one_host):
     assert on_one_host(discover_rank(env), env) == one_host
+
+
+def test_a_missing_interface_is_named():
+    check_interfaces({"GLOO_SOCKET_IFNAME": "lo"})
+    with pytest.raises(RuntimeError, match=r"no interface nosuch0 on host .* \(it has lo"):
+        check_interfaces({"GLOO_SOCKET_IFNAME": "lo,nosuch0"})
+
+
+def test_slurm_steps_of_one_job_rendezvous_on_different_ports():
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node0", "SLURM_JOB_ID": "7"}
+    ports = {rendezvous_address(discover_rank(env), {**env, "SLURM_STEP_ID": str(step)})[1] for step in range(3)}
+    assert len(ports) == 3 and all(20000 <= port < 40000 for port in ports)

@@ -72,9 +72,10 @@ def rendezvous_address(info: RankInfo, env=os.environ) -> tuple[str, int]:
             )
         address = ("127.0.0.1" if on_one_host(info, env) else socket.gethostname(), _free_port())
         return comm.bcast(address if info.rank == 0 else None, root=0)
-    if info.launcher == "slurm":
+    if info.launcher == "slurm":  # a port from the job and step ids, so steps running side by side differ
         host = _slurm_first_host(env["SLURM_STEP_NODELIST"])
-        return host, 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        step = int(env.get("SLURM_JOB_ID", "0")) * 64 + int(env.get("SLURM_STEP_ID", "0"))
+        return host, 20000 + step % 20000
     raise RuntimeError("no rendezvous: set MASTER_ADDR and MASTER_PORT")
 
 
@@ -98,6 +99,19 @@ def on_one_host(info: RankInfo, env=os.environ) -> bool:
     return local in env and int(env[local]) == info.world_size
 
 
+def check_interfaces(env=os.environ) -> None:
+    """GLOO_SOCKET_IFNAME names interfaces (comma-separated) that must exist on every host; say which
+    is missing here, and what there is, instead of gloo's bare 'no address' later."""
+    names = [name for name in env.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
+    present = [name for _, name in socket.if_nameindex()]
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise RuntimeError(
+            f"GLOO_SOCKET_IFNAME={env['GLOO_SOCKET_IFNAME']}: no interface {', '.join(missing)} on host "
+            f"{socket.gethostname()} (it has {', '.join(present)})"
+        )
+
+
 def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
     """Join the default process group; every rank fails within `timeout_s` if a peer is missing."""
     info = discover_rank()
@@ -109,6 +123,7 @@ def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if on_one_host(info):  # keep gloo on loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    check_interfaces()
     addr, port = rendezvous_address(info)
     try:
         dist.init_process_group(
