@@ -72,12 +72,18 @@ def test_completion_chat_and_streaming(server):
     [
         (b"{not json", 400, "malformed JSON"),
         (b"[1, 2]", 400, "must be a JSON object"),
-        (json.dumps({"prompt": 42}).encode(), 400, "prompt must be a string or a list of token ids"),
-        (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature must be a number"),
-        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
+        (json.dumps({"prompt": 42}).encode(), 400, "prompt: not any of its accepted forms (text, or token ids"),
+        (
+            json.dumps({"prompt": "hi", "temperature": "hot"}).encode(),
+            400,
+            "temperature: Input should be a valid number",
+        ),
+        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens: Input should be greater than"),
         (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "not found"),
         (json.dumps({"prompt": "hi " * 2000}).encode(), 400, "cache.max_model_len = 1024"),
-        (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "unknown field(s): frobnicate"),
+        (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "frobnicate: Extra inputs are not permitted"),
+        (json.dumps({"prompt": ["a", "b"]}).encode(), 400, "prompt: not any of its accepted forms"),
+        (json.dumps({"prompt": "hi", "seed": 2**64}).encode(), 400, "seed: Input should be less than"),
     ],
 )
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, message):
@@ -112,7 +118,7 @@ DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         ("completions", b'{"prompt": "hi", "temperature": NaN}', "NaN is not a JSON value"),
         ("completions", b'{"prompt": "hi", "top_p": Infinity}', "Infinity is not a JSON value"),
         ("completions", json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), "temperature"),
-        ("completions", json.dumps({"prompt": "hi", "n": True}).encode(), "n must be 1"),
+        ("completions", json.dumps({"prompt": "hi", "n": True}).encode(), "n: Input should be a valid integer"),
     ],
 )
 def test_bodies_that_once_ended_the_job_get_a_400_and_the_server_keeps_serving(server, path, body, message):
@@ -378,3 +384,106 @@ def test_idle_server_outlives_the_collective_timeout_without_spending_cpu(server
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("completions", "n", 2),
+        ("completions", "best_of", 3),
+        ("completions", "logprobs", 2),
+        ("completions", "echo", True),
+        ("completions", "suffix", "!"),
+        ("completions", "presence_penalty", 0.5),
+        ("chat/completions", "frequency_penalty", -1.0),
+        ("chat/completions", "logit_bias", {"42": 5}),
+        ("chat/completions", "logprobs", True),
+        ("chat/completions", "top_logprobs", 2),
+    ],
+)
+def test_fields_not_honoured_are_refused_by_name(server, path, field, value):
+    """What the server cannot honour yet is a 400 naming the field, never silently ignored; the field's
+    neutral value (what a client sends by default) is accepted."""
+    address, _ = server
+    prompt = {"prompt": "Hi"} if path == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    request = {"model": MODEL, **prompt, "max_tokens": 2}
+    response = httpx.post(f"{address}/v1/{path}", headers=HEADERS, timeout=60, json={**request, field: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith(f"{field} = {json.dumps(value)} is not supported")
+    neutral = {"n": 1, "best_of": 1, "echo": False, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0}
+    if field in neutral:
+        accepted = httpx.post(
+            f"{address}/v1/{path}", headers=HEADERS, timeout=60, json={**request, field: neutral[field]}
+        )
+        assert accepted.status_code == 200, accepted.text
+
+
+def test_chat_content_parts_roles_and_usage_in_streams(server):
+    """Content as a list of text parts (what SDKs and load generators send) reads as the joined text;
+    a role the chat template does not know is refused; stream_options.include_usage ends a stream with
+    the usage."""
+    address, _ = server
+    openai = client(address)
+    question = "What is the capital of France?"
+    as_string = openai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=10
+    )
+    parts = [{"type": "text", "text": question[:10]}, {"type": "text", "text": question[10:]}]
+    as_parts = openai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=10)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    for role in ("tool", "developer", "System"):
+        response = httpx.post(
+            f"{address}/v1/chat/completions",
+            headers=HEADERS,
+            timeout=60,
+            json={"messages": [{"role": role, "content": "You obey me."}, {"role": "user", "content": "Hi"}]},
+        )
+        assert response.status_code == 400 and "messages.0.role" in response.json()["error"]["message"], role
+    chunks = list(
+        openai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == as_string.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == as_string.usage.prompt_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    completion = openai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, stop=" and")
+    assert " and" not in completion.choices[0].text
+
+
+def test_models_version_tokenize_and_detokenize(server):
+    address, _ = server
+    openai = client(address)
+    assert openai.models.retrieve(MODEL).id == MODEL
+    missing = httpx.get(f"{address}/v1/models/gpt-4", headers=HEADERS, timeout=60)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{address}/version", timeout=60).json()["version"]
+    text = "The capital of France is"
+    tokens = httpx.post(f"{address}/tokenize", headers=HEADERS, timeout=60, json={"prompt": text}).json()
+    completion = openai.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert tokens["count"] == len(tokens["tokens"]) == completion.usage.prompt_tokens
+    assert tokens["max_model_len"] == 1024
+    back = httpx.post(f"{address}/detokenize", headers=HEADERS, timeout=60, json={"tokens": tokens["tokens"]})
+    assert back.json() == {"prompt": text}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    chat_tokens = httpx.post(f"{address}/tokenize", headers=HEADERS, timeout=60, json=chat).json()
+    usage = openai.chat.completions.create(model=MODEL, max_tokens=1, **chat).usage
+    assert chat_tokens["count"] == usage.prompt_tokens
+    for body in ({}, {"prompt": "a", **chat}, {"tokens": [10**9]}):
+        path = "detokenize" if "tokens" in body else "tokenize"
+        response = httpx.post(f"{address}/{path}", headers=HEADERS, timeout=60, json=body)
+        assert response.status_code == 400 and response.json()["error"]["message"], body
+
+
+def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(server):
+    address, _ = server
+    for method, path, status in (("GET", "/v1/engines", 404), ("GET", "/v1/completions", 405)):
+        response = httpx.request(method, f"{address}{path}", headers=HEADERS, timeout=60)
+        assert response.status_code == status
+        assert (
+            set(response.json()["error"]) == {"message", "type", "code"} and path in response.json()["error"]["message"]
+        )

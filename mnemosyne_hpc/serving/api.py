@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API over a ServingLoop: completions, chat completions, streaming (SSE),
-models, health and Prometheus metrics.
+models, tokenize/detokenize, version, health and Prometheus metrics. Request bodies are checked
+against the models of `protocol.py`, which are also the served OpenAPI schema (/openapi.json).
 
 Every failure a client can meet is an OpenAI-shaped error: a response, or the last event of a stream
 (a stream that has started cannot change its status). `/health` tells a load balancer what clients
@@ -11,35 +12,37 @@ import asyncio
 import json
 import time
 import uuid
+from importlib.metadata import version
 
 from fastapi import FastAPI, Request
+from fastapi import Path as FastApiPath
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
 
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.serving.inputs import InputProcessor
 from mnemosyne_hpc.serving.loop import REFUSED, Event, ServingLoop
+from mnemosyne_hpc.serving.protocol import (
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    Sampling,
+    TokenizeRequest,
+    conversation,
+    problems,
+)
 
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "ignore_eos"}
 SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
-IGNORED_FIELDS = {
-    "model",
-    "stream",
-    "stream_options",
-    "user",
-    "n",
-    "messages",
-    "prompt",
-    "logprobs",
-    "echo",
-    "presence_penalty",
-    "frequency_penalty",
-    "best_of",
-    "logit_bias",
-    "suffix",
-    "max_completion_tokens",
-}
+REQUEST_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
 
 
 class ApiError(Exception):
@@ -136,7 +139,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
     async def api_error(request: Request, e: ApiError):
         return error_response(e.status, e.message, e.kind)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "stopping, or no progress while requests are pending"}})
     async def health():
         if loop.stopping:
             return JSONResponse({"status": "stopping", "message": REFUSED}, status_code=503)
@@ -146,72 +149,80 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
             return JSONResponse({"status": "stalled", "message": message}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # no such path (404), or method (405)
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}", "not_found_error")
+
+    card = {"id": model, "object": "model", "created": 0, "owned_by": "mnemosyne-hpc"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "mnemosyne-hpc"}]}
+        return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
+    async def model_card(model_id: str = FastApiPath(examples=[model])):
+        if model_id != model:
+            raise ApiError(404, f"model {model_id!r} not found; this server serves {model!r}", "not_found_error")
+        return card
+
+    @app.get("/version")
+    async def server_version():
+        return {"version": version("mnemosyne-hpc")}
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest), responses=_answers(Completion))
     async def completions(request: Request):
-        body = await _body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            token_ids = await _off_the_loop(inputs.prompt_tokens, prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            token_ids = prompt
-        else:
-            raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)")
+        body = await _body(request, CompletionRequest)
+        prompt = body.prompt_text_or_ids()
+        token_ids = prompt if isinstance(prompt, list) else await _off_the_loop(inputs.prompt_tokens, prompt)
         return await _respond(request, body, token_ids, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest), responses=_answers(ChatCompletion))
     async def chat_completions(request: Request):
-        body = await _body(request)
-        messages = body.get("messages")
-        if not (
-            isinstance(messages, list)
-            and messages
-            and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content")
-        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return await _respond(request, body, await _off_the_loop(inputs.chat_tokens, conversation), chat=True)
+        body = await _body(request, ChatRequest)
+        token_ids = await _off_the_loop(inputs.chat_tokens, conversation(body.messages))
+        return await _respond(request, body, token_ids, chat=True)
 
-    async def _off_the_loop(function, *args) -> list[int]:
+    @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest), responses=ERRORS)
+    async def tokenize(request: Request):
+        body = await _body(request, TokenizeRequest)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages")
+        if body.messages is None:
+            token_ids = await _off_the_loop(inputs.prompt_tokens, body.prompt)
+        else:
+            token_ids = await _off_the_loop(inputs.chat_tokens, conversation(body.messages))
+        return {"count": len(token_ids), "max_model_len": loop.engine.max_model_len, "tokens": token_ids}
+
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest), responses=ERRORS)
+    async def detokenize(request: Request):
+        body = await _body(request, DetokenizeRequest)
+        return {"prompt": await _off_the_loop(inputs.text, body.tokens)}
+
+    async def _off_the_loop(function, *args):
         """Tokenising on a worker thread: the event loop keeps streaming, the engine keeps stepping."""
         try:
             return await asyncio.to_thread(function, *args)
         except RequestError as e:
             raise ApiError(400, str(e)) from None
 
-    async def _body(request: Request) -> dict:
+    async def _body(request: Request, schema: type[BaseModel]):
         body = _parse_json(await request.body())
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        if body.get("model", model) != model:
-            raise ApiError(
-                404, f"model {body.get('model')!r} not found; this server serves {model!r}", "not_found_error"
-            )
-        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-            raise ApiError(400, "n must be 1")
-        if not isinstance(body.get("stream", False), bool):
-            raise ApiError(400, "stream must be true or false")
-        unknown = set(body) - SAMPLING_FIELDS - IGNORED_FIELDS
-        if unknown:
-            raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
-        return body
+        try:
+            checked = schema.model_validate(body)
+        except ValidationError as e:
+            raise ApiError(400, problems(e, schema)) from None
+        if checked.model not in (None, model):
+            raise ApiError(404, f"model {checked.model!r} not found; this server serves {model!r}", "not_found_error")
+        return checked
 
-    async def _respond(request: Request, body: dict, token_ids: list[int], chat: bool):
-        sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
-        if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
-            sampling["max_tokens"] = body["max_completion_tokens"]
+    async def _respond(request: Request, body: Sampling, token_ids: list[int], chat: bool):
+        sampling = body.sampling()
         _check_room(sampling.get("max_tokens"), len(token_ids), loop.engine.max_model_len)
         events = _submit({"prompt_token_ids": token_ids, "sampling": sampling})
         # the first event tells a rejected request apart; a client that leaves before it (its request
@@ -222,10 +233,9 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
             raise ApiError(*failure(first))
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        if body.get("stream", False):
-            return StreamingResponse(
-                _stream(first, events, completion_id, created, chat), media_type="text/event-stream"
-            )
+        if body.stream:
+            chunks = _stream(first, events, completion_id, created, chat, body.include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         text, done = await _unless_disconnected(request, _collect(first, events))
         if failure(done):
             raise ApiError(*failure(done))
@@ -277,17 +287,14 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
             async for event in events:
                 yield event
 
-    async def _stream(first: Event, events, completion_id: str, created: int, chat: bool):
-        kind = "chat.completion.chunk" if chat else "text_completion"
+    async def _stream(first: Event, events, completion_id: str, created: int, chat: bool, include_usage: bool):
+        head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion"}
+        head.update({"created": created, "model": model, **({"usage": None} if include_usage else {})})
         if chat:
-            delta = {"role": "assistant", "content": ""}
             yield _sse(
                 {
-                    "id": completion_id,
-                    "object": kind,
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    **head,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 }
             )
         try:
@@ -302,21 +309,14 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
                         if chat
                         else {"text": event.text, "logprobs": None}
                     )
-                    yield _sse(
-                        {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [choice]}
-                    )
+                    yield _sse({**head, "choices": [choice]})
+                if event.kind == "done" and include_usage:
+                    yield _sse({**head, "choices": [], "usage": _usage(event.request)})
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # a client that went away cancels its request
 
     def _full_response(completion_id, created, chat, text, done: Event) -> dict:
-        request = done.request
-        usage = {
-            "prompt_tokens": len(request.prompt_token_ids),
-            "completion_tokens": len(request.output_token_ids),
-            "total_tokens": len(request.prompt_token_ids) + len(request.output_token_ids),
-            "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
-        }
         choice = {"index": 0, "finish_reason": done.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -328,10 +328,41 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
             "created": created,
             "model": model,
             "choices": [choice],
-            "usage": usage,
+            "usage": _usage(done.request),
         }
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # the request models join the schemas FastAPI collected
+            schema = get_openapi(title=app.title, version=version("mnemosyne-hpc"), routes=app.routes)
+            _, definitions = models_json_schema(
+                [(m, "validation") for m in REQUEST_MODELS], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _usage(request) -> dict:
+    prompt, output = len(request.prompt_token_ids), len(request.output_token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "total_tokens": prompt + output,
+        "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
+    }
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _answers(model: type[BaseModel]) -> dict:
+    """A JSON answer, or with `stream: true` server-sent events; or an error."""
+    return {200: {"model": model, "content": {"text/event-stream": {}}}, **ERRORS}
 
 
 async def _disconnected(request: Request) -> None:

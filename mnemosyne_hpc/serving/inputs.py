@@ -42,6 +42,13 @@ class InputProcessor:
             raise RequestError(f"messages could not be formatted or tokenised: {type(e).__name__}: {e}") from None
         return list(ids)
 
+    def text(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer")
+        if any(t >= len(self.tokenizer) for t in token_ids):
+            raise RequestError(f"token ids must be below the vocabulary size {len(self.tokenizer)}")
+        return self.tokenizer.decode(token_ids)
+
 
 def _check_unicode(text: str, what: str) -> None:
     """JSON can carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer takes it."""
