@@ -2,7 +2,8 @@
 it, with and without a 200k-token text prompt sent to the same server meanwhile; rounds alternate,
 so both are measured side by side.
 
-    python bench/serve_stall.py                   # starts the server: 2 ranks, KVP=2, the embedded SmolLM2
+    python bench/serve_stall.py          # starts a server (2 ranks, KVP=2, the embedded SmolLM2) per
+                                         # server.tokenizer_nice in --nice (default: 0 and 19)
     python bench/serve_stall.py --address URL --api-key KEY --results DIR    # drives a running server
 
 The long prompt is longer than cache.max_model_len, so the server refuses it once it is tokenised: what
@@ -92,9 +93,9 @@ async def measure(args) -> dict:
     }
 
 
-def start_server(directory: Path) -> tuple[str, subprocess.Popen]:
+def start_server(directory: Path, overrides: list[str]) -> tuple[str, subprocess.Popen]:
     address_file = directory / "address"
-    command = [str(ROOT / "launch" / "mpirun.sh"), "-n", "2", sys.executable, "-m", "mnemosyne_hpc.serve", *SERVER]
+    command = [str(ROOT / "launch" / "mpirun.sh"), "-n", "2", sys.executable, "-m", "mnemosyne_hpc.serve", *overrides]
     process = subprocess.Popen([*command, "server.port=0", f"server.address_file={address_file}"], cwd=ROOT)
     while not (address_file.exists() and address_file.read_text().strip()):
         if process.poll() is not None:
@@ -112,19 +113,23 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=200_000)
     parser.add_argument("--delay-s", type=float, default=1.0, help="when the long prompt is sent in a round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--nice", type=int, nargs="+", default=[0, 19], help="server.tokenizer_nice values")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    server = None
-    if args.address is None:
-        args.address, server = start_server(Path(tempfile.mkdtemp()))
-    try:
-        record = asyncio.run(measure(args))
-    finally:
-        if server is not None:
+    if args.address is not None:
+        write_results("serve_stall.json", {**asyncio.run(measure(args)), "server": args.address}, args.results)
+        return
+    runs = {}
+    for nice in args.nice:
+        overrides = [*SERVER, f"server.tokenizer_nice={nice}"]
+        args.address, server = start_server(Path(tempfile.mkdtemp()), overrides)
+        try:
+            runs[nice] = {**asyncio.run(measure(args)), "server": overrides}
+        finally:
             server.terminate()
             server.wait(timeout=60)
-    record["server"] = SERVER if server is not None else args.address
-    write_results("serve_stall.json", record, args.results)
+    ratios = {f"nice{nice}_{key}": value for nice, run in runs.items() for key, value in run["ratios"].items()}
+    write_results("serve_stall.json", {"runs": runs, "ratios": ratios}, args.results)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ class ServerConfig:
     # /health answers 503 once requests are pending and no engine step has completed for this long (a
     # rank frozen or too slow); keep it above the longest step (adaptive chunking: about tbt_slo_ms).
     health_stall_s: float = 10.0
+    # Niceness (0-19) of the threads that tokenise prompts and apply chat templates: above the ranks'
+    # 0, so a long prompt arriving takes the CPU the ranks leave rather than slowing running streams.
+    tokenizer_nice: int = 19
 
 
 @dataclass
@@ -275,6 +278,7 @@ def validate(cfg: Config) -> None:
             cfg.server.shutdown_grace_s >= 0 and cfg.server.health_stall_s > 0,
             "server.shutdown_grace_s must be >= 0 and server.health_stall_s > 0",
         ),
+        (0 <= cfg.server.tokenizer_nice <= 19, "server.tokenizer_nice must be in [0, 19]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,7 +25,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
 from mnemosyne_hpc.engine.request import RequestError
-from mnemosyne_hpc.serving.inputs import InputProcessor
+from mnemosyne_hpc.serving.inputs import InputProcessor, tokenizing_threads
 from mnemosyne_hpc.serving.loop import REFUSED, Event, ServingLoop
 from mnemosyne_hpc.serving.protocol import (
     ChatCompletion,
@@ -120,11 +120,15 @@ class Metrics:
         self.requests.labels(request.finish_reason).inc()
 
 
-def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float = 10.0) -> FastAPI:
-    """`stall_s`: /health answers 503 once the loop has had work this long without completing a step."""
+def create_app(
+    loop: ServingLoop, model: str, api_key: str = "", stall_s: float = 10.0, tokenizer_nice: int = 19
+) -> FastAPI:
+    """`stall_s`: /health answers 503 once the loop has had work this long without completing a step;
+    `tokenizer_nice`: the niceness of the threads that tokenise."""
     app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
     metrics = Metrics(loop)
     inputs = InputProcessor(loop.engine.tokenizer)
+    tokenizing = tokenizing_threads(tokenizer_nice)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -205,7 +209,7 @@ def create_app(loop: ServingLoop, model: str, api_key: str = "", stall_s: float 
     async def _off_the_loop(function, *args):
         """Tokenising on a worker thread: the event loop keeps streaming, the engine keeps stepping."""
         try:
-            return await asyncio.to_thread(function, *args)
+            return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
         except RequestError as e:
             raise ApiError(400, str(e)) from None
 

@@ -5,7 +5,21 @@ request would otherwise wait for. The engine takes token ids only."""
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 from mnemosyne_hpc.engine.request import RequestError
+
+
+def tokenizing_threads(nice: int, workers: int = 2) -> ThreadPoolExecutor:
+    """Threads for tokenising, at niceness `nice` (Linux schedules threads alone): where the ranks fill
+    every core, a long prompt's tokenising takes the time they leave instead of slowing their steps."""
+
+    def lower_priority() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="tokenize", initializer=lower_priority)
 
 
 class InputProcessor:
