@@ -143,6 +143,9 @@ class ServerConfig:
     # Niceness (0-19) of the threads that tokenise prompts and apply chat templates: above the ranks'
     # 0, so a long prompt arriving takes the CPU the ranks leave rather than slowing running streams.
     tokenizer_nice: int = 19
+    # Request bodies above this many bytes get a 413 before they are read whole; 0: 32 bytes per token
+    # of cache.max_model_len (room for JSON-escaped text or token ids), at least 1 MiB.
+    max_request_bytes: int = 0
 
 
 @dataclass
@@ -279,6 +282,7 @@ def validate(cfg: Config) -> None:
             "server.shutdown_grace_s must be >= 0 and server.health_stall_s > 0",
         ),
         (0 <= cfg.server.tokenizer_nice <= 19, "server.tokenizer_nice must be in [0, 19]"),
+        (cfg.server.max_request_bytes >= 0, "server.max_request_bytes must be >= 0 (0: automatic)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,7 +35,7 @@ def model_name(cfg: Config) -> str:
 
 def serve(cfg: Config, engine: Engine) -> None:
     loop = ServingLoop(engine, heartbeat_s=cfg.parallel.timeout_s / 4)
-    app = create_app(loop, model_name(cfg), cfg.server.api_key, cfg.server.health_stall_s, cfg.server.tokenizer_nice)
+    app = create_app(loop, model_name(cfg), cfg.server)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=cfg.server.host, port=cfg.server.port, log_level="warning", timeout_graceful_shutdown=5

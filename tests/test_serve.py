@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -215,6 +216,51 @@ def test_eight_streams_keep_their_pace_while_a_200k_token_prompt_arrives(server,
     print(run.stdout[-1500:])
     assert all(arrival["status"] == 400 for arrival in record["long_prompt_arrivals"])
     assert record["ratios"]["tbt_p99_with_over_without"] <= 1.5, record
+    assert process.poll() is None
+
+
+HUGE = 10 << 20  # bytes: over the server's bound (32 bytes per token of 1024)
+CORPUS = [  # (path, body): every one a 4xx with a message
+    ("completions", json.dumps({"prompt": "abc \ud800 def"}).encode()),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "abc \udfff"}]}).encode()),
+    ("completions", DEEP),
+    ("completions", b'{"prompt": "hi", "temperature": NaN}'),
+    ("completions", b'{"prompt": "hi", "top_p": -Infinity}'),
+    ("completions", json.dumps({"prompt": "hi", "temperature": 10**400}).encode()),
+    ("completions", json.dumps({"prompt": "hi", "n": True}).encode()),
+    ("completions", json.dumps({"prompt": "hi", "stream": "yes"}).encode()),
+    ("completions", json.dumps({"prompt": {"text": "hi"}}).encode()),
+    ("chat/completions", json.dumps({"messages": "hi"}).encode()),
+    ("chat/completions", json.dumps({"messages": [{"role": "user", "content": None}]}).encode()),
+    ("completions", json.dumps({"prompt": [-1, 2**70]}).encode()),
+    ("completions", json.dumps({"prompt": "word " * 20_000}).encode()),  # 20k tokens: past the context
+    ("completions", json.dumps({"prompt": "word " * (HUGE // 5)}).encode()),
+    ("completions", json.dumps({"prompt": list(range(HUGE // 7))}).encode()),
+    ("completions", None),  # HUGE bytes streamed without a length
+]
+
+
+def test_a_corpus_of_bad_requests_gets_4xx_answers_and_leaves_rank0_memory_where_it_was(server):
+    """Each body of CORPUS, three times over: a 4xx with a message, the server serving after each; rank
+    0's resident memory ends within 10% of where it was after a first pass."""
+    address, process = server
+    rank0 = psutil.Process(_rank_pids(process.pid)[0])
+    openai = client(address)
+
+    def bad_requests() -> None:
+        for path, body in CORPUS:
+            content = body if body is not None else (b"x" * (1 << 20) for _ in range(HUGE >> 20))
+            response = httpx.post(f"{address}/v1/{path}", content=content, headers=HEADERS, timeout=120)
+            assert 400 <= response.status_code < 500 and response.json()["error"]["message"], (path, response.text)
+            assert openai.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+    bad_requests()
+    start = rank0.memory_info().rss
+    for _ in range(3):
+        bad_requests()
+    end = rank0.memory_info().rss
+    print(f"rank 0 resident: {start / 2**20:.0f} MiB after a first pass, {end / 2**20:.0f} MiB after three more")
+    assert end <= 1.1 * start
     assert process.poll() is None
 
 

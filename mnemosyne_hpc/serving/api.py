@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
+from mnemosyne_hpc.config import ServerConfig
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.serving.inputs import InputProcessor, tokenizing_threads
 from mnemosyne_hpc.serving.loop import REFUSED, Event, ServingLoop
@@ -42,7 +43,7 @@ from mnemosyne_hpc.serving.protocol import (
 
 SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
 REQUEST_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
 
 
 class ApiError(Exception):
@@ -120,15 +121,14 @@ class Metrics:
         self.requests.labels(request.finish_reason).inc()
 
 
-def create_app(
-    loop: ServingLoop, model: str, api_key: str = "", stall_s: float = 10.0, tokenizer_nice: int = 19
-) -> FastAPI:
-    """`stall_s`: /health answers 503 once the loop has had work this long without completing a step;
-    `tokenizer_nice`: the niceness of the threads that tokenise."""
+def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
+    """The API of `loop`'s engine serving `model`, as the `server.*` knobs say."""
     app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
     metrics = Metrics(loop)
     inputs = InputProcessor(loop.engine.tokenizer)
-    tokenizing = tokenizing_threads(tokenizer_nice)
+    tokenizing = tokenizing_threads(server.tokenizer_nice)
+    api_key = server.api_key
+    max_body = server.max_request_bytes or max(1 << 20, 32 * loop.engine.max_model_len)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -148,7 +148,7 @@ def create_app(
         if loop.stopping:
             return JSONResponse({"status": "stopping", "message": REFUSED}, status_code=503)
         stalled = loop.stalled_s()
-        if stalled > stall_s:
+        if stalled > server.health_stall_s:
             message = f"no engine step has completed for {stalled:.1f} s while requests are pending"
             return JSONResponse({"status": "stalled", "message": message}, status_code=503)
         return {"status": "ok"}
@@ -214,7 +214,7 @@ def create_app(
             raise ApiError(400, str(e)) from None
 
     async def _body(request: Request, schema: type[BaseModel]):
-        body = _parse_json(await request.body())
+        body = _parse_json(await _read(request, max_body))
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
@@ -367,6 +367,26 @@ def _body_schema(model: type[BaseModel]) -> dict:
 def _answers(model: type[BaseModel]) -> dict:
     """A JSON answer, or with `stream: true` server-sent events; or an error."""
     return {200: {"model": model, "content": {"text/event-stream": {}}}, **ERRORS}
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, _too_large(int(declared), limit))
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, _too_large(len(body), limit))
+    return bytes(body)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"the request body has {size} bytes, over the {limit} allowed (server.max_request_bytes; by default "
+        "32 bytes per token of cache.max_model_len)"
+    )
 
 
 async def _disconnected(request: Request) -> None:
