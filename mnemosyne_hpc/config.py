@@ -115,6 +115,11 @@ class SamplingConfig:
     stop: list = field(default_factory=list)  # stop strings (not included in the output text)
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False
+    # Log-probabilities (from the model's logits, before temperature and filtering) with this many most
+    # likely alternatives (0-20): of each output token (logprobs), of each prompt token after the first
+    # (prompt_logprobs; such a request's prompt is computed whole, never read from the prefix cache). None: off.
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
 
 @dataclass

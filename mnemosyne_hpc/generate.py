@@ -3,9 +3,10 @@
     mpirun -n 3 python -m mnemosyne_hpc.generate parallel.tp=3 generate.input=prompts.jsonl
 
 Each input line: {"prompt": "..."} or {"prompt_token_ids": [...]}, plus any sampling field
-(temperature, top_k, top_p, max_tokens, seed, stop, stop_token_ids, ignore_eos). Each output line,
-in input order: {"index", "token_ids", "text", "finish_reason", "ttft_s", "tbt_s", "kvp_groups",
-"kv_blocks" (per KVP group), "preemptions", ...} or {"index", "error"} for a request that was
+(temperature, top_k, top_p, max_tokens, seed, stop, stop_token_ids, ignore_eos, logprobs,
+prompt_logprobs). Each output line, in input order: {"index", "token_ids", "text", "finish_reason",
+"ttft_s", "tbt_s", "kvp_groups", "kv_blocks" (per KVP group), "preemptions", ...}, with "logprobs" and
+"prompt_logprobs" where asked for, or {"index", "error"} for a request that was
 rejected; the others still run. `generate.metrics` gets each request's latency record (arrival,
 TTFT, every TBT, finish, preemptions), and the run's aggregates are printed at the end.
 """
@@ -15,13 +16,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 
 from tqdm import tqdm
 
 from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.metrics import format_summary, request_record, summarize
-from mnemosyne_hpc.engine.request import RequestError
+from mnemosyne_hpc.engine.request import Request, RequestError
 from mnemosyne_hpc.runtime import run
 from mnemosyne_hpc.serving.inputs import InputProcessor
 
@@ -75,10 +77,21 @@ def generate(engine: Engine, entries: list, progress: bool = True) -> tuple[list
                     "kvp_groups": list(range(request.first_group, request.first_group + len(request.block_tables))),
                     "kv_blocks": [len(table) for table in request.block_tables],  # per KVP group
                     "preemptions": request.preemptions,
+                    **logprob_fields(request),
                 }
                 records.append({"index": index_of[request.id], **request_record(request, start)})
                 bar.update(1)
     return results, records
+
+
+def logprob_fields(request: Request) -> dict:
+    """The log-probabilities the request asked for, as JSON: {"token_id", "logprob", "top": [[id, logprob]]}."""
+    fields = {}
+    if request.sampling.logprobs is not None:
+        fields["logprobs"] = [asdict(x) for x in request.output_logprobs]
+    if request.sampling.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = [x and asdict(x) for x in request.prompt_logprobs]
+    return fields
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

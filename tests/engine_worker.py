@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -50,6 +51,8 @@ def run_case(engine: Engine, case: dict) -> dict:
                     "logits": torch.stack(engine.logits.pop(request.id)),
                     "preemptions": request.preemptions,
                     "cached_tokens": request.cached_tokens,
+                    "logprobs": [asdict(x) for x in request.output_logprobs],
+                    "prompt_logprobs": [x and asdict(x) for x in request.prompt_logprobs],
                 }
             step_phases.append(
                 {index_of[c.request_id]: phase(c, prompt_len[c.request_id]) for c in engine.last_plan.entering}

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 from mnemosyne_hpc.config import Config
 from mnemosyne_hpc.engine.detokenizer import TextOutput
-from mnemosyne_hpc.engine.executor import Executor
+from mnemosyne_hpc.engine.executor import Executor, Sampled
 from mnemosyne_hpc.engine.kv_cache import KVPlacement
-from mnemosyne_hpc.engine.plan import MicroBatch, StepPlan
+from mnemosyne_hpc.engine.plan import Chunk, MicroBatch, StepPlan
 from mnemosyne_hpc.engine.request import Request, RequestError, SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
-from mnemosyne_hpc.engine.sampler import FAILED
+from mnemosyne_hpc.engine.sampler import FAILED, token_logprob
 from mnemosyne_hpc.engine.scheduler import Scheduler
 from mnemosyne_hpc.perf.model import PerfModel
 
@@ -86,6 +86,7 @@ class Engine:
             max_len=max_len,
             arrival=self.clock() if arrival is None else arrival,
             output=TextOutput(self.tokenizer, params.stop) if self.tokenizer is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else [],  # the first token has none
         )
         self.requests[request.id] = request
         self.scheduler.add(request)
@@ -122,6 +123,8 @@ class Engine:
             request = self.requests[chunk.request_id]
             request.num_computed += len(chunk.token_ids)
             self.scheduler.computed(request)
+            if chunk.logprob_rows:
+                self._take_logprobs(request, chunk, results[chunk.request_id])
         for chunk in plan.sampled:
             request, result = self.requests[chunk.request_id], results[chunk.request_id]
             if result.token == FAILED:  # its sampling raised on the last stage: this request ends, the others go on
@@ -140,6 +143,17 @@ class Engine:
             if request is not None and request.finish_reason == "abort" and not request.in_flight:
                 out.finished.append(self._finish(request, now))
         return out
+
+    @staticmethod
+    def _take_logprobs(request: Request, chunk: Chunk, result: Sampled) -> None:
+        """Keep the prompt log-probabilities the request lacks, and its sampled token's (a failed sample's
+        row is dropped: the request ends)."""
+        params, rows = request.sampling, result.logprobs
+        for position, row in enumerate(rows[: len(chunk.prompt_targets)], chunk.start_pos + 1):
+            if position == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(token_logprob(row, params.prompt_logprobs))
+        if len(rows) > len(chunk.prompt_targets) and result.token != FAILED:
+            request.output_logprobs.append(token_logprob(rows[-1], params.logprobs))
 
     def abort(self, request_id: int) -> Request | None:
         """Stop a request (a client went away) with reason "abort": returned finished now if nothing of

@@ -50,8 +50,12 @@ def broadcast_plan(plan: Optional[StepPlan], group) -> StepPlan:
 
 @dataclass
 class Sampled:
-    token: int
+    """What a tick computed for one request: its next token (None where the chunk samples none), the
+    logits it was sampled from, and its rows of log-probabilities (`ModelRunner.logprobs`)."""
+
+    token: Optional[int]
     logits: Optional[torch.Tensor] = None  # [vocab] float32, when the plan asked for logits
+    logprobs: Optional[torch.Tensor] = None
 
 
 class Executor:
@@ -103,19 +107,25 @@ class Executor:
                 dist.recv(x, src=ctx.prev_rank)
             hidden = runner.forward(batch, x)
             if ctx.last_stage:
-                sampled = self._sample(batch, hidden, plan.sampled_by(ctx.kvp_rank), plan.return_logits)
+                sampled = self._sample(batch, hidden, plan)
             else:
                 self._output = hidden
         if send is not None:
             send.wait()
         return self._gather(plan, sampled)
 
-    def _sample(self, batch, hidden: torch.Tensor, chunks, with_logits: bool) -> dict[int, Sampled]:
-        if not chunks:
-            return {}
-        tokens, logits = self.runner.sample(batch, hidden, chunks)
-        rows = logits.cpu() if with_logits else [None] * len(chunks)
-        return {c.request_id: Sampled(t, row) for c, t, row in zip(chunks, tokens, rows)}
+    def _sample(self, batch, hidden: torch.Tensor, plan: StepPlan) -> dict[int, Sampled]:
+        group, sampled = self.ctx.kvp_rank, {}
+        if chunks := plan.sampled_by(group):
+            tokens, logits = self.runner.sample(batch, hidden, chunks)
+            rows = logits.cpu() if plan.return_logits else [None] * len(chunks)
+            sampled = {c.request_id: Sampled(t, row) for c, t, row in zip(chunks, tokens, rows)}
+        if chunks := plan.with_logprobs_by(group):
+            tokens = {i: s.token for i, s in sampled.items()}
+            rows = self.runner.logprobs(batch, hidden, chunks, tokens, plan.top_logprobs).cpu()
+            for c, part in zip(chunks, rows.split([c.logprob_rows for c in chunks])):
+                sampled.setdefault(c.request_id, Sampled(None)).logprobs = part
+        return sampled
 
     def _gather(self, plan: StepPlan, sampled: dict[int, Sampled]) -> dict[int, Sampled]:
         """Every sampler sends rank 0 (request id, token) rows, and the logits if the plan asks; rank 0
@@ -123,19 +133,32 @@ class Executor:
         ctx = self.ctx
         if ctx.rank != 0:
             if ctx.is_sampler and sampled:
-                dist.send(torch.tensor([[i, s.token] for i, s in sampled.items()]), dst=0, group=ctx.cpu_group)
-                if plan.return_logits:
-                    dist.send(torch.stack([s.logits for s in sampled.values()]), dst=0, group=ctx.cpu_group)
+                chunks = plan.sampled_by(ctx.kvp_rank)
+                if chunks:
+                    dist.send(
+                        torch.tensor([[c.request_id, sampled[c.request_id].token] for c in chunks]),
+                        dst=0,
+                        group=ctx.cpu_group,
+                    )
+                if chunks and plan.return_logits:
+                    dist.send(torch.stack([sampled[c.request_id].logits for c in chunks]), dst=0, group=ctx.cpu_group)
+                if chunks := plan.with_logprobs_by(ctx.kvp_rank):
+                    dist.send(torch.cat([sampled[c.request_id].logprobs for c in chunks]), dst=0, group=ctx.cpu_group)
             return {}
         for group, sampler in enumerate(ctx.sampler_ranks):
-            rows = len(plan.sampled_by(group))
-            if sampler == 0 or rows == 0:
+            if sampler == 0:
                 continue
-            pairs = torch.empty(rows, 2, dtype=torch.long)
-            dist.recv(pairs, src=sampler, group=ctx.cpu_group)
-            logits = [None] * rows
-            if plan.return_logits:
-                logits = torch.empty(rows, self.runner.args.vocab_size)
-                dist.recv(logits, src=sampler, group=ctx.cpu_group)
-            sampled.update({i: Sampled(t, row) for (i, t), row in zip(pairs.tolist(), logits)})
+            if rows := len(plan.sampled_by(group)):
+                pairs = torch.empty(rows, 2, dtype=torch.long)
+                dist.recv(pairs, src=sampler, group=ctx.cpu_group)
+                logits = [None] * rows
+                if plan.return_logits:
+                    logits = torch.empty(rows, self.runner.args.vocab_size)
+                    dist.recv(logits, src=sampler, group=ctx.cpu_group)
+                sampled.update({i: Sampled(t, row) for (i, t), row in zip(pairs.tolist(), logits)})
+            if chunks := plan.with_logprobs_by(group):
+                rows = torch.empty(sum(c.logprob_rows for c in chunks), 2 + 2 * plan.top_logprobs, dtype=torch.float64)
+                dist.recv(rows, src=sampler, group=ctx.cpu_group)
+                for c, part in zip(chunks, rows.split([c.logprob_rows for c in chunks])):
+                    sampled.setdefault(c.request_id, Sampled(None)).logprobs = part
         return sampled

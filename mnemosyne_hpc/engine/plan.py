@@ -19,6 +19,10 @@ class Chunk:
     start_pos: int  # position of token_ids[0]; tokens before it are in the KV cache
     groups: range
     sampling: Optional[SamplingParams]  # set when the chunk ends the known tokens: sample the next one
+    # Prompt log-probabilities wanted: row i's next token is prompt_targets[i] (rows past the prompt have
+    # none), with `prompt_top` alternatives.
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
 
     @property
     def first_group(self) -> int:
@@ -27,6 +31,17 @@ class Chunk:
     @property
     def owner(self) -> int:
         return self.groups[-1]
+
+    @property
+    def logprob_rows(self) -> int:
+        """Rows of log-probabilities its sampler sends: its prompt targets', then the sampled token's."""
+        return len(self.prompt_targets) + (self.sampling is not None and self.sampling.logprobs is not None)
+
+    @property
+    def top_logprobs(self) -> int:
+        """The most alternatives any of its rows asks for."""
+        sampled = self.sampling.logprobs if self.sampling is not None else None
+        return max(self.prompt_top if self.prompt_targets else 0, sampled or 0)
 
     @property
     def sample_position(self) -> int:
@@ -69,3 +84,12 @@ class StepPlan:
     def sampled_by(self, group: int) -> MicroBatch:
         """The sampled chunks whose token KVP group `group` samples: those of its requests' first group."""
         return [c for c in self.sampled if c.first_group == group]
+
+    def with_logprobs_by(self, group: int) -> MicroBatch:
+        """The chunks leaving this tick whose log-probabilities KVP group `group` computes."""
+        return [c for c in self.leaving if c.first_group == group and c.logprob_rows]
+
+    @property
+    def top_logprobs(self) -> int:
+        """Alternatives in every row of log-probabilities this tick: the most any chunk asks for."""
+        return max((c.top_logprobs for c in self.leaving if c.logprob_rows), default=0)

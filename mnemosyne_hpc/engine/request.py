@@ -10,9 +10,21 @@ from typing import Optional
 from mnemosyne_hpc.config import SamplingConfig
 from mnemosyne_hpc.engine.detokenizer import TextOutput
 
+MAX_LOGPROBS = 20  # alternatives a request may ask for, per token
+
 
 class RequestError(ValueError):
     """Bad input in one request: reported to its client; nothing else is affected."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the `top` most likely tokens at its position
+    with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     @classmethod
     def from_request(cls, defaults: SamplingConfig, overrides: dict | None = None) -> "SamplingParams":
@@ -73,6 +87,13 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(integer(t) for t in self.stop_token_ids), "stop_token_ids must be a list of integers"),
             (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+            *(
+                (
+                    value is None or (integer(value) and 0 <= value <= MAX_LOGPROBS),
+                    f"{name} must be in [0, {MAX_LOGPROBS}]",
+                )
+                for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,6 +129,8 @@ class Request:
     preemptions: int = 0
     finish_time: Optional[float] = None
     output: Optional[TextOutput] = None  # the output as text (None without a tokenizer)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # sampling.logprobs: one per output token
+    prompt_logprobs: list[Optional[TokenLogprob]] = field(default_factory=list)  # sampling.prompt_logprobs
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" (sampling failed)
 
     def __post_init__(self):

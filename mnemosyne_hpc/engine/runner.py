@@ -18,13 +18,20 @@ from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.distributed.mesh import ParallelContext, stage_layers
 from mnemosyne_hpc.engine.kv_cache import KVCache
 from mnemosyne_hpc.engine.plan import MicroBatch
-from mnemosyne_hpc.engine.sampler import sample
+from mnemosyne_hpc.engine.sampler import logprob_rows, sample
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.model.attention import DecodeBatch
 from mnemosyne_hpc.model.backend import select_backend
 from mnemosyne_hpc.model.layers import TensorParallel, rope_inv_freq, rope_tables
 from mnemosyne_hpc.model.llama import BatchMetadata, SequenceSlice, Transformer
 from mnemosyne_hpc.model.loader import load_model
+
+LOGITS_ROWS = 256  # rows of logits computed at once for prompt log-probabilities: bounds their memory
+
+
+def _first_rows(batch: MicroBatch) -> dict[int, int]:
+    """Each chunk's first row in the micro-batch's hidden states, by request id."""
+    return dict(zip((c.request_id for c in batch), itertools.accumulate((len(c.token_ids) for c in batch), initial=0)))
 
 
 def kv_pool_blocks(cache: CacheConfig, args: ModelArgs, tp_size: int, num_stages: int, dtype: torch.dtype) -> int:
@@ -77,9 +84,34 @@ class ModelRunner:
     def sample(self, batch: MicroBatch, hidden: torch.Tensor, chunks: MicroBatch) -> tuple[list[int], torch.Tensor]:
         """The next token of each of `chunks` (some of `batch`), from its last row of `hidden`; and the
         logits they were sampled from."""
-        last_row = dict(zip((c.request_id for c in batch), itertools.accumulate(len(c.token_ids) for c in batch)))
-        logits = self.model.logits(hidden[[last_row[c.request_id] - 1 for c in chunks]])
+        first_row = _first_rows(batch)
+        logits = self.model.logits(hidden[[first_row[c.request_id] + len(c.token_ids) - 1 for c in chunks]])
         return sample(logits, [c.sampling for c in chunks], [c.sample_position for c in chunks]), logits
+
+    def logprobs(
+        self, batch: MicroBatch, hidden: torch.Tensor, chunks: MicroBatch, sampled: dict[int, int], top: int
+    ) -> torch.Tensor:
+        """`logprob_rows` of `chunks` (some of `batch`), `Chunk.logprob_rows` of them each: the rows of its
+        prompt targets, then its last row's with the token `sampled` for it."""
+        first_row = _first_rows(batch)
+        rows, targets = [], []
+        for c in chunks:
+            start = first_row[c.request_id]
+            rows += range(start, start + len(c.prompt_targets))
+            targets += c.prompt_targets
+            if c.sampling is not None and c.sampling.logprobs is not None:
+                rows.append(start + len(c.token_ids) - 1)
+                targets.append(max(sampled[c.request_id], 0))  # a failed sample's row is dropped on rank 0
+        return torch.cat(
+            [
+                logprob_rows(
+                    self.model.logits(hidden[rows[i : i + LOGITS_ROWS]]),
+                    torch.tensor(targets[i : i + LOGITS_ROWS], device=hidden.device),
+                    top,
+                )
+                for i in range(0, len(rows), LOGITS_ROWS)
+            ]
+        )
 
     def _metadata(self, batch: MicroBatch) -> BatchMetadata:
         device, group = self.ctx.device, self.ctx.kvp_rank

@@ -1,4 +1,4 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p.
+"""Next-token sampling (greedy, temperature, top-k, top-p), and log-probabilities of tokens.
 
 Randomness is a pure function of the request's seed and the position being sampled, so any rank
 can sample any request (a request changes KVP group as it grows) and a recomputed token is
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from mnemosyne_hpc.engine.request import SamplingParams
+from mnemosyne_hpc.engine.request import SamplingParams, TokenLogprob
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive positions over the seed space
 FAILED = -1  # the token of a row whose sampling raised: its request ends with finish_reason "error"
@@ -55,3 +55,19 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop[0] = False  # and always the most likely token
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
+
+
+def logprob_rows(logits: torch.Tensor, targets: torch.Tensor, top: int) -> torch.Tensor:
+    """logits [n, vocab], targets [n] → [n, 2 + 2·top] float64 rows: the target's id and log-probability,
+    then the ids of the `top` most likely tokens and theirs (float64 holds any token id exactly)."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    best = logprobs.topk(top, dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])
+    return torch.cat([targets[:, None].double(), chosen, best.indices.double(), best.values], dim=1)
+
+
+def token_logprob(row: torch.Tensor, top: int) -> TokenLogprob:
+    """A row of `logprob_rows` as a TokenLogprob with the `top` first of its alternatives."""
+    width = (len(row) - 2) // 2
+    ids, values = row[2 : 2 + top].long().tolist(), row[2 + width : 2 + width + top].tolist()
+    return TokenLogprob(int(row[0]), float(row[1]), tuple(zip(ids, values)))

@@ -86,8 +86,13 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         prompt = len(request.prompt_token_ids)
-        request.cached_at_arrival = self.placement.cached_prefix(self._identities(request, prompt), prompt)
+        request.cached_at_arrival = self.placement.cached_prefix(self._lookup(request, prompt), prompt)
         self.waiting.append(request)
+
+    def _lookup(self, request: Request, num_tokens: int) -> list[bytes]:
+        """The identities to look up in the prefix cache: none for a request that wants the log-probabilities
+        of its prompt, which must then be computed."""
+        return [] if request.sampling.prompt_logprobs is not None else self._identities(request, num_tokens)
 
     def _identities(self, request: Request, num_tokens: int) -> list[bytes]:
         """The identities of the request's complete blocks within its first `num_tokens` (none without
@@ -143,7 +148,7 @@ class Scheduler:
             if not admitting or len(self.running) >= self.cfg.max_num_seqs:
                 continue
             placed = self.placement.reserve(
-                request.prefill_len, request.max_len, self._identities(request, request.prefill_len)
+                request.prefill_len, request.max_len, self._lookup(request, request.prefill_len)
             )
             if placed is None:
                 admitting = False  # nothing behind it overtakes it into memory
@@ -234,8 +239,19 @@ class Scheduler:
                 start_pos=start,
                 groups=groups,
                 sampling=request.sampling if end == request.num_tokens else None,
+                prompt_targets=self._prompt_targets(request, start, end),
+                prompt_top=request.sampling.prompt_logprobs or 0,
             )
         )
+
+    @staticmethod
+    def _prompt_targets(request: Request, start: int, end: int) -> list[int]:
+        """The prompt tokens that rows [start, end) predict, when the request wants prompt log-probabilities
+        it does not have yet for some of them."""
+        last = min(end + 1, len(request.prompt_token_ids))
+        if request.sampling.prompt_logprobs is None or last <= len(request.prompt_logprobs):
+            return []
+        return request.prompt_token_ids[start + 1 : last]
 
     def _make_room(self, request: Request, now: float) -> bool:
         """Make sure the KV block of the request's next position is reserved, preempting if needed.
