@@ -40,6 +40,7 @@ def server(tmp_path_factory):
             "scheduler.max_num_seqs=64",
             f"parallel.timeout_s={TIMEOUT_S}",
             f"server.api_key={KEY}",
+            f"server.max_request_bytes={8 << 20}",  # room for the long prompts that test tokenising
         ],
     )
     yield address, process
@@ -82,7 +83,8 @@ def test_completion_chat_and_streaming(server):
             400,
             "temperature: Input should be a valid number",
         ),
-        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens: Input should be greater than"),
+        (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens = 0 scores the prompt only"),
+        (json.dumps({"prompt": "hi", "logprobs": 21}).encode(), 400, "logprobs: Input should be less than"),
         (json.dumps({"prompt": "hi", "model": "gpt-4"}).encode(), 404, "not found"),
         (json.dumps({"prompt": "hi " * 2000}).encode(), 400, "cache.max_model_len = 1024"),
         (json.dumps({"prompt": "hi", "frobnicate": 1}).encode(), 400, "frobnicate: Extra inputs are not permitted"),
@@ -219,7 +221,7 @@ def test_eight_streams_keep_their_pace_while_a_200k_token_prompt_arrives(server,
     assert process.poll() is None
 
 
-HUGE = 10 << 20  # bytes: over the server's bound (32 bytes per token of 1024)
+HUGE = 10 << 20  # bytes: over the server's bound
 CORPUS = [  # (path, body): every one a 4xx with a message
     ("completions", json.dumps({"prompt": "abc \ud800 def"}).encode()),
     ("chat/completions", json.dumps({"messages": [{"role": "user", "content": "abc \udfff"}]}).encode()),
@@ -461,14 +463,10 @@ def _cpu_seconds(pid: int) -> float:
     [
         ("completions", "n", 2),
         ("completions", "best_of", 3),
-        ("completions", "logprobs", 2),
-        ("completions", "echo", True),
         ("completions", "suffix", "!"),
         ("completions", "presence_penalty", 0.5),
         ("chat/completions", "frequency_penalty", -1.0),
         ("chat/completions", "logit_bias", {"42": 5}),
-        ("chat/completions", "logprobs", True),
-        ("chat/completions", "top_logprobs", 2),
     ],
 )
 def test_fields_not_honoured_are_refused_by_name(server, path, field, value):
@@ -480,7 +478,7 @@ def test_fields_not_honoured_are_refused_by_name(server, path, field, value):
     response = httpx.post(f"{address}/v1/{path}", headers=HEADERS, timeout=60, json={**request, field: value})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"].startswith(f"{field} = {json.dumps(value)} is not supported")
-    neutral = {"n": 1, "best_of": 1, "echo": False, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0}
+    neutral = {"n": 1, "best_of": 1, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0}
     if field in neutral:
         accepted = httpx.post(
             f"{address}/v1/{path}", headers=HEADERS, timeout=60, json={**request, field: neutral[field]}

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from importlib.metadata import version
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from mnemosyne_hpc.config import ServerConfig
 from mnemosyne_hpc.engine.request import RequestError
 from mnemosyne_hpc.serving.inputs import InputProcessor, tokenizing_threads
+from mnemosyne_hpc.serving.logprobs import LogprobFormat
 from mnemosyne_hpc.serving.loop import REFUSED, Event, ServingLoop
 from mnemosyne_hpc.serving.protocol import (
     ChatCompletion,
@@ -44,6 +46,17 @@ from mnemosyne_hpc.serving.protocol import (
 SAMPLING_FAILED = "sampling failed for this request (see the server log); other requests are unaffected"
 REQUEST_MODELS = (CompletionRequest, ChatRequest, TokenizeRequest, DetokenizeRequest)
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
+
+
+@dataclass
+class Shape:
+    """How a request's answer is written: as a chat message or a completion; with log-probabilities; after
+    the prompt's text (`echo`); without the completion (`score_only`: max_tokens 0 scores the prompt)."""
+
+    chat: bool
+    logprobs: bool
+    echo: str | None = None
+    score_only: bool = False
 
 
 class ApiError(Exception):
@@ -126,6 +139,7 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
     app = FastAPI(title="mnemosyne-hpc", docs_url=None, redoc_url=None)
     metrics = Metrics(loop)
     inputs = InputProcessor(loop.engine.tokenizer)
+    formats = LogprobFormat(loop.engine.tokenizer)
     tokenizing = tokenizing_threads(server.tokenizer_nice)
     api_key = server.api_key
     max_body = server.max_request_bytes or max(1 << 20, 32 * loop.engine.max_model_len)
@@ -182,13 +196,17 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
         body = await _body(request, CompletionRequest)
         prompt = body.prompt_text_or_ids()
         token_ids = prompt if isinstance(prompt, list) else await _off_the_loop(inputs.prompt_tokens, prompt)
-        return await _respond(request, body, token_ids, chat=False)
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else await _off_the_loop(inputs.text, token_ids)
+        shape = Shape(chat=False, logprobs=body.logprobs is not None, echo=echo, score_only=body.max_tokens == 0)
+        return await _respond(request, body, token_ids, shape)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest), responses=_answers(ChatCompletion))
     async def chat_completions(request: Request):
         body = await _body(request, ChatRequest)
         token_ids = await _off_the_loop(inputs.chat_tokens, conversation(body.messages))
-        return await _respond(request, body, token_ids, chat=True)
+        return await _respond(request, body, token_ids, Shape(chat=True, logprobs=bool(body.logprobs)))
 
     @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest), responses=ERRORS)
     async def tokenize(request: Request):
@@ -225,8 +243,8 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
             raise ApiError(404, f"model {checked.model!r} not found; this server serves {model!r}", "not_found_error")
         return checked
 
-    async def _respond(request: Request, body: Sampling, token_ids: list[int], chat: bool):
-        sampling = body.sampling()
+    async def _respond(request: Request, body: Sampling, token_ids: list[int], shape: Shape):
+        sampling, chat = body.sampling(), shape.chat
         _check_room(sampling.get("max_tokens"), len(token_ids), loop.engine.max_model_len)
         events = _submit({"prompt_token_ids": token_ids, "sampling": sampling})
         # the first event tells a rejected request apart; a client that leaves before it (its request
@@ -238,12 +256,13 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            chunks = _stream(first, events, completion_id, created, chat, body.include_usage)
+            chunks = _stream(first, events, completion_id, created, shape, body.include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
         text, done = await _unless_disconnected(request, _collect(first, events))
         if failure(done):
             raise ApiError(*failure(done))
-        return _full_response(completion_id, created, chat, text, done)
+        choice = await _off_the_loop(_choice, shape, text, done.request)
+        return _full_response(completion_id, created, chat, choice, done, shape.score_only)
 
     async def _unless_disconnected(request: Request, awaitable):
         """Await `awaitable`; if the client disconnects first, cancel it (an events generator it
@@ -291,9 +310,21 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
             async for event in events:
                 yield event
 
-    async def _stream(first: Event, events, completion_id: str, created: int, chat: bool, include_usage: bool):
+    def _choice(shape: Shape, text: str, request) -> dict:
+        """A whole answer's choice: its text (after the prompt, with echo) and the log-probabilities asked for."""
+        outputs = [] if shape.score_only else request.output_logprobs
+        if shape.chat:
+            logprobs = formats.chat(outputs) if shape.logprobs else None
+            return {"message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        entries = list(zip(request.prompt_token_ids, request.prompt_logprobs)) if shape.echo is not None else []
+        logprobs = formats.completion(entries + [(e.token_id, e) for e in outputs])[0] if shape.logprobs else None
+        return {"text": (shape.echo or "") + ("" if shape.score_only else text), "logprobs": logprobs}
+
+    async def _stream(first: Event, events, completion_id: str, created: int, shape: Shape, include_usage: bool):
+        chat = shape.chat
         head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion"}
         head.update({"created": created, "model": model, **({"usage": None} if include_usage else {})})
+        offset = 0  # of the next token's text, in the completion's text (log-probabilities)
         if chat:
             yield _sse(
                 {
@@ -301,38 +332,45 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 }
             )
+        elif shape.echo is not None and first.kind != "error":
+            echoed = {"index": 0, "text": shape.echo, "logprobs": None, "finish_reason": None}
+            if shape.logprobs and first.request is not None:
+                entries = list(zip(first.request.prompt_token_ids, first.request.prompt_logprobs))
+                echoed["logprobs"], offset = await _off_the_loop(formats.completion, entries)
+            yield _sse({**head, "choices": [echoed]})
         try:
             async for event in _chain(first, events):
                 if failure(event):
                     yield _sse(error_body(*failure(event)))
                     break
+                if shape.score_only:  # the one token computed is not part of the answer
+                    event.text, event.logprobs = "", []
                 if event.text or event.kind == "done":
                     choice = {"index": 0, "finish_reason": event.finish_reason}
-                    choice.update(
-                        {"delta": {"content": event.text} if event.text else {}}
-                        if chat
-                        else {"text": event.text, "logprobs": None}
-                    )
+                    if chat:
+                        choice["delta"] = {"content": event.text} if event.text else {}
+                        choice["logprobs"] = formats.chat(event.logprobs) if shape.logprobs else None
+                    else:
+                        choice.update({"text": event.text, "logprobs": None})
+                        if shape.logprobs:
+                            entries = [(e.token_id, e) for e in event.logprobs]
+                            choice["logprobs"], offset = formats.completion(entries, offset)
                     yield _sse({**head, "choices": [choice]})
                 if event.kind == "done" and include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(event.request)})
+                    yield _sse({**head, "choices": [], "usage": _usage(event.request, shape.score_only)})
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # a client that went away cancels its request
 
-    def _full_response(completion_id, created, chat, text, done: Event) -> dict:
-        choice = {"index": 0, "finish_reason": done.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice.update({"text": text, "logprobs": None})
+    def _full_response(completion_id, created, chat, choice: dict, done: Event, score_only: bool) -> dict:
+        choice = {"index": 0, **choice, "finish_reason": done.finish_reason}
         return {
             "id": completion_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": model,
             "choices": [choice],
-            "usage": _usage(done.request),
+            "usage": _usage(done.request, score_only),
         }
 
     def openapi() -> dict:
@@ -349,8 +387,8 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
     return app
 
 
-def _usage(request) -> dict:
-    prompt, output = len(request.prompt_token_ids), len(request.output_token_ids)
+def _usage(request, score_only: bool = False) -> dict:
+    prompt, output = len(request.prompt_token_ids), 0 if score_only else len(request.output_token_ids)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": output,

@@ -30,7 +30,8 @@ class Event:
     text: str = ""
     status: int = 400  # of an "error": the HTTP status it means
     finish_reason: Optional[str] = None
-    request: Optional[Request] = None  # with "done": token counts and times
+    request: Optional[Request] = None  # the request (with "done": its token counts and times)
+    logprobs: list = field(default_factory=list)  # TokenLogprob of each output token since the last event
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Ticket:
     request: dict
     request_id: Optional[int] = None
     cancelled: bool = False
+    logprobs_sent: int = 0  # of the request's output_logprobs
 
 
 @dataclass
@@ -175,10 +177,19 @@ class ServingLoop:
                 ticket()  # a `call`
                 continue
             self._send_text(ticket, request)
-            ticket.on_event(Event("done", finish_reason=request.finish_reason, request=request))
+            logprobs = _new_logprobs(ticket, request)
+            ticket.on_event(Event("done", finish_reason=request.finish_reason, request=request, logprobs=logprobs))
 
     @staticmethod
     def _send_text(ticket: Ticket, request: Request) -> None:
+        """New text, with the log-probabilities of the tokens since the last (text held back keeps
+        them for the event that releases it)."""
         text = request.output.take() if request.output is not None else ""
         if text:
-            ticket.on_event(Event("text", text=text))
+            ticket.on_event(Event("text", text=text, request=request, logprobs=_new_logprobs(ticket, request)))
+
+
+def _new_logprobs(ticket: Ticket, request: Request) -> list:
+    new = request.output_logprobs[ticket.logprobs_sent :]
+    ticket.logprobs_sent = len(request.output_logprobs)
+    return new

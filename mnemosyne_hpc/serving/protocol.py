@@ -14,15 +14,14 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mnemosyne_hpc.engine.request import MAX_LOGPROBS
+
 SEED_LIMIT = 2**63
 
 # field → what to do instead; each is declared with `neutral(value)`, the one value accepted
 UNSUPPORTED = {
     "n": "send n requests: prefix caching shares their prompt",
     "best_of": "send several requests and pick",
-    "logprobs": "not computed by this server yet",
-    "top_logprobs": "not computed by this server yet",
-    "echo": "not supported by this server yet",
     "presence_penalty": "not supported by this server yet",
     "frequency_penalty": "not supported by this server yet",
     "logit_bias": "not supported by this server yet",
@@ -97,10 +96,31 @@ class CompletionRequest(Sampling):
         | Annotated[list[str], Field(min_length=1, max_length=1)]
         | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
     ) = Field(description="text, or token ids; a batch of one of either")
+    max_tokens: Optional[int] = Field(
+        None, ge=0, description="at most cache.max_model_len minus the prompt; 0 (with echo): score the prompt only"
+    )
     best_of: Optional[int] = neutral(1)
-    logprobs: Optional[int] = neutral(None)
-    echo: Optional[bool] = neutral(False)
+    logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token, with this many alternatives"
+    )
+    echo: Optional[bool] = Field(None, description="the prompt before the completion, with its log-probabilities")
     suffix: Optional[str] = neutral(None)
+
+    @model_validator(mode="after")
+    def _scoring(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens = 0 scores the prompt only: it needs echo = true")
+        return self
+
+    def sampling(self) -> dict:
+        fields = super().sampling()
+        if self.logprobs is not None:
+            fields["logprobs"] = self.logprobs
+            if self.echo:
+                fields["prompt_logprobs"] = self.logprobs
+        if self.max_tokens == 0:
+            fields["max_tokens"] = 1  # the prompt is computed as for one token, which is left out
+        return fields
 
     def prompt_text_or_ids(self) -> str | list[int]:
         prompt = self.prompt
@@ -130,13 +150,23 @@ def conversation(messages: list[Message]) -> list[dict]:
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="the same as max_tokens")
-    logprobs: Optional[bool] = neutral(False)
-    top_logprobs: Optional[int] = neutral(None)
+    logprobs: Optional[bool] = Field(None, description="log-probabilities of the answer's tokens")
+    top_logprobs: Optional[int] = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (needs logprobs = true)"
+    )
+
+    @model_validator(mode="after")
+    def _alternatives(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs = true")
+        return self
 
     def sampling(self) -> dict:
         fields = super().sampling()
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            fields["logprobs"] = self.top_logprobs or 0
         return fields
 
 
@@ -184,10 +214,20 @@ class Usage(BaseModel):
     prompt_tokens_details: dict[str, int] = Field(description="cached_tokens: prompt tokens found in the prefix cache")
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token (the prompt's first, with echo, has none): its text, log-probability, the most likely
+    alternatives by text, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str]
 
 
@@ -205,9 +245,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = Field(description="the token's UTF-8 bytes; null where it is part of a character")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str]
 
 
