@@ -46,6 +46,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # where it keeps its cache
         )
         print(run.stdout[-3000:])
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
