@@ -22,18 +22,29 @@ from mnemosyne_hpc.model.args import ModelArgs
 BF16_UNITS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo flags of CPUs that compute in bfloat16 at full speed
 
 
+GGUF_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+HALF = ("bfloat16", "float16")
+
+
 def checkpoint_dtype(model_dir: Path) -> str:
     """The dtype config.json names (`torch_dtype`, or `dtype` as newer transformers write it); float32
-    when it names none. A GGUF model is converted to float32 (`model/gguf.py`)."""
+    when it names none. A converted GGUF model (`model/gguf.py`) names the GGUF type of most of its
+    weights: its float dtype, or `quantized <type>` (such as Q4_1)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    if "gguf_weights" in config:
+        return GGUF_DTYPES.get(config["gguf_weights"], f"quantized {config['gguf_weights']}")
     return str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
 
 
 def auto_dtype(saved: str, device: torch.device) -> str:
     """The checkpoint's dtype where the device computes in it at full speed. A half-precision checkpoint
     (bfloat16 or float16) runs on a CPU in bfloat16 where it has bf16 units (AVX512-BF16 or AMX; our
-    kernels' fast path), else in float32; on a GPU without bfloat16, in float16. Anything else: float32."""
-    if saved not in ("bfloat16", "float16"):
+    kernels' fast path), else in float32; on a GPU without bfloat16, in float16. A quantized one (4 to 8
+    bits a weight, whose quantisation error is far above bfloat16's rounding) runs as a half-precision
+    one. Anything else: float32."""
+    if saved.startswith("quantized"):
+        saved = "bfloat16"
+    if saved not in HALF:
         return "float32"
     if device.type == "cpu":
         return "bfloat16" if cpu_flags() & BF16_UNITS else "float32"

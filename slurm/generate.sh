@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Batch generation on a SLURM allocation, one rank per GPU (or per CPU slot without GPUs):
-#   sbatch --nodes=1 --ntasks=3 slurm/generate.sh parallel.tp=3 generate.input=prompts.jsonl
+#   sbatch --nodes=1 --ntasks=2 slurm/generate.sh parallel.kvp=2 generate.input=prompts.jsonl
 # Ranks find each other through the srun step's variables (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
 # SLURM_STEP_NODELIST); no MPI needed. Arguments are Hydra overrides.
 #SBATCH --job-name=mnemosyne-generate

@@ -4,15 +4,17 @@ model's window as cache.max_model_len, bounded by the KV pool and said at start-
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from mnemosyne_hpc import auto_config
 from mnemosyne_hpc.auto_config import BF16_UNITS, auto_dtype, checkpoint_dtype, model_len, settle
-from mnemosyne_hpc.config import compose
+from mnemosyne_hpc.config import compose, resolve_cache_dir
 from mnemosyne_hpc.kernels.build import cpu_flags
 from mnemosyne_hpc.model.args import ModelArgs
+from mnemosyne_hpc.model.gguf import convert_gguf
 from models import make_tiny_model
 from ranks import run_ranks, tiny_overrides
 
@@ -26,7 +28,13 @@ def test_the_defaults_are_left_to_the_model():
 
 @pytest.mark.parametrize(
     "config, dtype",
-    [({"torch_dtype": "bfloat16"}, "bfloat16"), ({"dtype": "float16"}, "float16"), ({}, "float32")],
+    [
+        ({"torch_dtype": "bfloat16"}, "bfloat16"),
+        ({"dtype": "float16"}, "float16"),
+        ({}, "float32"),
+        ({"dtype": "float32", "gguf_weights": "Q4_1"}, "quantized Q4_1"),  # a converted GGUF file
+        ({"dtype": "float32", "gguf_weights": "F16"}, "float16"),
+    ],
 )
 def test_checkpoint_dtype_is_what_config_json_names(config, dtype, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -41,6 +49,8 @@ def test_checkpoint_dtype_is_what_config_json_names(config, dtype, tmp_path):
         ("bfloat16", {"avx512f", "avx2"}, "float32"),  # no bf16 units: float32 is faster
         ("float16", {"amx_bf16"}, "bfloat16"),
         ("float32", {"amx_bf16"}, "float32"),
+        ("quantized Q4_1", {"avx512f", "avx512_bf16"}, "bfloat16"),
+        ("quantized Q4_1", {"avx512f", "avx2"}, "float32"),
     ],
 )
 def test_auto_dtype_on_a_cpu(saved, flags, chosen, monkeypatch):
@@ -98,3 +108,9 @@ def test_a_run_takes_the_checkpoint_dtype_and_the_model_window_and_says_so(tmp_p
     refused = run_ranks(1, [*job, *tiny_overrides(model_dir, **{"cache.max_model_len": 1024})], timeout=300)
     assert refused.returncode != 0
     assert "cache.max_model_len = 1024 exceeds the model's window (max_position_embeddings = 512)" in refused.stderr
+
+
+def test_the_embedded_gguf_model_is_a_quantized_checkpoint():
+    """Most of its weights are Q4_1 (its float32 conversion keeps that): auto runs it as half precision."""
+    cfg = compose([])
+    assert checkpoint_dtype(convert_gguf(Path(cfg.model.path), resolve_cache_dir(cfg))) == "quantized Q4_1"

@@ -20,20 +20,39 @@ BF16 = select_backend(torch.bfloat16, "cpu")  # what a bf16 model on this CPU co
 
 
 @pytest.mark.parametrize(
-    "rows, out_features, in_features",
-    [(1, 96, 64), (1, 37, 70), (1, 5, 7), (1, 1100, 2816), (2, 96, 64), (17, 37, 96), (64, 1100, 2816)],
+    "kernel_name, rows, out_features, in_features",
+    [
+        ("gemv", 1, 96, 64),
+        ("gemv", 1, 37, 70),
+        ("gemv", 1, 5, 7),
+        ("gemv", 1, 1100, 2816),
+        ("gemv", 3, 37, 70),
+        ("gemv", 8, 1100, 576),
+        ("skinny", 2, 96, 64),
+        ("skinny", 17, 37, 96),
+        ("skinny", 64, 1100, 2816),
+    ],
 )
-def test_few_row_linear_kernels_round_the_fp32_sum_once(rows, out_features, in_features):
-    kernel = gemv_kernel.gemv if rows == 1 else skinny.skinny_linear
-    if (gemv_kernel if rows == 1 else skinny)._library() is None:
-        pytest.skip("no C compiler, AVX512-BF16 or AMX here: torch's matrix products serve decode steps")
+def test_few_row_linear_kernels_round_the_fp32_sum_once(kernel_name, rows, out_features, in_features):
+    module = {"gemv": gemv_kernel, "skinny": skinny}[kernel_name]
+    kernel = gemv_kernel.gemv if module is gemv_kernel else skinny.skinny_linear
+    if module._library() is None:
+        pytest.skip(
+            f"no C compiler, AVX512-BF16 or AMX here for {kernel_name}: torch's matrix products serve decode steps"
+        )
     torch.manual_seed(rows * out_features)
     x = torch.randn(rows, in_features + 32).bfloat16()[:, :in_features]  # rows apart by more than their length
     weight = torch.randn(out_features, in_features).bfloat16()
     y, exact = kernel(x, weight), x.double() @ weight.double().T
     torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=2**-8)  # within half a bf16 step
     assert (y == exact.bfloat16()).float().mean() > 0.99  # the exact sum, rounded, but where fp32 sums tip a tie
-    torch.testing.assert_close(BF16.linear(x, weight), y, atol=0, rtol=0)  # a decode step's linear uses it
+    if kernel_name == "skinny" or rows == 1 or skinny._library() is None:
+        torch.testing.assert_close(BF16.linear(x, weight), y, atol=0, rtol=0)  # a decode step's linear uses it
+
+
+def test_gemv_leaves_many_rows_to_others():
+    weight = torch.randn(16, 64).bfloat16()
+    assert gemv_kernel.gemv(torch.randn(gemv_kernel.MAX_ROWS + 1, 64).bfloat16(), weight) is None
 
 
 def test_skinny_kernel_leaves_many_rows_and_odd_widths_to_torch():

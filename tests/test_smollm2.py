@@ -50,6 +50,7 @@ def test_generate_matches_transformers(tp, spp, reference_tokens, tmp_path):
         [
             "-m",
             "mnemosyne_hpc.generate",
+            "model.dtype=float32",  # as the reference computes (auto: bfloat16 where the CPU has bf16 units)
             f"parallel.tp={tp}",
             f"parallel.spp={spp}",
             "scheduler.chunking=fixed",

@@ -144,9 +144,9 @@ class CPUBackend(TorchBackend):
 
 
 class CPUKernelBackend(CPUBackend):
-    """bf16 on CPU with this project's C kernels (`kernels/`, built for this CPU): gemv and AMX
-    few-row GEMMs, one-pass element-wise steps, decode attention over the paged cache in one call, and
-    AMX prefill attention. Which of them this CPU has is settled here, once."""
+    """bf16 on CPU with this project's C kernels (`kernels/`, built for this CPU): few-row products
+    (gemv; AMX GEMMs where there are tiles), one-pass element-wise steps, decode attention over the
+    paged cache in one call, and AMX prefill attention. Which of them this CPU has is settled here, once."""
 
     name = "cpu-kernels"
 
@@ -162,10 +162,10 @@ class CPUKernelBackend(CPUBackend):
 
     def _few_rows_linear(self, x, weight):
         y = None
-        if x.shape[0] == 1:
-            y = gemv.gemv(x, weight) if self.has_gemv else None
-        elif self.has_skinny:
+        if self.has_skinny and x.shape[0] > 1:
             y = skinny.skinny_linear(x, weight)
+        elif self.has_gemv:
+            y = gemv.gemv(x, weight)  # one row, or a few where there is no AMX
         return super()._few_rows_linear(x, weight) if y is None else y
 
     def rms_norm(self, x, weight, eps, residual=None):
