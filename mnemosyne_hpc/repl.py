@@ -16,6 +16,7 @@ follow rank 0's plans and exit with it.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import statistics
@@ -26,7 +27,7 @@ from pathlib import Path
 from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.request import RequestError, SamplingParams
-from mnemosyne_hpc.runtime import run
+from mnemosyne_hpc.runtime import run, stopped_at_start
 from mnemosyne_hpc.serving.inputs import InputProcessor
 from mnemosyne_hpc.serving.loop import ServingLoop, Ticket
 
@@ -51,6 +52,10 @@ class Repl:
         """The loop on this (main) thread; the conversation on another. Once it ends, Ctrl-C is ignored:
         the handler must not keep this REPL, and through it the process groups, alive (runtime._leave)."""
         signal.signal(signal.SIGINT, self._interrupt)
+        if stopped_at_start():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self.print("interrupted while starting: every rank shuts down")
+            return
         conversation = threading.Thread(target=self._converse, name="repl", daemon=True)
         conversation.start()
         try:
@@ -60,10 +65,12 @@ class Repl:
             conversation.join(timeout=5)
 
     def _interrupt(self, signum, frame) -> None:
+        """Takes no lock (it runs on the loop's thread, which may hold one): cancelling sets flags, and
+        the hint is written with os.write."""
         if self.current is not None:
             self.loop.cancel(self.current)
         else:
-            self.print("\n(Ctrl-C cancels an answer; /quit or Ctrl-D leaves)\n> ", end="")
+            os.write(self.out.fileno(), b"\n(Ctrl-C cancels an answer; /quit or Ctrl-D leaves)\n> ")
 
     def _converse(self) -> None:
         self.print(
@@ -167,7 +174,7 @@ class Repl:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = compose_command_line(argv)
-    run(cfg, lambda engine: Repl(cfg, engine).serve(), followers_ignore=(signal.SIGINT,))
+    run(cfg, lambda engine: Repl(cfg, engine).serve(), stop_signals=(signal.SIGINT,))
 
 
 if __name__ == "__main__":

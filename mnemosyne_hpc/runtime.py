@@ -22,7 +22,7 @@ import torch.distributed as dist
 from mnemosyne_hpc.auto_config import settle
 from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
-from mnemosyne_hpc.distributed.launch import fail, init_distributed, ranks_by_host
+from mnemosyne_hpc.distributed.launch import discover_rank, fail, init_distributed, ranks_by_host
 from mnemosyne_hpc.distributed.mesh import ParallelContext, build_mesh
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.executor import Executor
@@ -118,15 +118,17 @@ def run(
     cfg: Config,
     leader: Callable[[Engine], None],
     perf_model: PerfModelSource = load_or_profile,
-    followers_ignore: tuple[signal.Signals, ...] = (),
+    stop_signals: tuple[signal.Signals, ...] = (),
     **engine_options,
 ) -> None:
     """Start this rank; rank 0 calls `leader(engine)`. The engine's performance model comes from
     `perf_model` (by default the stored profile, or one taken now, where the scheduler uses one).
-    Ranks other than 0 ignore `followers_ignore`: rank 0 alone decides what a signal means (a
-    launcher forwards a terminal's Ctrl-C, or a scheduler's SIGTERM, to every rank)."""
+    `stop_signals` are the leader's to handle: ranks other than 0 ignore them from the start (rank 0
+    alone decides what a signal means; a launcher forwards a terminal's Ctrl-C, or a scheduler's
+    SIGTERM, to every rank), and rank 0 keeps those that arrive while it starts (`stopped_at_start`)
+    for its leader, which then shuts every rank down: a job stopped while it loads ends cleanly."""
     try:
-        _run_rank(cfg, leader, perf_model, followers_ignore, engine_options)
+        _run_rank(cfg, leader, perf_model, stop_signals, engine_options)
     except KeyboardInterrupt:
         fail("interrupted")
     except Exception as e:  # noqa: BLE001 - every failure ends this rank loudly; peers follow
@@ -140,13 +142,26 @@ def run(
     _leave()
 
 
-def _run_rank(cfg, leader, perf_model, followers_ignore, engine_options) -> None:
+_STOPPED_AT_START: list[signal.Signals] = []
+
+
+def stopped_at_start() -> list[signal.Signals]:
+    """The stop signals rank 0 received before its leader ran (see `run`)."""
+    return list(_STOPPED_AT_START)
+
+
+def _keep_for_the_leader(signum, frame) -> None:
+    if not _STOPPED_AT_START:  # os.write: this thread may hold sys.stderr's lock
+        os.write(2, f"[rank 0] {signal.Signals(signum).name} while starting: every rank stops once up\n".encode())
+    _STOPPED_AT_START.append(signal.Signals(signum))
+
+
+def _run_rank(cfg, leader, perf_model, stop_signals, engine_options) -> None:
     """`run`'s work; what this rank built (mesh, model, engine) is left behind when it returns."""
+    for signum in stop_signals:
+        signal.signal(signum, _keep_for_the_leader if discover_rank().rank == 0 else signal.SIG_IGN)
     path = check_model_path(cfg)
     info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
-    if info.rank != 0:
-        for signum in followers_ignore:
-            signal.signal(signum, signal.SIG_IGN)
     on_gpu = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if device.type == "cpu":

@@ -24,7 +24,7 @@ import uvicorn  # imported before the ranks join: the others wait for rank 0's f
 
 from mnemosyne_hpc.config import Config, compose_command_line
 from mnemosyne_hpc.engine.engine import Engine
-from mnemosyne_hpc.runtime import run
+from mnemosyne_hpc.runtime import run, stopped_at_start
 from mnemosyne_hpc.serving.api import create_app
 from mnemosyne_hpc.serving.loop import ServingLoop
 
@@ -42,6 +42,9 @@ def serve(cfg: Config, engine: Engine) -> None:
         )
     )
     with stopped_by_signals(loop, cfg.server.shutdown_grace_s):  # before anyone knows the address
+        if stopped_at_start():
+            print("[rank 0] stopped while starting: not serving; every rank shuts down", file=sys.stderr, flush=True)
+            return
         http = threading.Thread(target=server.run, name="http", daemon=True)
         http.start()
         while not server.started:
@@ -87,7 +90,7 @@ def stopped_by_signals(loop: ServingLoop, grace_s: float):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = compose_command_line(argv)
-    run(cfg, lambda engine: serve(cfg, engine), followers_ignore=(signal.SIGINT, signal.SIGTERM))
+    run(cfg, lambda engine: serve(cfg, engine), stop_signals=(signal.SIGINT, signal.SIGTERM))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ import pytest
 
 from mnemosyne_hpc.serving.loop import ENDED, REFUSED
 from models import make_tiny_text_model
-from ranks import tiny_overrides
+from ranks import MPIRUN, ROOT, free_port, tiny_overrides
 from servers import kill_job, metric, rank_pids, start_server
 
 WINDOW = 4096  # the model's max_position_embeddings: cache.max_model_len=0 takes it
@@ -142,6 +144,46 @@ def stop_once(directory, model_dir, state: str) -> None:
 @pytest.mark.parametrize("state", ["idle", "stream", "prefill"])
 def test_sigterm_stops_every_rank_cleanly(state, text_model, tmp_path):
     stop_once(tmp_path, text_model, state)
+
+
+def test_sigterm_while_starting_stops_every_rank_cleanly(text_model, tmp_path):
+    """SIGTERM to rank 0 while it waits for rank 1 to join (held stopped): kept until every rank is up,
+    then every rank exits 0 without serving."""
+    command = [MPIRUN, "-n", "2", sys.executable, "-m", "mnemosyne_hpc.serve", *overrides(text_model)]
+    command += ["server.port=0", f"server.address_file={tmp_path / 'address'}"]
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # not through MPI: rank 0 goes on alone
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **rendezvous},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    reader = Background(lambda: lines.extend(process.stdout))
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks := rank_pids(process.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(ranks[1], signal.SIGSTOP)
+        while not any(line.startswith("[rank 0] waiting for 2 ranks") for line in lines):  # the rendezvous
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        os.kill(ranks[0], signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(ranks[1], signal.SIGCONT)
+        process.wait(timeout=90)
+        reader.join(timeout=10)
+        output = "".join(lines)
+    finally:
+        kill_job(process)
+    assert process.returncode == 0, output[-3000:]
+    assert "[rank 0] SIGTERM while starting: every rank stops once up" in output
+    assert "[rank 0] stopped while starting: not serving" in output and STOPPED[-1] in output
+    assert not (tmp_path / "address").exists()
 
 
 @pytest.mark.slow  # 20 server starts

@@ -125,6 +125,9 @@ def init_distributed(device: str, backend: str, timeout_s: float) -> RankInfo:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     check_interfaces()
     addr, port = rendezvous_address(info)
+    if info.rank == 0 and info.world_size > 1:
+        waiting = f"[rank 0] waiting for {info.world_size} ranks at {addr}:{port} ({timeout_s:g} s)"
+        print(waiting, file=sys.stderr, flush=True)
     try:
         dist.init_process_group(
             backend,

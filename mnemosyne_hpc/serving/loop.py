@@ -51,6 +51,7 @@ class ServingLoop:
     heartbeat_s: float
     _inbox: queue.Queue = field(default_factory=queue.Queue)
     _tickets: dict = field(default_factory=dict)  # request id → Ticket
+    _cancelled: bool = False  # some ticket was cancelled since the loop last looked
     _deadline: Optional[float] = None  # once stopping: when the requests still running are ended
     # (waiting for work, since when): the loop's last sign of progress (stalled_s)
     _progress: tuple = field(default_factory=lambda: (True, time.monotonic()))
@@ -63,9 +64,10 @@ class ServingLoop:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """Thread-safe; a cancelled request is aborted and frees its KV blocks."""
+        """Thread-safe and lock-free (a signal handler may call it, whatever this thread holds): the
+        request is aborted before the next step and frees its KV blocks; one not started never starts."""
         ticket.cancelled = True
-        self._inbox.put(ticket)
+        self._cancelled = True  # after the ticket's flag: the loop clears this before it looks at them
 
     def call(self, function: Callable[[], None]) -> None:
         """Run `function` on the loop's thread between steps, after what was submitted before (thread-safe)."""
@@ -110,6 +112,7 @@ class ServingLoop:
             self._take_inbox(block=waiting, until=min(last_contact + self.heartbeat_s, time.monotonic() + POLL_S))
             if waiting:
                 self._progress = (False, time.monotonic())
+            self._abort_cancelled()
             if self.stopping and (not self._tickets or time.monotonic() >= self._deadline):
                 self._end_all(ENDED, 503)
                 return
@@ -147,9 +150,7 @@ class ServingLoop:
             if not isinstance(ticket, Ticket):
                 ticket()  # a `call`
                 continue
-            if ticket.cancelled:  # its cancellation; a request cancelled before it was taken never starts
-                finished = self.engine.abort(ticket.request_id) if ticket.request_id is not None else None
-                self._emit([], [finished] if finished else [])
+            if ticket.cancelled:  # before it started: it never does
                 continue
             if self.stopping:
                 ticket.on_event(Event("error", text=REFUSED, status=503))
@@ -161,6 +162,14 @@ class ServingLoop:
                 ticket.on_event(Event("error", text=str(e)))
             except Exception as e:  # noqa: BLE001 - one request's failure must not end the job
                 ticket.on_event(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
+
+    def _abort_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._cancelled = False
+        for ticket in [t for t in self._tickets.values() if t.cancelled]:
+            finished = self.engine.abort(ticket.request_id)
+            self._emit([], [finished] if finished else [])
 
     def _emit(self, sampled: list[Request], finished: list[Request]) -> None:
         for request in sampled:
