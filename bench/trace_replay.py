@@ -1,7 +1,7 @@
 """Replay the Azure LLM conversation trace with one long request injected, under several scheduler
 policies, side by side in one run.
 
-    .venv/bin/python bench/trace.py                      # about 13 minutes on 2 cores
+    .venv/bin/python bench/trace_replay.py                      # about 13 minutes on 2 cores
 
 1. Profiles the model on this machine (`python -m mnemosyne_hpc.profile`, full grid) and records
    the performance model's held-out error.
