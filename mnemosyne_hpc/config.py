@@ -162,7 +162,7 @@ class PlanConfig:
     decode_tokens: int = 16  # tokens generated after the prefill, timed for TBT
     # Hardware profile: a name under mnemosyne_hpc/perf/profiles/ or a path to a profile JSON
     hardware: str = "h100-dgx"
-    # JSON result; empty: bench/results/plan_<model>_<gpus>gpus_<context>.json
+    # JSON result; empty: bench/results/plan_<model>_<hardware>_<gpus>gpus_<context>.json
     output: str = ""
     progress: bool = True  # a progress bar over the layouts
 

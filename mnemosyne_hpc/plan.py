@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         f"chunks ({cfg.scheduler.chunk_size} tokens when fixed), {len(rows)} layouts in {elapsed:.1f} s"
     )
     print(table(rows, cfg.scheduler.tbt_slo_ms))
-    output = Path(plan.output or RESULTS / f"plan_{model}_{plan.gpus}gpus_{plan.context}.json")
+    output = Path(
+        plan.output or RESULTS / f"plan_{model}_{Path(plan.hardware).stem}_{plan.gpus}gpus_{plan.context}.json"
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
         json.dumps(

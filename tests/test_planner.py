@@ -97,3 +97,18 @@ def test_a_layout_that_does_not_fit_is_simulated_only_when_asked():
     bound, unbound = (evaluate(cfg, args, HW, layout, memory_bound=m) for m in (True, False))
     assert not bound["fits"] and "ttft_s" not in bound and bound["why_not"].startswith("KV 122.1 GiB")
     assert not unbound["fits"] and unbound["ttft_s"] > 0 and unbound["tbt_p50_s"] > 0
+
+
+def test_the_a100_profile_is_slower_than_the_h100_one_by_its_own_figures():
+    """Vidur's A100 layers are slower than its H100 ones at the same shape and TP degree, and the attention
+    figures follow the stated peaks: a layout's prefill and decode take longer on A100 nodes."""
+    a100 = load_hardware("a100-dgx")
+    assert {"linear_layer", "all_reduce", "send_recv"} <= set(a100["measured"]) and all(
+        a100["sources"][key] for key in ("measured", "bf16_peak_tflops", "hbm_tb_per_s", "prefill_attention_efficiency")
+    )
+    args = load_shape("llama3-8b")
+    h100_cost, a100_cost = LayoutCost(HW, args, Layout(8, 1, 1)), LayoutCost(a100, args, Layout(8, 1, 1))
+    assert a100_cost.linear_s(4096) > h100_cost.linear_s(4096)
+    h100_model, a100_model = h100_cost.perf_model(), a100_cost.perf_model()
+    for shape in (SequenceShape(8192, 100_000), SequenceShape(1, 1_000_000)):
+        assert a100_model.batch_time([shape], 1) > h100_model.batch_time([shape], 1)

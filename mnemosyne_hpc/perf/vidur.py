@@ -3,6 +3,7 @@ per-layer linear and element-wise operations against tokens and TP degree, intra
 point-to-point send/receive within and across nodes. Run once; the profile JSON is kept in the repository:
 
     python -m mnemosyne_hpc.perf.vidur VIDUR_DIR/profiling h100 h100_dgx mnemosyne_hpc/perf/profiles/h100-dgx.json
+    python -m mnemosyne_hpc.perf.vidur VIDUR_DIR/profiling a100 a100_dgx mnemosyne_hpc/perf/profiles/a100-dgx.json
 
 Only the measured curves are written (under "measured"); the rest of the profile (attention efficiency,
 memory, links) is written by hand with its sources and kept when the file exists.
@@ -54,8 +55,8 @@ def layer_curves(mlp_csv: Path) -> dict:
     return {"shape": shape, "tp": by_tp}
 
 
-def collective_curves(path: Path, name: str, key) -> dict:
-    rows = list(csv.DictReader(open(path)))
+def collective_curves(path: Path, name: str, key, keep=lambda row: True) -> dict:
+    rows = [r for r in csv.DictReader(open(path)) if keep(r)]
     out = {}
     for label in sorted({key(r) for r in rows}):
         times = _median_by(
@@ -71,7 +72,13 @@ def measured(profiling: Path, gpu: str, network: str) -> dict:
     net = profiling / "network" / network
     return {
         "linear_layer": {m: layer_curves(profiling / "compute" / gpu / m / "mlp.csv") for m in REFERENCE_MODELS},
-        "all_reduce": collective_curves(net / "all_reduce.csv", "all_reduce", lambda r: r["num_workers"]),
+        # within one node (the A100 table also has runs spread over nodes)
+        "all_reduce": collective_curves(
+            net / "all_reduce.csv",
+            "all_reduce",
+            lambda r: r["num_workers"],
+            keep=lambda r: r["devices_per_node"] == r["num_workers"],
+        ),
         # devices_per_node 1: the two ranks are on two nodes; 2: on one node (NVLink)
         "send_recv": collective_curves(
             net / "send_recv.csv", "send_recv", lambda r: "inter_node" if r["devices_per_node"] == "1" else "intra_node"
