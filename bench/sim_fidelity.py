@@ -116,27 +116,14 @@ def trace_scenarios(args, workdir: Path) -> dict:
     """bench/trace_replay.py's replay (one rank, 2 threads, float32), its TBT SLO 4 × the decode-only step."""
     import random
 
-    import numpy as np
-
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    model_dir = random_llama(workdir / "llama-trace-2x512", **trace_bench.MODEL)
     out = workdir / "fidelity" / "trace"
     path = out / "profile.json"
-    base = [
-        "model=hf", f"model.path={model_dir}", "model.dtype=float32", f"cache.max_model_len={args.trace_long + 1024}",
-        "cache.kv_memory_gib=1", "scheduler.max_num_batched_tokens=8192", "scheduler.max_num_seqs=64",
-        f"scheduler.profile={path}", "parallel.timeout_s=3600",
-    ]  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
-        subprocess.run([sys.executable, "-m", "mnemosyne_hpc.profile", *base], cwd=ROOT, env=env, check=True)
+    base = trace_bench.engine_overrides(workdir, args.trace_long + 1024, path)
+    trace_bench.profile(base, path)
     shorts = trace_bench.read_trace(trace_bench.TRACE, args.trace_requests, 1.0)
-    decode_requests = [{**r, "arrival_s": 0.0, "max_tokens": 64} for r in shorts[:16]]
-    fixed = ["scheduler.chunking=fixed", "scheduler.priority=fcfs"]
-    decode_run = trace_bench.replay(base + fixed, decode_requests, out, "decode-only")
-    decode_step_s = float(np.median([s["seconds"] for s in decode_run["steps"] if s["decodes"] == s["tokens"] == 16]))
+    decode_step_s = trace_bench.decode_only_step(base, shorts, out)
     rng = random.Random(1)
     long_request = {
         "kind": "long",

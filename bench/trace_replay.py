@@ -46,6 +46,33 @@ ADAPTIVE = {
 }
 
 
+def engine_overrides(workdir: Path, max_model_len: int, profile_path: Path) -> list[str]:
+    """The replays' engine: the random MODEL (made once under `workdir`) in float32, its profile at `profile_path`."""
+    model_dir = random_llama(workdir / "llama-trace-2x512", **MODEL)
+    return [
+        "model=hf",
+        f"model.path={model_dir}",
+        "model.dtype=float32",  # as recorded (the checkpoint is bfloat16: auto would take it)
+        f"cache.max_model_len={max_model_len}",
+        "cache.kv_memory_gib=1",
+        "scheduler.max_num_batched_tokens=8192",
+        "scheduler.max_num_seqs=64",
+        f"scheduler.profile={profile_path}",
+        "parallel.timeout_s=3600",
+    ]
+
+
+def profile(base: list[str], path: Path, again: bool = False):
+    """The performance model of the replays' engine (one rank, 2 threads), taken now if `again` or none is stored."""
+    from mnemosyne_hpc.perf.model import PerfModel
+
+    if again or not path.exists():
+        print("profiling", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        subprocess.run([sys.executable, "-m", "mnemosyne_hpc.profile", *base], cwd=ROOT, env=env, check=True)
+    return PerfModel.load(path)
+
+
 def read_trace(path: Path, count: int, stretch: float) -> list[dict]:
     with open(path) as f:
         rows = list(csv.DictReader(f))[:count]
@@ -73,7 +100,7 @@ def worker(spec_path: str) -> None:
 
     def leader(engine) -> None:
         pending = sorted(spec["requests"], key=lambda r: r["arrival_s"])
-        kinds, records, long_chunks, steps = {}, [], [], []
+        kinds, indices, records, long_chunks, steps = {}, {}, [], [], []
         start = time.perf_counter()
         while pending or engine.has_unfinished:
             now = time.perf_counter() - start
@@ -85,12 +112,15 @@ def worker(spec_path: str) -> None:
                     sampling={"max_tokens": r["max_tokens"], "ignore_eos": True},
                 )
                 kinds[rid] = r["kind"]
+                indices[rid] = r.get("index")
             if not engine.has_unfinished:
                 time.sleep(min(pending[0]["arrival_s"] - now, 0.05))
                 continue
             step_start = time.perf_counter()
             for request in engine.step().finished:
-                records.append({"kind": kinds[request.id], **request_record(request, start)})
+                records.append(
+                    {"kind": kinds[request.id], "index": indices[request.id], **request_record(request, start)}
+                )
             entering = engine.last_plan.entering
             steps.append(
                 {
@@ -121,6 +151,20 @@ def replay(overrides: list[str], requests: list[dict], workdir: Path, name: str)
     if result.returncode != 0:
         raise RuntimeError(f"replay {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
+
+
+def decode_only_step(base: list[str], shorts: list[dict], workdir: Path) -> float:
+    """Seconds of a decode-only step: the median step of 16 of the trace's requests all decoding."""
+    decode_requests = [{**r, "arrival_s": 0.0, "max_tokens": 64} for r in shorts[:16]]
+    decode_run = replay(
+        base + ["scheduler.chunking=fixed", "scheduler.priority=fcfs"], decode_requests, workdir, "decode-only"
+    )
+    decode_steps = [s["seconds"] for s in decode_run["steps"] if s["decodes"] == s["tokens"] == 16]
+    decode_step_s = float(np.median(decode_steps))
+    print(
+        f"decode-only step {1e3 * decode_step_s:.1f} ms (median of {len(decode_steps)} steps of 16 decodes)", flush=True
+    )
+    return decode_step_s
 
 
 def percentile(values, q):
@@ -182,38 +226,12 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
 
-    model_dir = random_llama(args.workdir / "llama-trace-2x512", **MODEL)
     workdir = args.workdir / "trace"
-    profile = workdir / "profile.json"
-    base = [
-        "model=hf",
-        f"model.path={model_dir}",
-        "model.dtype=float32",  # as recorded (the checkpoint is bfloat16: auto would take it)
-        f"cache.max_model_len={args.long + 1024}",
-        "cache.kv_memory_gib=1",
-        "scheduler.max_num_batched_tokens=8192",
-        "scheduler.max_num_seqs=64",
-        f"scheduler.profile={profile}",
-        "parallel.timeout_s=3600",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    print("profiling", flush=True)
-    subprocess.run([sys.executable, "-m", "mnemosyne_hpc.profile", *base], cwd=ROOT, env=env, check=True)
-    from mnemosyne_hpc.perf.model import PerfModel
-
-    perf_model = PerfModel.load(profile)
+    base = engine_overrides(args.workdir, args.long + 1024, workdir / "profile.json")
+    perf_model = profile(base, workdir / "profile.json", again=True)
     shorts = read_trace(TRACE, args.requests, args.stretch)
 
-    # decode-only steps: the trace's first 16 requests, all arriving at once, 64 tokens each
-    decode_requests = [{**r, "arrival_s": 0.0, "max_tokens": 64} for r in shorts[:16]]
-    decode_run = replay(
-        base + ["scheduler.chunking=fixed", "scheduler.priority=fcfs"], decode_requests, workdir, "decode-only"
-    )
-    decode_steps = [s["seconds"] for s in decode_run["steps"] if s["decodes"] == s["tokens"] == 16]
-    decode_step_s = float(np.median(decode_steps))
-    print(
-        f"decode-only step {1e3 * decode_step_s:.1f} ms (median of {len(decode_steps)} steps of 16 decodes)", flush=True
-    )
+    decode_step_s = decode_only_step(base, shorts, workdir)
 
     rng = random.Random(1)
     long_request = {
