@@ -19,19 +19,13 @@ from mnemosyne_hpc.model.layers import RMSNorm, rope_tables
 BF16 = select_backend(torch.bfloat16, "cpu")  # what a bf16 model on this CPU computes with
 
 
+GEMV_SHAPES = [(1, 96, 64), (1, 37, 70), (1, 5, 7), (1, 1100, 2816), (3, 37, 70), (8, 1100, 576)]
+SKINNY_SHAPES = [(2, 96, 64), (17, 37, 96), (64, 1100, 2816)]  # rows, out_features, in_features
+
+
 @pytest.mark.parametrize(
     "kernel_name, rows, out_features, in_features",
-    [
-        ("gemv", 1, 96, 64),
-        ("gemv", 1, 37, 70),
-        ("gemv", 1, 5, 7),
-        ("gemv", 1, 1100, 2816),
-        ("gemv", 3, 37, 70),
-        ("gemv", 8, 1100, 576),
-        ("skinny", 2, 96, 64),
-        ("skinny", 17, 37, 96),
-        ("skinny", 64, 1100, 2816),
-    ],
+    [("gemv", *shape) for shape in GEMV_SHAPES] + [("skinny", *shape) for shape in SKINNY_SHAPES],
 )
 def test_few_row_linear_kernels_round_the_fp32_sum_once(kernel_name, rows, out_features, in_features):
     module = {"gemv": gemv_kernel, "skinny": skinny}[kernel_name]

@@ -10,7 +10,7 @@ The engine checks the sampling values again, for every front end.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,6 +63,15 @@ class Sampling(Body):
     frequency_penalty: Optional[float] = neutral(0)
     logit_bias: Optional[dict[str, float]] = neutral(None)
 
+    REFUSED: ClassVar[tuple] = ()  # (refused(request), why): combinations of fields refused with a 400
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        for refused, why in self.REFUSED:
+            if refused(self):
+                raise ValueError(why)
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, data):
@@ -106,18 +115,14 @@ class CompletionRequest(Sampling):
     echo: Optional[bool] = Field(None, description="the prompt before the completion, with its log-probabilities")
     suffix: Optional[str] = neutral(None)
 
-    @model_validator(mode="after")
-    def _scoring(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens = 0 scores the prompt only: it needs echo = true")
-        return self
+    REFUSED = (
+        (lambda r: r.max_tokens == 0 and not r.echo, "max_tokens = 0 scores the prompt only: it needs echo = true"),
+    )
 
     def sampling(self) -> dict:
         fields = super().sampling()
         if self.logprobs is not None:
-            fields["logprobs"] = self.logprobs
-            if self.echo:
-                fields["prompt_logprobs"] = self.logprobs
+            fields.update(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None)
         if self.max_tokens == 0:
             fields["max_tokens"] = 1  # the prompt is computed as for one token, which is left out
         return fields
@@ -155,11 +160,7 @@ class ChatRequest(Sampling):
         None, ge=0, le=MAX_LOGPROBS, description="alternatives per token (needs logprobs = true)"
     )
 
-    @model_validator(mode="after")
-    def _alternatives(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs = true")
-        return self
+    REFUSED = ((lambda r: r.top_logprobs is not None and not r.logprobs, "top_logprobs needs logprobs = true"),)
 
     def sampling(self) -> dict:
         fields = super().sampling()
