@@ -122,7 +122,7 @@ def start_ours(layout: str, workdir: Path) -> tuple[str, subprocess.Popen, list[
         time.sleep(0.5)
     url = address.read_text().strip()
     wait_healthy(url, process)
-    return url, process, [f"OMP_NUM_THREADS={threads}", *command[1:]]
+    return url, process, [f"OMP_NUM_THREADS={threads}", *command]
 
 
 def start_vllm(python: str, model: Path, workdir: Path) -> tuple[str, subprocess.Popen, list[str]]:
@@ -134,7 +134,7 @@ def start_vllm(python: str, model: Path, workdir: Path) -> tuple[str, subprocess
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process)
-    return url, process, [*(f"{k}={v}" for k, v in VLLM_ENV.items()), *command[1:]]
+    return url, process, [*(f"{k}={v}" for k, v in VLLM_ENV.items()), *command]
 
 
 def stop(process: subprocess.Popen, url: str) -> None:
@@ -160,6 +160,9 @@ def guidellm(args, url: str, data: str, streams: int, requests: int, out: Path) 
     command = [args.guidellm, "run", "--backend", backend, "--tokenizer", f"kind=huggingface_auto,model={args.model}"]
     command += ["--data", f"kind=synthetic_text,{data}", "--profile", f"kind=concurrent,streams={streams}"]
     command += ["--constraint", f"kind=max_requests,count={requests}", "--output", f"kind=json,path={out}"]
+    # The prompts are made before the run starts; by default guidellm keeps making them in a process of its
+    # own while it runs, taking most of a core from the server.
+    command += ["--data-loader", f"kind=pytorch,samples={requests}"]
     command += ["--disable-console-interactive"]
     log = open(out.with_suffix(".log"), "w")
     return subprocess.Popen(command, env={**os.environ, **OFFLINE}, stdout=log, stderr=subprocess.STDOUT)
@@ -316,6 +319,10 @@ def main() -> None:
                 ours, vllm = servers["ours"][name][key], servers["vllm"][name][key]
                 if ours is not None and vllm:
                     ratios[f"{name}_{key}_ours_over_vllm"] = ours / vllm
+        if "mix" in args.workloads:
+            ours, vllm = servers["ours"]["mix"]["long"], servers["vllm"]["mix"]["long"]
+            if ours["ttft_p50_ms"] is not None and vllm["ttft_p50_ms"]:
+                ratios["mix_long_ttft_p50_ms_ours_over_vllm"] = ours["ttft_p50_ms"] / vllm["ttft_p50_ms"]
     guidellm_version = json.loads((args.workdir / args.servers[0] / "warmup.json").read_text())["metadata"]
     write_results(
         "serve_peers.json",
@@ -342,6 +349,8 @@ def main() -> None:
                 "over tokens, so a single long gap shows only as its request's average.",
                 "guidellm's stream_options.continuous_usage_stats (a vLLM extension our server refuses) is "
                 "left out of both servers' requests through guidellm's extras option.",
+                "guidellm makes each run's prompts before the run starts (--data-loader samples = its "
+                "requests); by default it keeps making them in a process of its own while the run goes on.",
                 "mix: a second guidellm process sends the long prompts one at a time, started long_delay_s "
                 "after the short streams' process; see long.requests[].within_short_window.",
             ],
