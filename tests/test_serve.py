@@ -525,6 +525,25 @@ def test_chat_content_parts_roles_and_usage_in_streams(server):
     assert " and" not in completion.choices[0].text
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server):
+    """vLLM's stream_options.continuous_usage_stats, which load generators such as guidellm send."""
+    address, _ = server
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(
+        client(address).completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=12,
+            stream=True,
+            stream_options=options,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    counts = [chunk.usage.completion_tokens for chunk in chunks]
+    assert counts == sorted(counts) and 0 < counts[0] and counts[-1] == 12
+    assert all(chunk.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for chunk in chunks)
+
+
 def test_models_version_tokenize_and_detokenize(server):
     address, _ = server
     openai = client(address)

@@ -256,7 +256,7 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            chunks = _stream(first, events, completion_id, created, shape, body.include_usage)
+            chunks = _stream(first, events, completion_id, created, shape, body.include_usage, body.continuous_usage)
             return StreamingResponse(chunks, media_type="text/event-stream")
         text, done = await _unless_disconnected(request, _collect(first, events))
         if failure(done):
@@ -320,7 +320,9 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
         logprobs = formats.completion(entries + [(e.token_id, e) for e in outputs])[0] if shape.logprobs else None
         return {"text": (shape.echo or "") + ("" if shape.score_only else text), "logprobs": logprobs}
 
-    async def _stream(first: Event, events, completion_id: str, created: int, shape: Shape, include_usage: bool):
+    async def _stream(
+        first: Event, events, completion_id: str, created: int, shape: Shape, include_usage: bool, continuous: bool
+    ):
         chat = shape.chat
         head = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion"}
         head.update({"created": created, "model": model, **({"usage": None} if include_usage else {})})
@@ -355,7 +357,8 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
                         if shape.logprobs:
                             entries = [(e.token_id, e) for e in event.logprobs]
                             choice["logprobs"], offset = formats.completion(entries, offset)
-                    yield _sse({**head, "choices": [choice]})
+                    usage = {"usage": _usage(event.request, shape.score_only)} if continuous and event.request else {}
+                    yield _sse({**head, "choices": [choice], **usage})
                 if event.kind == "done" and include_usage:
                     yield _sse({**head, "choices": [], "usage": _usage(event.request, shape.score_only)})
             yield "data: [DONE]\n\n"

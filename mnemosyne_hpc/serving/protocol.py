@@ -41,6 +41,7 @@ def neutral(value):
 
 class StreamOptions(Body):
     include_usage: bool = Field(False, description="a last chunk with the usage and no choices")
+    continuous_usage_stats: bool = Field(False, description="the usage so far in every chunk (as vLLM's server)")
 
 
 class Sampling(Body):
@@ -93,6 +94,10 @@ class Sampling(Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
