@@ -158,8 +158,9 @@ def _keep_for_the_leader(signum, frame) -> None:
 
 def _run_rank(cfg, leader, perf_model, stop_signals, engine_options) -> None:
     """`run`'s work; what this rank built (mesh, model, engine) is left behind when it returns."""
+    handler = _keep_for_the_leader if discover_rank().rank == 0 else signal.SIG_IGN
     for signum in stop_signals:
-        signal.signal(signum, _keep_for_the_leader if discover_rank().rank == 0 else signal.SIG_IGN)
+        signal.signal(signum, handler)
     path = check_model_path(cfg)
     info = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s)
     on_gpu = dist.get_backend() == "nccl"

@@ -122,9 +122,9 @@ class Executor:
             sampled = {c.request_id: Sampled(t, row) for c, t, row in zip(chunks, tokens, rows)}
         if chunks := plan.with_logprobs_by(group):
             tokens = {i: s.token for i, s in sampled.items()}
-            rows = self.runner.logprobs(batch, hidden, chunks, tokens, plan.top_logprobs).cpu()
-            for c, part in zip(chunks, rows.split([c.logprob_rows for c in chunks])):
-                sampled.setdefault(c.request_id, Sampled(None)).logprobs = part
+            _attach_logprobs(
+                sampled, chunks, self.runner.logprobs(batch, hidden, chunks, tokens, plan.top_logprobs).cpu()
+            )
         return sampled
 
     def _gather(self, plan: StepPlan, sampled: dict[int, Sampled]) -> dict[int, Sampled]:
@@ -159,6 +159,11 @@ class Executor:
             if chunks := plan.with_logprobs_by(group):
                 rows = torch.empty(sum(c.logprob_rows for c in chunks), 2 + 2 * plan.top_logprobs, dtype=torch.float64)
                 dist.recv(rows, src=sampler, group=ctx.cpu_group)
-                for c, part in zip(chunks, rows.split([c.logprob_rows for c in chunks])):
-                    sampled.setdefault(c.request_id, Sampled(None)).logprobs = part
+                _attach_logprobs(sampled, chunks, rows)
         return sampled
+
+
+def _attach_logprobs(sampled: dict[int, Sampled], chunks, rows: torch.Tensor) -> None:
+    """Each chunk's `logprob_rows` of `rows` (the chunks' rows in order) to its request's entry."""
+    for c, part in zip(chunks, rows.split([c.logprob_rows for c in chunks])):
+        sampled.setdefault(c.request_id, Sampled(None)).logprobs = part

@@ -261,7 +261,12 @@ def create_app(loop: ServingLoop, model: str, server: ServerConfig) -> FastAPI:
         text, done = await _unless_disconnected(request, _collect(first, events))
         if failure(done):
             raise ApiError(*failure(done))
-        choice = await _off_the_loop(_choice, shape, text, done.request)
+        # formatting a long prompt's log-probabilities is work for a worker thread; anything else is not
+        choice = (
+            await _off_the_loop(_choice, shape, text, done.request)
+            if shape.logprobs
+            else _choice(shape, text, done.request)
+        )
         return _full_response(completion_id, created, chat, choice, done, shape.score_only)
 
     async def _unless_disconnected(request: Request, awaitable):

@@ -59,8 +59,9 @@ class InputProcessor:
     def text(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer")
-        if any(t >= len(self.tokenizer) for t in token_ids):
-            raise RequestError(f"token ids must be below the vocabulary size {len(self.tokenizer)}")
+        vocabulary = len(self.tokenizer)
+        if any(t >= vocabulary for t in token_ids):
+            raise RequestError(f"token ids must be below the vocabulary size {vocabulary}")
         return self.tokenizer.decode(token_ids)
 
 
