@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 from pathlib import Path
 
 import mixed_workload
@@ -28,20 +27,6 @@ from mnemosyne_hpc.sim.workload import azure_trace, with_long_prompts
 from sim_fidelity import simulate
 
 POLICIES = mixed_workload.POLICIES
-
-
-def requests_of(stream, longs: list[int], vocab_size: int) -> list[dict]:
-    rng = random.Random(0)
-    return [
-        {
-            "kind": "long" if i in longs else "short",
-            "index": i,
-            "arrival_s": a.time,
-            "prompt_token_ids": [rng.randrange(3, vocab_size) for _ in range(a.prompt_tokens)],
-            "max_tokens": a.max_tokens,
-        }
-        for i, a in enumerate(stream)
-    ]
 
 
 def outcome(records: list[dict], longs: list[int], perf_model, cfg, window_s: float) -> dict:
@@ -83,7 +68,7 @@ def main() -> None:
         args.workdir, longest + max(a.max_tokens for a in stream) + 16, workdir / "profile.json"
     )
     perf_model = trace_replay.profile(base, workdir / "profile.json")
-    requests = requests_of(stream, longs, trace_replay.MODEL["vocab_size"])
+    requests = trace_replay.as_requests(stream, longs)
     shorts = [r for r in requests if r["kind"] == "short"]
     slo_ms = 4e3 * trace_replay.decode_only_step(base, shorts, workdir)
     runs = {}

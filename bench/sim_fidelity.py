@@ -114,24 +114,15 @@ TRACE_FIGURES = ("short_ttft_p50_s", "short_ttft_p99_s", "short_tbt_p50_s", "sho
 
 def trace_scenarios(args, workdir: Path) -> dict:
     """bench/trace_replay.py's replay (one rank, 2 threads, float32), its TBT SLO 4 × the decode-only step."""
-    import random
-
     from mnemosyne_hpc.sim.simulator import Arrival
 
     out = workdir / "fidelity" / "trace"
     path = out / "profile.json"
     base = trace_bench.engine_overrides(workdir, args.trace_long + 1024, path)
     trace_bench.profile(base, path)
-    shorts = trace_bench.read_trace(trace_bench.TRACE, args.trace_requests, 1.0)
+    shorts = trace_bench.read_trace(args.trace_requests, 1.0)
     decode_step_s = trace_bench.decode_only_step(base, shorts, out)
-    rng = random.Random(1)
-    long_request = {
-        "kind": "long",
-        "arrival_s": args.trace_long_at,
-        "max_tokens": 16,
-        "prompt_token_ids": [rng.randrange(3, trace_bench.MODEL["vocab_size"]) for _ in range(args.trace_long)],
-    }
-    requests = shorts + [long_request]
+    requests = shorts + [trace_bench.long_request(args.trace_long, args.trace_long_at)]
     arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
     figures = {}
     for name, policy in TRACE_POLICIES.items():

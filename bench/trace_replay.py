@@ -21,8 +21,7 @@ fixed-chunk run's.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, llama, random_llama, write_results
+from mnemosyne_hpc.sim.workload import azure_trace
 
 MODEL = llama(2, 512, 2048, 4, 1, 64, vocab=8192, positions=1 << 17, rope_theta=1e6)
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
@@ -73,20 +73,32 @@ def profile(base: list[str], path: Path, again: bool = False):
     return PerfModel.load(path)
 
 
-def read_trace(path: Path, count: int, stretch: float) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))[:count]
-    times = [datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]) for r in rows]
+def as_requests(arrivals, longs=()) -> list[dict]:
+    """A stream (`mnemosyne_hpc/sim/workload.py`) as replay requests, `longs` (indices) of kind "long":
+    seeded random prompt tokens of each arrival's length."""
     rng = random.Random(0)
     return [
         {
-            "kind": "short",
-            "arrival_s": (t - times[0]).total_seconds() * stretch,
-            "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(int(r["ContextTokens"]))],
-            "max_tokens": int(r["GeneratedTokens"]),
+            "kind": "long" if i in longs else "short",
+            "index": i,
+            "arrival_s": a.time,
+            "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(a.prompt_tokens)],
+            "max_tokens": a.max_tokens,
         }
-        for t, r in zip(times, rows)
+        for i, a in enumerate(arrivals)
     ]
+
+
+def read_trace(count: int, stretch: float) -> list[dict]:
+    """The trace's first `count` requests, arrival times × `stretch`."""
+    return as_requests([dataclasses.replace(a, time=a.time * stretch) for a in azure_trace(TRACE)[:count]])
+
+
+def long_request(tokens: int, at: float) -> dict:
+    """The long request injected into a replay: `tokens` seeded random prompt tokens, 16 to generate."""
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, MODEL["vocab_size"]) for _ in range(tokens)]
+    return {"kind": "long", "arrival_s": at, "max_tokens": 16, "prompt_token_ids": prompt}
 
 
 def worker(spec_path: str) -> None:
@@ -229,17 +241,11 @@ def main() -> None:
     workdir = args.workdir / "trace"
     base = engine_overrides(args.workdir, args.long + 1024, workdir / "profile.json")
     perf_model = profile(base, workdir / "profile.json", again=True)
-    shorts = read_trace(TRACE, args.requests, args.stretch)
+    shorts = read_trace(args.requests, args.stretch)
 
     decode_step_s = decode_only_step(base, shorts, workdir)
 
-    rng = random.Random(1)
-    long_request = {
-        "kind": "long",
-        "arrival_s": args.long_at,
-        "max_tokens": 16,
-        "prompt_token_ids": [rng.randrange(3, MODEL["vocab_size"]) for _ in range(args.long)],
-    }
+    long = long_request(args.long, args.long_at)
     runs = [(name, None) for name in FIXED] + [(name, f) for f in args.slo_factors for name in ADAPTIVE]
     results = {}
     for name, factor in runs:
@@ -251,7 +257,7 @@ def main() -> None:
         results[label] = {
             "policy": policy,
             "slo_factor": factor,
-            **summarize(replay(overrides, shorts + [long_request], workdir, label)),
+            **summarize(replay(overrides, shorts + [long], workdir, label)),
         }
         r = results[label]
         print(
