@@ -22,7 +22,7 @@ import torch.distributed as dist
 from mnemosyne_hpc.auto_config import settle
 from mnemosyne_hpc.config import Config, config_digest, resolve_cache_dir
 from mnemosyne_hpc.cpu_allocator import retain_freed_memory
-from mnemosyne_hpc.distributed.launch import discover_rank, fail, init_distributed, ranks_by_host
+from mnemosyne_hpc.distributed.launch import cpu_threads, discover_rank, fail, init_distributed, ranks_by_host
 from mnemosyne_hpc.distributed.mesh import ParallelContext, build_mesh
 from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.executor import Executor
@@ -167,6 +167,7 @@ def _run_rank(cfg, leader, perf_model, stop_signals, engine_options) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if device.type == "cpu":
         retain_freed_memory()
+        torch.set_num_threads(cpu_threads(info))
     ctx = build_mesh(cfg.parallel, device)
     _check_same_config(cfg, ctx.cpu_group)
     model_dir = _model_dir(cfg, path, info.rank)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from mnemosyne_hpc.distributed.launch import check_interfaces, discover_rank, on_one_host, rendezvous_address
+from mnemosyne_hpc.distributed.launch import (
+    check_interfaces,
+    cpu_threads,
+    discover_rank,
+    on_one_host,
+    rendezvous_address,
+)
+
+CORES = len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize(
@@ -68,6 +80,49 @@ def test_rank_discovery_precedence(env, expected):
 )
 def test_one_host_or_several(env, one_host):
     assert on_one_host(discover_rank(env), env) == one_host
+
+
+@pytest.mark.parametrize(
+    "env, share",
+    [
+        ({}, 1),
+        ({"PMI_RANK": "0", "PMI_SIZE": "1", "MPI_LOCALNRANKS": "1"}, 1),  # torch alone would take one thread
+        ({"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"}, 2),
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 2),
+        ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "5", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}, 2),
+        (
+            {
+                "SLURM_PROCID": "4",
+                "SLURM_STEP_NUM_TASKS": "5",
+                "SLURM_STEP_TASKS_PER_NODE": "2(x2),1",
+                "SLURM_NODEID": "2",
+            },
+            1,
+        ),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, 2),
+    ],
+)
+def test_each_rank_takes_its_share_of_the_cores(env, share):
+    assert cpu_threads(discover_rank(env), env) == max(1, CORES // share)
+
+
+def test_omp_num_threads_overrides_the_share():
+    env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}
+    assert cpu_threads(discover_rank(env), env) == 3
+
+
+def test_a_single_rank_under_mpirun_gets_every_core():
+    """MPICH's variables as a real mpirun sets them (torch alone would run one thread)."""
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    probe = (
+        "from mnemosyne_hpc.distributed.launch import cpu_threads, discover_rank; print(cpu_threads(discover_rank()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run(
+        [mpirun, "-n", "1", sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == CORES
 
 
 def test_a_missing_interface_is_named():

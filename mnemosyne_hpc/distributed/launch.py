@@ -95,8 +95,33 @@ def on_one_host(info: RankInfo, env=os.environ) -> bool:
         return True
     if info.launcher == "slurm":
         return env.get("SLURM_STEP_NUM_NODES") == "1"
+    return ranks_on_this_host(info, env) == info.world_size
+
+
+def ranks_on_this_host(info: RankInfo, env=os.environ) -> int | None:
+    """This job's ranks on this host, where the launcher says (SLURM: the step's tasks per node, as
+    "2(x3),1", picked by this node's index)."""
+    if info.world_size == 1:
+        return 1
+    if info.launcher == "slurm":
+        counts = []
+        for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+            tasks, _, repeat = part.partition("(x")
+            if tasks.isdigit():
+                counts += [int(tasks)] * int(repeat.rstrip(")") or 1)
+        node = int(env.get("SLURM_NODEID", 0))
+        return counts[node] if node < len(counts) else None
     local = _LOCAL_SIZE_VARIABLES.get(info.launcher)
-    return local in env and int(env[local]) == info.world_size
+    return int(env[local]) if local in env else None
+
+
+def cpu_threads(info: RankInfo, env=os.environ) -> int:
+    """Threads for this rank's CPU kernels: OMP_NUM_THREADS where set, else an equal share of the
+    cores this process may run on among this host's ranks. Left to itself torch takes one thread under
+    mpirun (it sees MPI_LOCALNRANKS), even for a single rank, and every core under srun."""
+    if env.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    return max(1, len(os.sched_getaffinity(0)) // (ranks_on_this_host(info, env) or 1))
 
 
 def check_interfaces(env=os.environ) -> None:
