@@ -16,7 +16,7 @@ SYNTHETIC = PerfModel(
     layers=1,
     stages=1,
     linear=Curve([0, 1000], [0.0, 2e-3]),
-    attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [1e-8, 1e-5])),
+    attention=AttentionFit.linear([1, 1000], [0.0, 0.0], [1e-8, 1e-5]),
     lm_head=Curve([1], [0.0]),
     overhead_s=1e-3,
 )

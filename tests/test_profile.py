@@ -42,7 +42,9 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     assert model.report["layout"]["kvp"] == ranks and int(printed[2]) == model.report["held_out_steps"] == 24
     assert abs(float(printed[1]) - 100 * model.report["median_abs_error"]) < 0.1
     assert (model.merge is not None) == (ranks > 1)
-    assert json.loads(stored.read_text())["attention"]["slope"]["y"][-1] > 0  # attention grows with context
+    largest_query = model.attention.queries[-1]
+    assert model.attention(largest_query, 12000) > model.attention(largest_query, 0)  # attention grows with context
+    assert largest_query == 4096 and json.loads(stored.read_text())["attention"]["contexts"][-1]["x"][-1] > 4096
 
     decode_step = model.batch_time([], 0) or model.prefill_time(1)
     sim = Simulation(

@@ -22,7 +22,7 @@ STEEP = PerfModel(
     layers=1,
     stages=1,
     linear=Curve([0, 1000], [0.0, 0.02]),
-    attention=AttentionFit(Curve([1, 1000], [0.0, 0.0]), Curve([1, 1000], [2e-7, 2e-4])),
+    attention=AttentionFit.linear([1, 1000], [0.0, 0.0], [2e-7, 2e-4]),
     lm_head=Curve([1], [0.0]),
     overhead_s=1e-3,
 )

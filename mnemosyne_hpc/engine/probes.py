@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mnemosyne_hpc.engine.request import SamplingParams
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.engine.sampler import sample
-from mnemosyne_hpc.model.attention import merge_over_group
+from mnemosyne_hpc.model.attention import DecodeBatch, merge_over_group
 
 GREEDY = SamplingParams(seed=0)
 
@@ -54,14 +54,23 @@ class StepProbes:
         query = self._random(attn.num_heads, queries, d)
         key = self._random(attn.num_kv_heads, queries, d)
         span = context + (queries == 1)
-        starts = itertools.cycle(range(0, pool - span + 1, max(span, pool // 64)) if span else [0])
+        first_slots = range(0, pool - span + 1, max(span, pool // 64)) if span else [0]
+        starts = itertools.cycle(first_slots)
         layers = itertools.cycle(range(kv.k.shape[0]))
+        if queries == 1:  # through the decode path, with its results written in place, as a step runs it
+            rows = self._random(1, attn.num_heads, d)
+            out, lse = torch.empty_like(rows), torch.empty(1, attn.num_heads, dtype=torch.float32, device=self.device)
+            batches = itertools.cycle([DecodeBatch.of([0], [[(start, span)]], self.device) for start in first_slots])
 
-        def fn():  # as the model runs it: a single token reads its own K/V from the cache with the rest
+            def decode():
+                layer = next(layers)
+                backend.decode_attention(rows, kv.k[layer], kv.v[layer], next(batches), out, lse)
+
+            return decode
+
+        def fn():
             layer, start = next(layers), next(starts)
             cached = slice(start, start + span)
-            if queries == 1:
-                return backend.attention(query, kv.k[layer][:, cached], kv.v[layer][:, cached], causal=False)
             return backend.chunk_attention(
                 query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if context else (None, None))
             )

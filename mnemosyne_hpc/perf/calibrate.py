@@ -101,14 +101,18 @@ class Profiler:
             "median_abs_error": statistics.median(errors),
             "p90_abs_error": float(np.percentile(errors, 90)),
             "max_abs_error": max(errors),
-            "held_out": [
-                {
-                    "sequences": [list(seq) for seq in shape],
-                    "measured_s": seconds,
-                    "predicted_s": self._predict(model, shape),
-                }
-                for shape, seconds in steps[len(calibration) :]
-            ],
+            # every whole step timed, so that the fit can be examined and redone without the hardware
+            **{
+                part: [
+                    {
+                        "sequences": [list(seq) for seq in shape],
+                        "measured_s": seconds,
+                        "predicted_s": self._predict(model, shape),
+                    }
+                    for shape, seconds in timed
+                ]
+                for part, timed in (("calibration", steps[: len(calibration)]), ("held_out", steps[len(calibration) :]))
+            },
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
         print(
@@ -121,12 +125,15 @@ class Profiler:
 
     # --- 1. kernels on every rank ----------------------------------------------------------------
     def _grids(self, quick: bool):
-        tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if t <= self.max_tokens]
-        queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if q <= self.max_tokens]
-        contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if n <= self.max_context]
+        """Powers of two up to the largest step and context this engine can run, and those largest
+        themselves: the longest chunks at the longest contexts are where long prompts spend their time,
+        and a curve extended beyond its last point misses what changes there (caches overflowing)."""
+        tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if t < self.max_tokens]
+        queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if q < self.max_tokens]
+        contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if n < self.max_context]
         if quick:
-            tokens, queries = tokens[::2] + tokens[-1:], queries[::2] + queries[-1:]
-        return sorted(set(tokens)), sorted(set(queries)), contexts
+            tokens, queries = tokens[::2], queries[::2]
+        return tokens + [self.max_tokens], queries + [self.max_tokens], contexts + [self.max_context]
 
     def _components(self, quick: bool) -> dict:
         tokens, queries, contexts = self._grids(quick)
@@ -164,18 +171,14 @@ class Profiler:
 
         attention = worst("attention")
         queries = sorted({q for q, _ in attention})
-        intercepts, slopes = [], []
-        for q in queries:
-            n, seconds = zip(*sorted((n, s) for (q2, n), s in attention.items() if q2 == q))
-            slope, intercept = np.polyfit(n, seconds, 1)
-            intercepts.append(float(intercept))
-            slopes.append(float(max(slope, 0.0)))
         return PerfModel(
             key="",
             layers=len(stage_layers(self.runner.args.num_layers, self.ctx.num_stages, 0)),
             stages=self.ctx.num_stages,
             linear=curve(worst("linear")),
-            attention=AttentionFit(Curve(queries, intercepts), Curve(queries, slopes)),
+            attention=AttentionFit(
+                queries, [curve({n: s for (q2, n), s in attention.items() if q2 == q}) for q in queries]
+            ),
             lm_head=curve(worst("lm_head")),
             merge=curve(worst("merge")),
             hand_over=curve(worst("hand_over")),

@@ -166,7 +166,7 @@ class LayoutCost:
             for q in POWERS_OF_TWO
         ]
         fixed = [2 * q * q * args.head_dim * heads / flops + hw["attention_kernel_us"] * 1e-6 for q in POWERS_OF_TWO]
-        return AttentionFit(Curve(POWERS_OF_TWO, fixed), Curve(POWERS_OF_TWO, per_cached))
+        return AttentionFit.linear(POWERS_OF_TWO, fixed, per_cached)
 
     def perf_model(self) -> PerfModel:
         layout, args, per_node = self.layout, self.args, self.hw["gpus_per_node"]

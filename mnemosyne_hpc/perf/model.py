@@ -3,11 +3,12 @@
 A KVP group's micro-batch on one pipeline stage costs
 
     overhead + per_sequence · S + w_linear · layers · linear(T)
-      + layers · (w_decode · Σ_{q_i = 1} attention(1, n_i) + w_prefill · Σ_{q_i > 1} attention(q_i, n_i))
+      + layers · (w_decode · attention(1, Σ_{q_i = 1} n_i) + w_prefill · Σ_{q_i > 1} attention(q_i, n_i))
       + w_lm_head · lm_head(R) + layers · merge(M) + hand_over(T)
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
-over KVP groups and R sampled rows. Every curve is measured on the real kernels by `calibrate.py`
+over KVP groups and R sampled rows (a step's decodes are one kernel call over all their keys; each
+prefill chunk is a call of its own). Every curve is measured on the real kernels by `calibrate.py`
 (`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the
 weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data) are
 fitted to whole engine steps.
@@ -46,14 +47,25 @@ class Curve:
 
 @dataclass
 class AttentionFit:
-    """One layer's attention of q query tokens over n cached tokens (plus themselves, causally):
-    intercept(q) + slope(q) · n, fitted per measured q and interpolated between them."""
+    """One layer's attention of q query tokens over n cached tokens (plus themselves, causally): for
+    each measured q a curve over n through its measured points (caches overflow somewhere along it),
+    interpolated linearly between measured q and extended along the last two beyond the largest."""
 
-    intercept: Curve
-    slope: Curve
+    queries: list[float]
+    contexts: list[Curve]  # seconds against n, one per query count
+
+    @classmethod
+    def linear(cls, queries: list[float], intercepts: list[float], slopes: list[float]) -> "AttentionFit":
+        """intercept(q) + slope(q) · n."""
+        return cls(list(queries), [Curve([0.0, 1.0], [i, i + s]) for i, s in zip(intercepts, slopes)])
 
     def __call__(self, q: int, n: int) -> float:
-        return self.intercept(q) + self.slope(q) * n
+        queries, curves = self.queries, self.contexts
+        if len(queries) == 1 or q <= queries[0]:
+            return curves[0](n)
+        i = min(bisect.bisect_left(queries, q), len(queries) - 1)  # q in (queries[i-1], queries[i]], or beyond
+        share = (q - queries[i - 1]) / (queries[i] - queries[i - 1])
+        return (1 - share) * curves[i - 1](n) + share * curves[i](n)
 
 
 FITTED_TERMS = ("linear", "decode_attention", "prefill_attention", "lm_head")
@@ -86,13 +98,12 @@ class PerfModel:
         collectives = self.hand_over(tokens) if self.hand_over is not None else 0.0
         if merged_rows and self.merge is not None:
             collectives += self.layers * self.merge(merged_rows)
-        attention = [0.0, 0.0]  # decodes (memory-bound), prefill chunks (compute-bound)
-        for s in sequences:
-            attention[s.query_tokens > 1] += self.attention(s.query_tokens, s.cached_tokens)
+        decoded = [s.cached_tokens for s in sequences if s.query_tokens == 1]  # memory-bound
+        prefill = sum(self.attention(s.query_tokens, s.cached_tokens) for s in sequences if s.query_tokens > 1)
         return {
             "linear": self.layers * self.linear(tokens),
-            "decode_attention": self.layers * attention[0],
-            "prefill_attention": self.layers * attention[1],
+            "decode_attention": self.layers * self.attention(1, sum(decoded)) if decoded else 0.0,
+            "prefill_attention": self.layers * prefill,
             "lm_head": self.lm_head(sampled_rows) if sampled_rows else 0.0,
             "collectives": collectives,
         }
@@ -135,6 +146,11 @@ class PerfModel:
     @classmethod
     def load(cls, path: Path) -> "PerfModel":
         data = json.loads(Path(path).read_text())
+        if "queries" not in data["attention"]:
+            raise ValueError(
+                f"{path}: a profile of an older format (one line per query count); take it again with "
+                "python -m mnemosyne_hpc.profile"
+            )
         curve = lambda d: None if d is None else Curve(**d)  # noqa: E731
         return cls(
             **{
@@ -143,6 +159,8 @@ class PerfModel:
                 "lm_head": curve(data["lm_head"]),
                 "merge": curve(data["merge"]),
                 "hand_over": curve(data["hand_over"]),
-                "attention": AttentionFit(curve(data["attention"]["intercept"]), curve(data["attention"]["slope"])),
+                "attention": AttentionFit(
+                    data["attention"]["queries"], [curve(c) for c in data["attention"]["contexts"]]
+                ),
             }
         )
