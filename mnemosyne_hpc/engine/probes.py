@@ -34,15 +34,17 @@ class StepProbes:
 
     def linear(self, tokens: int) -> Callable:
         """One layer without its attention kernel: norm, QKV projection and RoPE, output projection, MLP
-        (with their TP all-reduces)."""
-        layer, attn = self._layer, self._layer.self_attn
+        (with their TP all-reduces). Each call runs the next of this stage's layers, as a step does:
+        one layer again and again would find its weights in the CPU's (or GPU's) caches."""
+        layers = itertools.cycle(self._model.layers.values())
         x = self._hidden(tokens)
         angles = self._random(tokens, self.head_dim)
         attended = self._random(tokens, self.num_heads * self.head_dim)
 
         def fn():
-            attn.project(layer.input_layernorm(x), angles, angles)
-            return layer.feed_forward(attn.o_proj(attended), x)
+            layer = next(layers)
+            layer.self_attn.project(layer.input_layernorm(x), angles, angles)
+            return layer.feed_forward(layer.self_attn.o_proj(attended), x)
 
         return fn
 

@@ -67,12 +67,13 @@ class Profiler:
         self.capacity = runner.num_blocks * cfg.cache.block_size  # slots in this rank's KV pool
         self.max_tokens = min(cfg.scheduler.max_num_batched_tokens, self.capacity // 2)
         self.max_context = min(self.group_tokens, self.capacity - self.max_tokens)
-        self.used_slots = self.max_context + self.max_tokens
+        self.used_slots = self.max_context + self.max_tokens  # what one sequence's probes read
+        self.step_blocks = min(runner.num_blocks, 4 * -(-self.used_slots // cfg.cache.block_size))  # whole steps'
 
     @torch.inference_mode()
     def run(self, quick: bool) -> PerfModel | None:
         self.reps = 3 if quick else 5
-        self.probes.fill_cache(self.used_slots)
+        self.probes.fill_cache(self.step_blocks * self.cfg.cache.block_size)
         measured = self._components(quick)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, measured, group=self.ctx.cpu_group)
@@ -220,14 +221,22 @@ class Profiler:
         return max(model.batch_time(seqs, sampled) for seqs, sampled in self._groups(shape))
 
     def _time_step(self, shape) -> float:
-        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
-        table = list(range(self.runner.num_blocks))
-        groups = [range(i % self.ctx.kvp_size, i % self.ctx.kvp_size + 1) for i in range(len(shape))]
+        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps). Each
+        sequence has KV blocks of its own, as in a real step (sequences reading the same blocks would find
+        each other's KV in the CPU's caches), one after another in its group's first `step_blocks`."""
+        kvp, block_size = self.ctx.kvp_size, self.cfg.cache.block_size
+        groups = [range(i % kvp, i % kvp + 1) for i in range(len(shape))]
         chunks = [
             Chunk(request_id=i, token_ids=[1] * q, start_pos=n, groups=groups[i], sampling=GREEDY if sampled else None)
             for i, (q, n, sampled) in enumerate(shape)
         ]
-        tables = {i: (i % self.ctx.kvp_size, [table]) for i in range(len(shape))}
+        tables, next_block = {}, [0] * kvp
+        for i, (q, n, _) in enumerate(shape):
+            group, blocks = i % kvp, -(-(n + q) // block_size)
+            if next_block[group] + blocks > self.step_blocks:  # the blocks run out: start again from the first
+                next_block[group] = 0
+            tables[i] = (group, [list(range(next_block[group], next_block[group] + blocks))])
+            next_block[group] += blocks
         stages = self.ctx.num_stages
         ticks = []
         for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
