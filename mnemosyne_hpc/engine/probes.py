@@ -26,6 +26,7 @@ class StepProbes:
         self._model, self._kv_cache, self._backend = runner.model, runner.kv_cache, runner.backend
         self._layer = next(iter(runner.model.layers.values()))
         self.num_heads = self._layer.self_attn.num_heads  # query heads on this rank
+        self._chunks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # attention's queries and keys
 
     def fill_cache(self, slots: int) -> None:
         """Random values in the first `slots` KV slots of every layer: timing must not meet NaN paths."""
@@ -53,8 +54,12 @@ class StepProbes:
         context from another layer and another part of the first `pool` slots, as a step reads KV that
         no cache holds: timing one prefix again and again would find it in the CPU's caches."""
         attn, d, kv, backend = self._layer.self_attn, self.head_dim, self._kv_cache, self._backend
-        query = self._random(attn.num_heads, queries, d)
-        key = self._random(attn.num_kv_heads, queries, d)
+        if queries not in self._chunks:  # one chunk per query count: the profiler holds every probe at once
+            self._chunks[queries] = (
+                self._random(attn.num_heads, queries, d),
+                self._random(attn.num_kv_heads, queries, d),
+            )
+        query, key = self._chunks[queries]
         span = context + (queries == 1)
         first_slots = range(0, pool - span + 1, max(span, pool // 64)) if span else [0]
         starts = itertools.cycle(first_slots)

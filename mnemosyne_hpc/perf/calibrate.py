@@ -2,7 +2,9 @@
 
 1. Every rank times the parts of its engine step (`StepProbes`), with its own shard shapes: one
    layer's linear part against batch tokens, attention against query tokens × cached tokens, the LM
-   head and sampling against sampled rows, and the layout's collectives (KVP merge, SPP hand-over).
+   head and sampling against sampled rows, and the layout's collectives (KVP merge, SPP hand-over);
+   every kernel once in turn, over several passes, so that a slow spell of the machine touches one
+   sample of each median.
 2. Rank 0 fits the terms of `PerfModel` and then times whole engine steps (plan broadcast and
    every rank executing it) on random batch shapes: one set fits the per-step overhead, a
    held-out set measures the prediction error, which is printed and stored with the profile.
@@ -30,7 +32,7 @@ from mnemosyne_hpc.engine.probes import GREEDY, StepProbes
 from mnemosyne_hpc.engine.runner import ModelRunner
 from mnemosyne_hpc.perf.hardware import hardware_name, profile_path
 from mnemosyne_hpc.perf.model import FITTED_TERMS, AttentionFit, Curve, PerfModel, SequenceShape
-from mnemosyne_hpc.perf.timing import median_time
+from mnemosyne_hpc.perf.timing import median_time, median_times
 
 
 def load_or_profile(cfg: Config, runner: ModelRunner) -> PerfModel | None:
@@ -150,13 +152,25 @@ class Profiler:
         ]
         if self.ctx.last_stage:
             points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs]
-        points += [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
-        points += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
-        for kind, point in tqdm(points, desc="kernels", file=sys.stderr, leave=False, disable=self.ctx.rank != 0):
-            probe = getattr(self.probes, kind)
-            fn = probe(*point, self.used_slots) if kind == "attention" else probe(point)
-            measured[kind][point] = median_time(fn, self.reps, self.device)
+        # Collectives are timed back to back: each rank reaches one when it has done its own work before it.
+        collectives = [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
+        collectives += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
+        with tqdm(
+            total=self.reps * len(points) + len(collectives), desc="kernels", file=sys.stderr, leave=False,
+            disable=self.ctx.rank != 0,
+        ) as bar:  # fmt: skip
+            fns = {(kind, point): self._probe(kind, point) for kind, point in points}
+            for (kind, point), seconds in median_times(fns, self.reps, self.device, bar.update).items():
+                measured[kind][point] = seconds
+            del fns
+            for kind, point in collectives:
+                measured[kind][point] = median_time(self._probe(kind, point), self.reps, self.device)
+                bar.update(1)
         return measured
+
+    def _probe(self, kind: str, point):
+        probe = getattr(self.probes, kind)
+        return probe(*point, self.used_slots) if kind == "attention" else probe(point)
 
     # --- 2. fit, then whole steps driven by rank 0 -----------------------------------------------
     def _fit_components(self, gathered: list[dict]) -> PerfModel:
@@ -251,7 +265,10 @@ class Profiler:
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
         """Whole step ≈ overhead + per_sequence × sequences + collectives + Σ weight × measured term, by
-        non-negative least squares on the relative error (short steps count as much as long ones)."""
+        non-negative least squares on the relative error (short steps count as much as long ones). The
+        probes run their kernels as a step does (their own KV, layers in turn), so each weight is pulled
+        towards 1 (`WEIGHT_PRIOR`): a weight moves as far as the steps demand, not as far as the noise of
+        a shared machine takes it (weights fitted freely went from 0.7 to 1.3 between two profiles)."""
         features, targets = [], []
         for shape, seconds in steps:
             seqs, sampled = max(self._groups(shape), key=lambda group: model.batch_time(*group))
@@ -259,9 +276,16 @@ class Profiler:
             features.append([1.0, len(seqs)] + [terms[name] for name in FITTED_TERMS])
             targets.append((seconds - terms["collectives"]) / seconds)
         features = np.array(features) / np.array([seconds for _, seconds in steps])[:, None]
-        overhead, per_sequence, *weights = nonnegative_least_squares(features, np.array(targets))
+        prior = np.hstack([np.zeros((len(FITTED_TERMS), 2)), np.eye(len(FITTED_TERMS))]) * WEIGHT_PRIOR
+        features = np.vstack([features, prior])
+        targets = np.concatenate([targets, np.full(len(FITTED_TERMS), WEIGHT_PRIOR)])
+        overhead, per_sequence, *weights = nonnegative_least_squares(features, targets)
         model.overhead_s, model.per_sequence_s = overhead, per_sequence
         model.weights = dict(zip(FITTED_TERMS, weights))
+
+
+# How strongly the fitted weights are held to 1: a weight 0.1 away costs as much as one step predicted 10% off.
+WEIGHT_PRIOR = 1.0
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> list[float]:
