@@ -130,10 +130,15 @@ class Profiler:
     def _grids(self, quick: bool):
         """Powers of two up to the largest step and context this engine can run, and those largest
         themselves: the longest chunks at the longest contexts are where long prompts spend their time,
-        and a curve extended beyond its last point misses what changes there (caches overflowing)."""
-        tokens = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if t < self.max_tokens]
-        queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if q < self.max_tokens]
-        contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if n < self.max_context]
+        and a curve extended beyond its last point misses what changes there (caches overflowing). A
+        grid point within a factor of two of the largest is left out: the slope between two near points
+        is mostly noise, and the curves are extended along it (a step's decodes read the sum of their
+        contexts, far beyond the longest)."""
+        tokens = [
+            t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if 2 * t <= self.max_tokens
+        ]
+        queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if 2 * q <= self.max_tokens]
+        contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if 2 * n <= self.max_context]
         if quick:
             tokens, queries = tokens[::2], queries[::2]
         return tokens + [self.max_tokens], queries + [self.max_tokens], contexts + [self.max_context]
@@ -192,7 +197,8 @@ class Profiler:
             stages=self.ctx.num_stages,
             linear=curve(worst("linear")),
             attention=AttentionFit(
-                queries, [curve({n: s for (q2, n), s in attention.items() if q2 == q}) for q in queries]
+                queries,
+                [curve({n: s for (q2, n), s in attention.items() if q2 == q}) for q in queries],
             ),
             lm_head=curve(worst("lm_head")),
             merge=curve(worst("merge")),

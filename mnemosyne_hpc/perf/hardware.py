@@ -12,7 +12,7 @@ import torch
 from mnemosyne_hpc.config import Config, resolve_cache_dir
 from mnemosyne_hpc.model.args import ModelArgs
 
-PROFILE_FORMAT = 7  # part of the key: a profile of an older format is never loaded
+PROFILE_FORMAT = 8  # part of the key: a profile of an older format is never loaded
 
 
 def hardware_name(device: torch.device) -> str:
