@@ -54,15 +54,8 @@ class StepProbes:
         context from another layer and another part of the first `pool` slots, as a step reads KV that
         no cache holds: timing one prefix again and again would find it in the CPU's caches."""
         attn, d, kv, backend = self._layer.self_attn, self.head_dim, self._kv_cache, self._backend
-        if queries not in self._chunks:  # one chunk per query count: the profiler holds every probe at once
-            self._chunks[queries] = (
-                self._random(attn.num_heads, queries, d),
-                self._random(attn.num_kv_heads, queries, d),
-            )
-        query, key = self._chunks[queries]
         span = context + (queries == 1)
         first_slots = range(0, pool - span + 1, max(span, pool // 64)) if span else [0]
-        starts = itertools.cycle(first_slots)
         layers = itertools.cycle(range(kv.k.shape[0]))
         if queries == 1:  # through the decode path, with its results written in place, as a step runs it
             rows = self._random(1, attn.num_heads, d)
@@ -75,14 +68,22 @@ class StepProbes:
 
             return decode
 
-        def fn():
+        if queries not in self._chunks:  # one chunk per query count: the profiler holds every probe at once
+            self._chunks[queries] = (
+                self._random(attn.num_heads, queries, d),
+                self._random(attn.num_kv_heads, queries, d),
+            )
+        query, key = self._chunks[queries]
+        starts = itertools.cycle(first_slots)
+
+        def chunk():
             layer, start = next(layers), next(starts)
             cached = slice(start, start + span)
             return backend.chunk_attention(
                 query, key, key, *((kv.k[layer][:, cached], kv.v[layer][:, cached]) if context else (None, None))
             )
 
-        return fn
+        return chunk
 
     def lm_head(self, rows: int) -> Callable:
         """Final norm, LM head and greedy sampling of `rows` rows (on the last stage)."""

@@ -105,17 +105,8 @@ class Profiler:
             "p90_abs_error": float(np.percentile(errors, 90)),
             "max_abs_error": max(errors),
             # every whole step timed, so that the fit can be examined and redone without the hardware
-            **{
-                part: [
-                    {
-                        "sequences": [list(seq) for seq in shape],
-                        "measured_s": seconds,
-                        "predicted_s": self._predict(model, shape),
-                    }
-                    for shape, seconds in timed
-                ]
-                for part, timed in (("calibration", steps[: len(calibration)]), ("held_out", steps[len(calibration) :]))
-            },
+            "calibration": self._records(model, steps[: len(calibration)]),
+            "held_out": self._records(model, steps[len(calibration) :]),
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
         print(
@@ -240,19 +231,25 @@ class Profiler:
     def _predict(self, model: PerfModel, shape) -> float:
         return max(model.batch_time(seqs, sampled) for seqs, sampled in self._groups(shape))
 
+    def _records(self, model: PerfModel, steps) -> list[dict]:
+        return [
+            {
+                "sequences": [list(seq) for seq in shape],
+                "measured_s": seconds,
+                "predicted_s": self._predict(model, shape),
+            }
+            for shape, seconds in steps
+        ]
+
     def _time_step(self, shape) -> float:
         """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps). Each
         sequence has KV blocks of its own, as in a real step (sequences reading the same blocks would find
         each other's KV in the CPU's caches), one after another in its group's first `step_blocks`."""
         kvp, block_size = self.ctx.kvp_size, self.cfg.cache.block_size
-        groups = [range(i % kvp, i % kvp + 1) for i in range(len(shape))]
-        chunks = [
-            Chunk(request_id=i, token_ids=[1] * q, start_pos=n, groups=groups[i], sampling=GREEDY if sampled else None)
-            for i, (q, n, sampled) in enumerate(shape)
-        ]
-        tables, next_block = {}, [0] * kvp
-        for i, (q, n, _) in enumerate(shape):
+        chunks, tables, next_block = [], {}, [0] * kvp
+        for i, (q, n, sampled) in enumerate(shape):
             group, blocks = i % kvp, -(-(n + q) // block_size)
+            chunks.append(Chunk(i, [1] * q, n, range(group, group + 1), sampling=GREEDY if sampled else None))
             if next_block[group] + blocks > self.step_blocks:  # the blocks run out: start again from the first
                 next_block[group] = 0
             tables[i] = (group, [list(range(next_block[group], next_block[group] + blocks))])
