@@ -3,16 +3,18 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 20 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 40 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
 - bench/kvp.py: decode TBT (median) and TTFT of one long-context request at KVP=1 and KVP=2;
 - bench/trace_replay.py: the Azure conversation trace's first requests with a long prompt injected, under fixed
-  chunks (FCFS) and adaptive chunks (FCFS, LARS): short requests' TTFT and TBT p50/p99, long TTFT.
+  chunks (FCFS) and adaptive chunks (FCFS, LARS): short requests' TTFT and TBT p50/p99, long TTFT; each
+  replayed `--trace-repeats` times, as this shared machine moves a replay's figures more than a single
+  request's (the spread between the replays is recorded: no simulation can be closer than it).
 
 Writes bench/results/sim_fidelity.json: every figure measured and simulated, its error
-(simulated / measured − 1), and the median and largest |error|.
+(simulated / measured − 1, against the mean of repeated replays), and the median and largest |error|.
 """
 
 from __future__ import annotations
@@ -42,8 +44,50 @@ def profile(ranks: int, overrides: list[str], path: Path, threads: int, bind: bo
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
 
-def simulate(overrides: list[str], profile_path: Path, arrivals: list) -> list[dict]:
-    """The requests through the simulator with the engine's config and the profiled performance model."""
+def measure_collectives(path: Path) -> dict:
+    """This machine's SPP hand-over and KVP merge against bytes, two ranks a core each (as the runs)."""
+    if not path.exists():
+        mpirun = str(Path(sys.executable).parent / "mpirun")
+        command = [mpirun, "-bind-to", "core", "-n", "2", sys.executable, "-m", "mnemosyne_hpc.perf.collectives"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run([*command, str(path)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return json.loads(path.read_text())
+
+
+def layout_model(overrides: list[str], reference_profile: Path, collectives: dict):
+    """The layout model (`perf/layout.py`) of this run's layout, on a hardware profile of this machine built
+    from one single-rank profile of the model (`perf/machine.py`) and the collectives."""
+    from mnemosyne_hpc.config import compose
+    from mnemosyne_hpc.model.args import ModelArgs
+    from mnemosyne_hpc.perf.layout import Layout, LayoutCost
+    from mnemosyne_hpc.perf.machine import machine_profile, reference
+    from mnemosyne_hpc.perf.model import PerfModel
+
+    cfg = compose(overrides)
+    args = ModelArgs.from_dir(Path(cfg.model.path))
+    single_rank = PerfModel.load(reference_profile)
+    hw = machine_profile({"model": reference(single_rank, args)}, collectives, single_rank.report["hardware"])
+    return LayoutCost(hw, args, Layout(cfg.parallel.tp, cfg.parallel.spp, cfg.parallel.kvp)).perf_model()
+
+
+def write_machine_profile(taken: Path, collectives: dict) -> None:
+    """This machine's hardware profile from both single-rank profiles (the SPP and the KVP benchmark's
+    models) and the collectives: bench/results/machine_profile_cpu.json, for `plan.hardware=`."""
+    from mnemosyne_hpc.model.args import ModelArgs
+    from mnemosyne_hpc.perf.machine import machine_profile, reference
+    from mnemosyne_hpc.perf.model import PerfModel
+
+    references, hardware = {}, None
+    for model, profile_name in (("llama-8x1024", "spp1_1core"), ("llama-kvp-2x256-hd128", "kvp1")):
+        single_rank = PerfModel.load(taken / f"{profile_name}.profile.json")
+        references[model] = reference(single_rank, ModelArgs.from_dir(taken.parent / model))
+        hardware = single_rank.report["hardware"]
+    write_results("machine_profile_cpu.json", machine_profile(references, collectives, hardware))
+
+
+def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
+    """The requests through the simulator with the engine's config and a performance model (a profile's path,
+    or the model itself)."""
     import torch
 
     from mnemosyne_hpc.config import compose
@@ -55,33 +99,48 @@ def simulate(overrides: list[str], profile_path: Path, arrivals: list) -> list[d
     cfg = compose(overrides)
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
-    return Simulator(cfg, args, PerfModel.load(profile_path), num_blocks=blocks).run(arrivals).records
+    if isinstance(perf_model, Path):
+        perf_model = PerfModel.load(perf_model)
+    return Simulator(cfg, args, perf_model, num_blocks=blocks).run(arrivals).records
 
 
-def compare(measured: float, simulated: float) -> dict:
-    return {"measured": measured, "simulated": simulated, "error": simulated / measured - 1}
+def compare(measured: float | list[float], simulated: float, layout_model: float | None = None) -> dict:
+    """The simulated figure against the measured one, or against the mean of repeated measurements
+    (then with each of them, and how far apart they lie: the noise floor of this figure); and, where given,
+    the figure the layout model simulates, against the per-layout profile's."""
+    figure = {"measured": measured, "simulated": simulated}
+    if isinstance(measured, list):
+        figure = {"measured": statistics.fmean(measured), "measured_runs": measured, "simulated": simulated}
+        figure["measured_spread"] = max(measured) / min(measured) - 1
+    figure["error"] = simulated / figure["measured"] - 1
+    if layout_model is not None:
+        figure["layout_model"] = layout_model
+        figure["layout_model_vs_profile"] = layout_model / simulated - 1
+    return figure
 
 
-def spp_scenarios(args, workdir: Path) -> dict:
+def spp_scenarios(args, workdir: Path, collectives: dict) -> dict:
     from mnemosyne_hpc.sim.simulator import Arrival
 
     model_dir = random_llama(workdir / "llama-8x1024", **spp_bench.MODEL)
     request = {"prompt_token_ids": random_prompt(args.spp_tokens, 0, spp_bench.MODEL["vocab_size"])}
     request.update(max_tokens=1, ignore_eos=True)
     common = long_prompt_overrides(model_dir, args.spp_tokens + 16, args.spp_chunk, 1800)
-    figures = {}
+    figures, arrivals = {}, [Arrival(0.0, args.spp_tokens, 1)]
+    single_rank = workdir / "fidelity" / f"{spp_bench.RUNS[0][0]}.profile.json"
     for name, ranks, threads, bind, layout in spp_bench.RUNS[:3]:
         overrides = common + layout
         path = workdir / "fidelity" / f"{name}.profile.json"
         profile(ranks, overrides, path, threads, bind)
         measured = run_generate(ranks, overrides, [request], workdir / "fidelity" / name, threads, bind)[0]
-        simulated = simulate(overrides, path, [Arrival(0.0, args.spp_tokens, 1)])[0]
-        figures[f"spp/{name}/ttft_s"] = compare(measured["ttft_s"], simulated["ttft_s"])
+        simulated = simulate(overrides, path, arrivals)[0]
+        composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
+        figures[f"spp/{name}/ttft_s"] = compare(measured["ttft_s"], simulated["ttft_s"], composed["ttft_s"])
         print(f"spp {name}: TTFT {figures[f'spp/{name}/ttft_s']}", flush=True)
     return figures
 
 
-def kvp_scenarios(args, workdir: Path) -> dict:
+def kvp_scenarios(args, workdir: Path, collectives: dict) -> dict:
     from mnemosyne_hpc.sim.simulator import Arrival
 
     model_dir = random_llama(workdir / "llama-kvp-2x256-hd128", **kvp_bench.MODEL)
@@ -92,15 +151,17 @@ def kvp_scenarios(args, workdir: Path) -> dict:
     common = long_prompt_overrides(
         model_dir, max_model_len, 2048, 3600, block_size=kvp_bench.BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
     )
-    figures = {}
+    figures, arrivals = {}, [Arrival(0.0, args.kvp_tokens, args.kvp_decode + 1)]
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
         path = workdir / "fidelity" / f"kvp{kvp}.profile.json"
         profile(kvp, overrides, path, 1, True)
         measured = run_generate(kvp, overrides, [request], workdir / "fidelity" / f"kvp{kvp}", 1, True)[0]
-        simulated = simulate(overrides, path, [Arrival(0.0, args.kvp_tokens, args.kvp_decode + 1)])[0]
+        simulated = simulate(overrides, path, arrivals)[0]
+        single_rank = workdir / "fidelity" / "kvp1.profile.json"
+        composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
-            figures[f"kvp/kvp{kvp}/{key}"] = compare(pick(measured), pick(simulated))
+            figures[f"kvp/kvp{kvp}/{key}"] = compare(pick(measured), pick(simulated), pick(composed))
         print(f"kvp {kvp}: {[figures[f'kvp/kvp{kvp}/{k}'] for k in ('ttft_s', 'tbt_median_s')]}", flush=True)
     return figures
 
@@ -112,30 +173,53 @@ TRACE_POLICIES = {
 TRACE_FIGURES = ("short_ttft_p50_s", "short_ttft_p99_s", "short_tbt_p50_s", "short_tbt_p99_s", "long_ttft_s")
 
 
-def trace_scenarios(args, workdir: Path) -> dict:
-    """bench/trace_replay.py's replay (one rank, 2 threads, float32), its TBT SLO 4 × the decode-only step."""
+def slower(path: Path, factor: float):
+    """The profile's performance model with every step `factor` times as long (collectives aside)."""
+    from mnemosyne_hpc.perf.model import PerfModel
+
+    model = PerfModel.load(path)
+    model.weights = {name: factor * weight for name, weight in model.weights.items()}
+    model.overhead_s, model.per_sequence_s = factor * model.overhead_s, factor * model.per_sequence_s
+    return model
+
+
+def trace_scenarios(args, workdir: Path, collectives: dict) -> dict:
+    """bench/trace_replay.py's replay (one rank, 2 threads, float32), its TBT SLO 4 × the decode-only step,
+    at each arrival rate (`--trace-stretches`: arrival times × each). Each figure is also simulated with every
+    step 10% longer: how far an error of the step time (or a slower spell of the machine) moves it.
+    No layout model here: a hardware profile is taken in bfloat16."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
     out = workdir / "fidelity" / "trace"
     path = out / "profile.json"
     base = trace_bench.engine_overrides(workdir, args.trace_long + 1024, path)
     trace_bench.profile(base, path)
-    shorts = trace_bench.read_trace(args.trace_requests, 1.0)
-    decode_step_s = trace_bench.decode_only_step(base, shorts, out)
-    requests = shorts + [trace_bench.long_request(args.trace_long, args.trace_long_at)]
-    arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
+    decode_step_s = trace_bench.decode_only_step(base, trace_bench.read_trace(args.trace_requests, 1.0), out)
     figures = {}
-    for name, policy in TRACE_POLICIES.items():
-        overrides = base + [f"scheduler.{k}={v}" for k, v in policy.items()]
-        overrides.append(f"scheduler.tbt_slo_ms={4e3 * decode_step_s}")
-        measured = trace_bench.summarize(trace_bench.replay(overrides, requests, out, name))
-        records = simulate(overrides, path, arrivals)
-        simulated = trace_bench.summarize(
-            {"records": [{**r, "kind": q["kind"]} for r, q in zip(records, requests)], "long_chunks": []}
-        )
-        for key in TRACE_FIGURES:
-            figures[f"trace/{name}/{key}"] = compare(measured[key], simulated[key])
-        print(f"trace {name}: " + ", ".join(f"{k} {figures[f'trace/{name}/{k}']['error']:+.1%}" for k in TRACE_FIGURES))
+    for stretch in args.trace_stretches:
+        shorts = trace_bench.read_trace(args.trace_requests, stretch)
+        requests = shorts + [trace_bench.long_request(args.trace_long, args.trace_long_at * stretch)]
+        arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
+
+        def summary(records: list[dict]) -> dict:
+            kinds = [{**r, "kind": q["kind"]} for r, q in zip(records, requests)]
+            return trace_bench.summarize({"records": kinds, "long_chunks": []})
+
+        for name, policy in TRACE_POLICIES.items():
+            overrides = base + [f"scheduler.{k}={v}" for k, v in policy.items()]
+            overrides.append(f"scheduler.tbt_slo_ms={4e3 * decode_step_s}")
+            measured = [
+                trace_bench.summarize(trace_bench.replay(overrides, requests, out, f"x{stretch:g}-{name}-{i}"))
+                for i in range(args.trace_repeats)
+            ]
+            simulated = summary(simulate(overrides, path, arrivals))
+            steps_slower = summary(simulate(overrides, slower(path, 1.1), arrivals))
+            label = f"trace/x{stretch:g}/{name}"
+            for key in TRACE_FIGURES:
+                figures[f"{label}/{key}"] = compare([m[key] for m in measured], simulated[key])
+                figures[f"{label}/{key}"]["steps_10pct_slower_moves_it"] = steps_slower[key] / simulated[key] - 1
+            errors = ", ".join(f"{k} {figures[f'{label}/{k}']['error']:+.1%}" for k in TRACE_FIGURES)
+            print(f"{label}: {errors}", flush=True)
     return figures
 
 
@@ -148,16 +232,39 @@ def main() -> None:
     parser.add_argument("--trace-requests", type=int, default=100)
     parser.add_argument("--trace-long", type=int, default=16384)
     parser.add_argument("--trace-long-at", type=float, default=10.0)
+    parser.add_argument(
+        "--trace-repeats", type=int, default=2, help="replays per policy: their spread is the figures' noise floor"
+    )
+    parser.add_argument(
+        "--trace-stretches",
+        nargs="*",
+        type=float,
+        default=[1.0, 2.0],
+        help="arrival times × each: 1 runs this CPU close to its capacity, 2 at half that rate",
+    )
+    parser.add_argument(
+        "--reuse-profiles", action="store_true", help="keep profiles of an earlier run (else taken again now)"
+    )
     parser.add_argument("--only", nargs="*", default=["spp", "kvp", "trace"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     args = parser.parse_args()
     scenarios = {"spp": spp_scenarios, "kvp": kvp_scenarios, "trace": trace_scenarios}
-    figures = {}
+    taken = args.workdir / "fidelity"
+    if not args.reuse_profiles:  # the machine's speed drifts: a profile is compared with runs of its own hour
+        for stale in [*taken.glob("**/*profile.json"), taken / "collectives.json"]:
+            stale.unlink(missing_ok=True)
+    figures, collectives = {}, measure_collectives(taken / "collectives.json")
     for name in args.only:
-        figures.update(scenarios[name](args, args.workdir))
+        figures.update(scenarios[name](args, args.workdir, collectives))
     errors = [abs(f["error"]) for f in figures.values()]
     summary = {"figures": len(errors), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
+    if spreads := [f["measured_spread"] for f in figures.values() if "measured_spread" in f]:
+        summary["measured_spread"] = {"median": statistics.median(spreads), "max": max(spreads)}
+    if composed := [abs(f["layout_model_vs_profile"]) for f in figures.values() if "layout_model" in f]:
+        summary["layout_model_vs_profile"] = {"median_abs": statistics.median(composed), "max_abs": max(composed)}
     print(json.dumps(summary))
+    if {"spp", "kvp"} <= set(args.only):
+        write_machine_profile(taken, collectives)
     write_results(
         "sim_fidelity.json",
         {

@@ -1,20 +1,25 @@
 """The performance model of any TP × SPP × KVP layout of a model shape on a hardware profile.
 
 One profile (`profiles/<name>.json`) serves every layout: it holds per-operation curves and figures,
-each with its source, and `layout_perf_model` composes them into the `PerfModel` the scheduler and the
+each with its source, and `LayoutCost.perf_model` composes them into the `PerfModel` the scheduler and the
 simulator use, for one pipeline stage of one KVP group:
 
 - linear: one layer's projections, MLP and element-wise operations at this TP degree, from the measured
   layer of the reference model nearest in size, scaled by the ratio of weights (a layer's time is
   proportional to its weights both where it is memory-bound, few tokens, and where it is compute-bound),
   plus two TP all-reduces of the hidden states (measured, against bytes and ranks);
-- attention: a chunk of q queries over n cached tokens does 4·q·n·head_dim FLOPs per query head and reads
-  n tokens of K and V per KV head; its time is the larger of FLOPs at the profile's FlashAttention
-  efficiency and bytes at its HBM efficiency, plus the causal part 2·q²·head_dim per head;
-- KVP merge: each group's partial outputs and log-sum-exps, sent around the k groups (k − 1 hops of the
-  measured point-to-point curve, within a node or across nodes);
+- attention: measured against query tokens × cached tokens where the profile has it (this machine's, from
+  the engine's profiler: `perf/machine.py`), scaled to this model's heads; else derived (GPUs): a chunk of
+  q queries over n cached tokens does 4·q·n·head_dim FLOPs per query head and reads n tokens of K and V per
+  KV head, its time the larger of FLOPs at the profile's FlashAttention efficiency and bytes at its HBM
+  efficiency, plus the causal part 2·q²·head_dim per head;
+- KVP merge: measured against bytes where the profile has it; else each group's partial outputs and
+  log-sum-exps sent around the k groups (k − 1 hops of the measured point-to-point curve, within a node
+  or across nodes);
 - SPP hand-over: a stage's hidden states to the next stage (point-to-point);
-- LM head: the measured layer curve scaled to the head's weights.
+- LM head: measured with sampling where the profile has it, else the layer curve scaled to the head's weights;
+- per step: the overhead, cost per sequence and kernel weights fitted to whole steps where the profile
+  has them, else its stated overhead.
 """
 
 from __future__ import annotations
@@ -130,8 +135,9 @@ class LayoutCost:
         return self._collective("send_recv", "inter_node" if across_nodes else "intra_node")
 
     @cached_property
-    def _reference(self) -> tuple[Curve, float]:
-        """The measured layer curve at this TP degree nearest in size, and the factor scaling it to this model."""
+    def _reference(self) -> tuple[str, dict, float]:
+        """The measured model nearest in size (by a layer's weights), its shape, and the factor scaling its
+        layer to this model's."""
         references = self.hw["measured"]["linear_layer"]
 
         def weights(shape: dict) -> int:
@@ -141,22 +147,61 @@ class LayoutCost:
 
         ours = layer_weights(self.args)
         name = min(references, key=lambda m: abs(math.log(weights(references[m]["shape"]) / ours)))
-        table = references[name]["tp"][str(self.layout.tp)]
-        return measured_curve(table["tokens"], table["ms"]), ours / weights(references[name]["shape"])
+        shape = references[name]["shape"]
+        return name, shape, ours / weights(shape)
+
+    def _table(self, kind: str) -> dict:
+        """The reference model's measured `kind` at this TP degree."""
+        name = self._reference[0]
+        tables = self.hw["measured"][kind][name]["tp"]
+        if str(self.layout.tp) not in tables:
+            raise ValueError(
+                f"{self.hw['name']}: {kind} of {name} is measured at TP {', '.join(tables)}, not {self.layout.tp}"
+            )
+        return tables[str(self.layout.tp)]
+
+    def _measured(self, kind: str) -> bool:
+        """Whether the profile measured `kind` itself (this machine's profiles), not derived it (GPUs')."""
+        return kind in self.hw["measured"]
 
     def linear_s(self, tokens: int) -> float:
-        curve, scale = self._reference
-        seconds = curve(tokens) * scale
+        table = self._table("linear_layer")
+        seconds = measured_curve(table["tokens"], table["ms"])(tokens) * self._reference[2]
         if self.layout.tp > 1:
             all_reduce = self._collective("all_reduce", str(self.layout.tp))
             seconds += 2 * all_reduce(tokens * self.args.hidden_size * BF16)
         return seconds
 
     def lm_head_s(self, rows: int) -> float:
-        curve, scale = self._reference
-        return curve(rows) * scale * self.args.vocab_size * self.args.hidden_size / layer_weights(self.args)
+        """The measured LM head and sampling where the profile has them, else the layer curve scaled to the
+        head's weights."""
+        args, shape = self.args, self._reference[1]
+        if self._measured("lm_head"):
+            table = self._table("lm_head")
+            scale = args.vocab_size * args.hidden_size / (shape["vocab_size"] * shape["n_embd"])
+            return measured_curve(table["rows"], table["ms"])(rows) * scale
+        table = self._table("linear_layer")
+        layer = measured_curve(table["tokens"], table["ms"])(rows) * self._reference[2]
+        return layer * args.vocab_size * args.hidden_size / layer_weights(args)
 
     def attention(self) -> AttentionFit:
+        return self._measured_attention() if self._measured("attention") else self._derived_attention()
+
+    def _measured_attention(self) -> AttentionFit:
+        """The reference's measured curves (as the engine's profile holds them), scaled to this model: a
+        decode by the KV it reads (KV heads × head size), a chunk by its query heads × head size."""
+        args, shape, table = self.args, self._reference[1], self._table("attention")
+        kv = args.num_kv_heads * args.head_dim / (shape["n_kv_head"] * shape["head_dim"])
+        queries = args.num_heads * args.head_dim / (shape["n_head"] * shape["head_dim"])
+        return AttentionFit(
+            table["queries"],
+            [
+                Curve(x, [(kv if q == 1 else queries) * ms / 1000 for ms in y])
+                for q, x, y in zip(table["queries"], table["contexts"], table["ms"])
+            ],
+        )
+
+    def _derived_attention(self) -> AttentionFit:
         hw, args = self.hw, self.args
         heads = args.num_heads / self.layout.tp
         flops = hw["bf16_peak_tflops"] * 1e12 * hw["prefill_attention_efficiency"]
@@ -168,16 +213,33 @@ class LayoutCost:
         fixed = [2 * q * q * args.head_dim * heads / flops + hw["attention_kernel_us"] * 1e-6 for q in POWERS_OF_TWO]
         return AttentionFit.linear(POWERS_OF_TWO, fixed, per_cached)
 
+    def _merge_s(self, rows: int) -> float:
+        """One layer's KVP merge of `rows` rows: measured where the profile has it at this KVP degree, else
+        each group's partial outputs and log-sum-exps sent around the k groups (k − 1 point-to-point hops)."""
+        layout, args = self.layout, self.args
+        row = args.num_heads / layout.tp * (args.head_dim + 1) * 4  # fp32 output and log-sum-exp per head
+        if self._measured("kvp_merge"):
+            return self._collective("kvp_merge", str(layout.kvp))(rows * row)
+        p2p = self._p2p(layout.tp * layout.kvp > self.hw["gpus_per_node"])  # TP innermost, then KVP
+        return (layout.kvp - 1) * p2p(rows * row)
+
+    def _step(self) -> tuple[float, float, dict | None]:
+        """Seconds of a step's fixed overhead and per sequence, and the kernels' fitted weights: fitted to
+        whole steps where the profile has them, else its stated overhead."""
+        if self._measured("step"):
+            step = self._table("step")
+            return step["overhead_ms"] / 1000, step["per_sequence_ms"] / 1000, step["weights"]
+        return self.hw["step_overhead_ms"] / 1000, 0.0, None
+
     def perf_model(self) -> PerfModel:
         layout, args, per_node = self.layout, self.args, self.hw["gpus_per_node"]
         merge = hand_over = None
-        if layout.kvp > 1:  # TP is innermost, KVP next: groups share a node while tp × kvp fits in one
-            p2p = self._p2p(layout.tp * layout.kvp > per_node)
-            row = args.num_heads / layout.tp * (args.head_dim + 1) * 4  # fp32 output and log-sum-exp per head
-            merge = Curve(POWERS_OF_TWO, [(layout.kvp - 1) * p2p(m * row) for m in POWERS_OF_TWO])
+        if layout.kvp > 1:
+            merge = Curve(POWERS_OF_TWO, [self._merge_s(m) for m in POWERS_OF_TWO])
         if layout.spp > 1:  # the next stage is tp × kvp ranks away
             p2p = self._p2p(layout.tp * layout.kvp >= per_node)
             hand_over = Curve(POWERS_OF_TWO, [p2p(t * args.hidden_size * BF16) for t in POWERS_OF_TWO])
+        overhead_s, per_sequence_s, weights = self._step()
         return PerfModel(
             key=f"{self.hw['name']}: {layout}",
             layers=self.stage_layers,
@@ -187,5 +249,7 @@ class LayoutCost:
             lm_head=Curve(POWERS_OF_TWO, [self.lm_head_s(r) for r in POWERS_OF_TWO]),
             merge=merge,
             hand_over=hand_over,
-            overhead_s=self.hw["step_overhead_ms"] / 1000,
+            overhead_s=overhead_s,
+            per_sequence_s=per_sequence_s,
+            **({"weights": dict(weights)} if weights else {}),
         )

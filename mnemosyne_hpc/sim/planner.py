@@ -1,11 +1,11 @@
 """Which TP × SPP × KVP layout for one long request on a GPU cluster.
 
-Every layout (powers of two; TP within a node and dividing the KV heads; SPP up to the layer count) using at
-most the GPUs given is checked for memory (the weights of its largest stage and the KV of one KVP group's
-token range on one GPU) and, where it fits, simulated: the request arrives alone, is prefilled and decodes
-`plan.decode_tokens` tokens, with the engine's own scheduler deciding every step and the layout's
-performance model (`perf/layout.py`) timing it. Ranked: layouts meeting the TBT SLO (p99) by TTFT, then
-those missing it by TBT, then those that do not fit.
+Every layout (powers of two; TP within a node, dividing the KV heads and measured in the profile; SPP up to
+the layer count) using at most the GPUs given is checked for memory (the weights of its largest stage and
+the KV of one KVP group's token range on one GPU) and, where it fits, simulated: the request arrives alone,
+is prefilled and decodes `plan.decode_tokens` tokens, with the engine's own scheduler deciding every step
+and the layout's performance model (`perf/layout.py`) timing it. Ranked: layouts meeting the TBT SLO (p99)
+by TTFT, then those missing it by TBT, then those that do not fit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mnemosyne_hpc.sim.simulator import Arrival, Simulator
 
 def layouts(args: ModelArgs, hw: dict, gpus: int) -> Iterator[Layout]:
     powers = [2**i for i in range(gpus.bit_length()) if 2**i <= gpus]
-    for tp in (t for t in powers if t <= hw["gpus_per_node"] and args.num_kv_heads % t == 0):
+    measured_tp = {int(tp) for reference in hw["measured"]["linear_layer"].values() for tp in reference["tp"]}
+    for tp in (t for t in powers if t <= hw["gpus_per_node"] and t in measured_tp and args.num_kv_heads % t == 0):
         for spp in (s for s in powers if s <= args.num_layers and tp * s <= gpus):
             for kvp in (k for k in powers if tp * spp * k <= gpus):
                 yield Layout(tp, spp, kvp)
