@@ -11,8 +11,10 @@ from mnemosyne_hpc import plan
 from mnemosyne_hpc.config import compose
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.perf.layout import Layout, LayoutCost, load_hardware, load_shape
-from mnemosyne_hpc.perf.model import SequenceShape
-from mnemosyne_hpc.sim.planner import evaluate
+from mnemosyne_hpc.perf.machine import machine_profile, reference
+from mnemosyne_hpc.perf.model import AttentionFit, Curve, PerfModel, SequenceShape
+from mnemosyne_hpc.sim.planner import evaluate, layouts
+from ranks import run_ranks
 
 HW = load_hardware("h100-dgx")
 
@@ -112,3 +114,81 @@ def test_the_a100_profile_is_slower_than_the_h100_one_by_its_own_figures():
     h100_model, a100_model = h100_cost.perf_model(), a100_cost.perf_model()
     for shape in (SequenceShape(8192, 100_000), SequenceShape(1, 1_000_000)):
         assert a100_model.batch_time([shape], 1) > h100_model.batch_time([shape], 1)
+
+
+def _single_rank_profile(args: ModelArgs) -> PerfModel:
+    """A performance model as `python -m mnemosyne_hpc.profile` stores one for a single rank (its curves
+    made up: what matters is that the layout model composes them as the engine's model does)."""
+    return PerfModel(
+        key="made-up",
+        layers=args.num_layers,
+        stages=1,
+        linear=Curve([1, 64, 2048], [0.002, 0.004, 0.09]),
+        attention=AttentionFit(
+            [1, 32, 512],
+            [Curve([0, 1024, 16384], [y, 2 * y, 9 * y]) for y in (1e-4, 4e-4, 5e-3)],
+        ),
+        lm_head=Curve([1, 16], [0.003, 0.006]),
+        overhead_s=0.0007,
+        per_sequence_s=0.0002,
+        weights={"linear": 1.1, "decode_attention": 0.9, "prefill_attention": 1.0, "lm_head": 1.05},
+        report={"layout": {"tp": 1, "spp": 1, "kvp": 1}, "dtype": "bfloat16", "date": "today"},
+    )
+
+
+COLLECTIVES = {
+    "send_recv": {"2": {"bytes": [1024, 1 << 20], "ms": [0.05, 0.5]}},
+    "kvp_merge": {"2": {"bytes": [1024, 1 << 20], "ms": [0.2, 2.0]}},
+    "source": "made up",
+}
+
+
+def test_this_machines_profile_reproduces_its_single_rank_model_and_adds_each_layouts_collectives():
+    args = load_shape("llama3-8b")
+    single_rank = _single_rank_profile(args)
+    hw = machine_profile({"ref": reference(single_rank, args)}, COLLECTIVES, "a CPU")
+    steps = [
+        [SequenceShape(1, 3000)] * 5 + [SequenceShape(300, 700)],
+        [SequenceShape(2048, 0)],
+        [SequenceShape(1, 20000), SequenceShape(1, 1)],
+    ]
+    same = LayoutCost(hw, args, Layout(1, 1, 1)).perf_model()
+    for step in steps:
+        assert same.batch_time(step, 3) == pytest.approx(single_rank.batch_time(step, 3), rel=1e-9)
+    # two pipeline stages: half the layers each, plus the hidden states handed to the next stage
+    spp = LayoutCost(hw, args, Layout(1, 2, 1)).perf_model()
+    hand_over = Curve(COLLECTIVES["send_recv"]["2"]["bytes"], [ms / 1000 for ms in COLLECTIVES["send_recv"]["2"]["ms"]])
+    assert spp.layers == args.num_layers // 2
+    assert spp.terms([SequenceShape(64, 0)], 0)["collectives"] == pytest.approx(
+        hand_over(64 * args.hidden_size * 2), rel=1e-9
+    )
+    # two KVP groups: every layer merges the rows' partial outputs, measured against bytes
+    kvp = LayoutCost(hw, args, Layout(1, 1, 2)).perf_model()
+    row_bytes = args.num_heads * (args.head_dim + 1) * 4
+    assert kvp.merge(16) == pytest.approx(0.0002 + (0.002 - 0.0002) * (16 * row_bytes - 1024) / ((1 << 20) - 1024))
+    with pytest.raises(ValueError, match="measured at TP 1, not 2"):
+        LayoutCost(hw, args, Layout(2, 1, 1)).perf_model()
+    assert all(layout.tp == 1 for layout in layouts(args, hw, 2))
+
+
+def test_a_machine_profile_takes_single_rank_bfloat16_profiles_only():
+    args = load_shape("llama3-8b")
+    profile = _single_rank_profile(args)
+    profile.report["layout"]["spp"] = 2
+    with pytest.raises(ValueError, match="one rank"):
+        reference(profile, args)
+    profile = _single_rank_profile(args)
+    profile.report["dtype"] = "float32"
+    with pytest.raises(ValueError, match="bfloat16"):
+        reference(profile, args)
+
+
+def test_collectives_are_timed_on_two_real_ranks(tmp_path):
+    out = tmp_path / "collectives.json"
+    done = run_ranks(2, ["-m", "mnemosyne_hpc.perf.collectives", str(out), "--max-bytes", "65536", "--repeats", "3"])
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(out.read_text())
+    for name in ("send_recv", "kvp_merge"):
+        curve = measured[name]["2"]
+        assert curve["bytes"] == [1024, 4096, 16384, 65536] and all(ms > 0 for ms in curve["ms"])
+    assert "2 ranks" in measured["source"]

@@ -1,7 +1,7 @@
 """Times this machine's collectives against message bytes, as the engine runs them (gloo on CPU, NCCL on
 GPUs), for a hardware profile (`perf/machine.py`):
 
-    launch/mpirun.sh -n 2 python -m mnemosyne_hpc.perf.collectives collectives.json
+    launch/mpirun.sh -n 2 python -m mnemosyne_hpc.perf.collectives collectives.json [--max-bytes N] [--repeats N]
 
 - send_recv: one rank's hidden states to the next, the SPP hand-over (rank r sends to r + 1 and receives
   from r − 1, every rank at once);
@@ -14,8 +14,8 @@ rank ends). Rank 0 writes {name: {ranks: {"bytes": [...], "ms": [...]}}, "source
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -51,10 +51,10 @@ def kvp_merge(nbytes: int):
     return lambda: merge_over_group(out, lse, dist.group.WORLD)
 
 
-def measure(repeats: int) -> dict:
+def measure(sizes: list[int], repeats: int) -> dict:
     timed = {"send_recv": {}, "kvp_merge": {}}
     for name, probe in (("send_recv", send_recv), ("kvp_merge", kvp_merge)):
-        for nbytes in BYTES:
+        for nbytes in sizes:
             dist.barrier()
             timed[name][nbytes] = median_time(probe(nbytes), repeats)
     gathered = [None] * dist.get_world_size()
@@ -62,8 +62,8 @@ def measure(repeats: int) -> dict:
     return {
         name: {
             str(dist.get_world_size()): {
-                "bytes": BYTES,
-                "ms": [1000 * max(rank[name][b] for rank in gathered) for b in BYTES],
+                "bytes": sizes,
+                "ms": [1000 * max(rank[name][b] for rank in gathered) for b in sizes],
             }
         }
         for name in timed
@@ -71,20 +71,22 @@ def measure(repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: launch/mpirun.sh -n RANKS python -m mnemosyne_hpc.perf.collectives OUT.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="JSON file rank 0 writes")
+    parser.add_argument("--max-bytes", type=int, default=BYTES[-1], help="largest message timed")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per point (the median is kept)")
+    args = parser.parse_args(argv)
     info = init_distributed("cpu", "gloo", 600)
     if info.world_size < 2:
-        sys.exit("collectives need at least two ranks: launch/mpirun.sh -n 2 python -m mnemosyne_hpc.perf.collectives")
-    measured = measure(repeats=15)
+        parser.error("two ranks or more: launch/mpirun.sh -n 2 python -m mnemosyne_hpc.perf.collectives OUT.json")
+    measured = measure([b for b in BYTES if b <= args.max_bytes], args.repeats)
     if info.rank == 0:
         measured["source"] = (
             f"python -m mnemosyne_hpc.perf.collectives on {info.world_size} ranks of this host, gloo, "
             f"{hardware_name(torch.device('cpu'))} per rank, {time.strftime('%Y-%m-%d')}"
         )
-        Path(argv[0]).write_text(json.dumps(measured, indent=1) + "\n")
-        print(f"wrote {argv[0]}")
+        args.out.write_text(json.dumps(measured, indent=1) + "\n")
+        print(f"wrote {args.out}")
     dist.destroy_process_group()
 
 
