@@ -1,5 +1,6 @@
-"""A real model, a real long prompt: Qwen2.5-Coder-0.5B-Instruct finds a pass key in an 8k-token
-prompt with its KV split over two KVP groups, token for token as transformers does."""
+"""A real model, a real long prompt: Qwen2.5-Coder-0.5B-Instruct finds a pass key in a 4k-token
+prompt with its KV split over two KVP groups, token for token as transformers does (bench/needle.py
+records the same at 8k tokens: about four minutes here, a fifth of the default test run's budget)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import sys
 from ranks import ROOT
 
 
-def test_needle_at_8k_tokens_with_kvp2_matches_transformers(tmp_path):
+def test_needle_at_4k_tokens_with_kvp2_matches_transformers(tmp_path):
     command = [
         sys.executable,
         "bench/needle.py",
         "--tokens",
-        "8192",
+        "4096",
         "--kvp",
         "2",
         "--results",
@@ -26,6 +27,7 @@ def test_needle_at_8k_tokens_with_kvp2_matches_transformers(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     record = json.loads(next(tmp_path.glob("needle_*.json")).read_text())
-    assert record["prompt_tokens"] > 8000 and record["kvp"] == 2
+    assert record["prompt_tokens"] > 4000 and record["kvp"] == 2
+    assert record["tokens_per_kvp_group"] < record["prompt_tokens"]  # the prompt's KV spans both groups
     assert record["engine_token_ids"] == record["reference_token_ids"]
     assert str(record["pass_key"]) in record["engine_text"]
