@@ -60,29 +60,22 @@ def layout_model(overrides: list[str], reference_profile: Path, collectives: dic
     from mnemosyne_hpc.config import compose
     from mnemosyne_hpc.model.args import ModelArgs
     from mnemosyne_hpc.perf.layout import Layout, LayoutCost
-    from mnemosyne_hpc.perf.machine import machine_profile, reference
-    from mnemosyne_hpc.perf.model import PerfModel
+    from mnemosyne_hpc.perf.machine import from_profiles
 
     cfg = compose(overrides)
-    args = ModelArgs.from_dir(Path(cfg.model.path))
-    single_rank = PerfModel.load(reference_profile)
-    hw = machine_profile({"model": reference(single_rank, args)}, collectives, single_rank.report["hardware"])
-    return LayoutCost(hw, args, Layout(cfg.parallel.tp, cfg.parallel.spp, cfg.parallel.kvp)).perf_model()
+    hw = from_profiles([(reference_profile, Path(cfg.model.path))], collectives)
+    layout = Layout(cfg.parallel.tp, cfg.parallel.spp, cfg.parallel.kvp)
+    return LayoutCost(hw, ModelArgs.from_dir(Path(cfg.model.path)), layout).perf_model()
 
 
 def write_machine_profile(taken: Path, collectives: dict) -> None:
     """This machine's hardware profile from both single-rank profiles (the SPP and the KVP benchmark's
     models) and the collectives: bench/results/machine_profile_cpu.json, for `plan.hardware=`."""
-    from mnemosyne_hpc.model.args import ModelArgs
-    from mnemosyne_hpc.perf.machine import machine_profile, reference
-    from mnemosyne_hpc.perf.model import PerfModel
+    from mnemosyne_hpc.perf.machine import from_profiles
 
-    references, hardware = {}, None
-    for model, profile_name in (("llama-8x1024", "spp1_1core"), ("llama-kvp-2x256-hd128", "kvp1")):
-        single_rank = PerfModel.load(taken / f"{profile_name}.profile.json")
-        references[model] = reference(single_rank, ModelArgs.from_dir(taken.parent / model))
-        hardware = single_rank.report["hardware"]
-    write_results("machine_profile_cpu.json", machine_profile(references, collectives, hardware))
+    pairs = [(taken / "spp1_1core.profile.json", taken.parent / "llama-8x1024")]
+    pairs.append((taken / "kvp1.profile.json", taken.parent / "llama-kvp-2x256-hd128"))
+    write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
 def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
@@ -152,13 +145,13 @@ def kvp_scenarios(args, workdir: Path, collectives: dict) -> dict:
         model_dir, max_model_len, 2048, 3600, block_size=kvp_bench.BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
     )
     figures, arrivals = {}, [Arrival(0.0, args.kvp_tokens, args.kvp_decode + 1)]
+    single_rank = workdir / "fidelity" / "kvp1.profile.json"
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
         path = workdir / "fidelity" / f"kvp{kvp}.profile.json"
         profile(kvp, overrides, path, 1, True)
         measured = run_generate(kvp, overrides, [request], workdir / "fidelity" / f"kvp{kvp}", 1, True)[0]
         simulated = simulate(overrides, path, arrivals)[0]
-        single_rank = workdir / "fidelity" / "kvp1.profile.json"
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
             figures[f"kvp/kvp{kvp}/{key}"] = compare(pick(measured), pick(simulated), pick(composed))

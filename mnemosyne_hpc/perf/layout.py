@@ -164,9 +164,14 @@ class LayoutCost:
         """Whether the profile measured `kind` itself (this machine's profiles), not derived it (GPUs')."""
         return kind in self.hw["measured"]
 
-    def linear_s(self, tokens: int) -> float:
+    @cached_property
+    def _layer(self) -> Curve:
+        """The reference model's measured layer at this TP degree (seconds against tokens, unscaled)."""
         table = self._table("linear_layer")
-        seconds = measured_curve(table["tokens"], table["ms"])(tokens) * self._reference[2]
+        return measured_curve(table["tokens"], table["ms"])
+
+    def linear_s(self, tokens: int) -> float:
+        seconds = self._layer(tokens) * self._reference[2]
         if self.layout.tp > 1:
             all_reduce = self._collective("all_reduce", str(self.layout.tp))
             seconds += 2 * all_reduce(tokens * self.args.hidden_size * BF16)
@@ -180,9 +185,7 @@ class LayoutCost:
             table = self._table("lm_head")
             scale = args.vocab_size * args.hidden_size / (shape["vocab_size"] * shape["n_embd"])
             return measured_curve(table["rows"], table["ms"])(rows) * scale
-        table = self._table("linear_layer")
-        layer = measured_curve(table["tokens"], table["ms"])(rows) * self._reference[2]
-        return layer * args.vocab_size * args.hidden_size / layer_weights(args)
+        return self._layer(rows) * self._reference[2] * args.vocab_size * args.hidden_size / layer_weights(args)
 
     def attention(self) -> AttentionFit:
         return self._measured_attention() if self._measured("attention") else self._derived_attention()

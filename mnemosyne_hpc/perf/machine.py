@@ -14,6 +14,7 @@ profile was taken at. Between ranks: the SPP hand-over (send/receive) and the KV
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def machine_profile(references: dict[str, dict], collectives: dict, hardware: st
         "sources": {
             "measured": f"linear, attention, LM head and step fits: single-rank profiles (each entry's source); "
             f"collectives: {collectives['source']}",
-            "gpu_memory_gib": "this host's memory (/proc/meminfo MemTotal) shared by its ranks",
+            "gpu_memory_gib": "this host's physical memory shared by its ranks",
             "memory_utilization": "assumed, as for GPUs: the share of memory for weights, KV cache and activations",
             "activation_reserve_gib": "assumed: activations and workspace of one step",
         },
@@ -101,10 +102,18 @@ def machine_profile(references: dict[str, dict], collectives: dict, hardware: st
 
 
 def _host_memory_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError("no MemTotal in /proc/meminfo")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def from_profiles(pairs: list[tuple[Path, Path]], collectives: dict) -> dict:
+    """`machine_profile` of single-rank profiles, each (profile file, its model's directory), named by the
+    model directory."""
+    references, hardware = {}, None
+    for profile, model_dir in pairs:
+        model = PerfModel.load(Path(profile))
+        references[Path(model_dir).name] = reference(model, ModelArgs.from_dir(Path(model_dir)))
+        hardware = model.report["hardware"]
+    return machine_profile(references, collectives, hardware)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,12 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) < 4 or len(argv) % 2:
         sys.exit(__doc__)
     out, collectives, pairs = Path(argv[0]), json.loads(Path(argv[1]).read_text()), argv[2:]
-    references, hardware = {}, None
-    for profile, model_dir in zip(pairs[::2], pairs[1::2]):
-        model = PerfModel.load(Path(profile))
-        references[Path(model_dir).name] = reference(model, ModelArgs.from_dir(Path(model_dir)))
-        hardware = model.report["hardware"]
-    out.write_text(json.dumps(machine_profile(references, collectives, hardware), indent=1) + "\n")
+    profile = from_profiles(list(zip(pairs[::2], pairs[1::2])), collectives)
+    out.write_text(json.dumps(profile, indent=1) + "\n")
     print(f"wrote {out}")
 
 
