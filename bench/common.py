@@ -99,11 +99,16 @@ def run_generate(
         f"generate.output={out}",
         "generate.progress=false",
     ]
+    run_checked(command, threads)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def run_checked(command: list[str], threads: int) -> None:
+    """`command` from the repository root with `threads` OpenMP threads a process; its stderr's tail if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 QWEN_GGUF_BYTES = 491_400_064

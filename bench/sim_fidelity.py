@@ -3,34 +3,35 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 25 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 35 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
 - bench/kvp.py: decode TBT (median) and TTFT of one long-context request at KVP=1 and KVP=2;
 - bench/trace_replay.py: the Azure conversation trace's first requests with a long prompt injected, under fixed
-  chunks (FCFS) and adaptive chunks (FCFS, LARS): short requests' TTFT and TBT p50/p99, long TTFT; each
-  replayed `--trace-repeats` times, as this shared machine moves a replay's figures more than a single
-  request's (the spread between the replays is recorded: no simulation can be closer than it).
+  chunks (FCFS) and adaptive chunks (FCFS, LARS): short requests' TTFT and TBT p50/p99, long TTFT.
 
-Writes bench/results/sim_fidelity.json: every figure measured and simulated, its error
-(simulated / measured − 1, against the mean of repeated replays), and the median and largest |error|.
+This shared machine's speed drifts by tens of percent within minutes, so everything is taken `--repeats`
+times in turn (every scenario's profile, then its runs; then all again): each run is simulated with the
+profile taken just before it, and the spread between repeats is each figure's noise floor.
+
+Writes bench/results/sim_fidelity.json: every figure measured and simulated in each repeat, its error
+(mean simulated / mean measured − 1), and the median and largest |error|.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import kvp as kvp_bench
 import spp as spp_bench
 import trace_replay as trace_bench
-from common import ROOT, long_prompt_overrides, random_llama, random_prompt, run_generate, write_results
+from common import long_prompt_overrides, random_llama, random_prompt, run_checked, run_generate, write_results
 
 
 def profile(ranks: int, overrides: list[str], path: Path, threads: int, bind: bool) -> None:
@@ -39,18 +40,16 @@ def profile(ranks: int, overrides: list[str], path: Path, threads: int, bind: bo
         return
     mpirun = str(Path(sys.executable).parent / "mpirun")
     command = [mpirun, *(["-bind-to", "core"] if bind else []), "-n", str(ranks), sys.executable]
-    command += ["-m", "mnemosyne_hpc.profile", *overrides, f"scheduler.profile={path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    run_checked([*command, "-m", "mnemosyne_hpc.profile", *overrides, f"scheduler.profile={path}"], threads)
 
 
 def measure_collectives(path: Path) -> dict:
     """This machine's SPP hand-over and KVP merge against bytes, two ranks a core each (as the runs)."""
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         mpirun = str(Path(sys.executable).parent / "mpirun")
         command = [mpirun, "-bind-to", "core", "-n", "2", sys.executable, "-m", "mnemosyne_hpc.perf.collectives"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([*command, str(path)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        run_checked([*command, str(path)], threads=1)
     return json.loads(path.read_text())
 
 
@@ -68,13 +67,13 @@ def layout_model(overrides: list[str], reference_profile: Path, collectives: dic
     return LayoutCost(hw, ModelArgs.from_dir(Path(cfg.model.path)), layout).perf_model()
 
 
-def write_machine_profile(taken: Path, collectives: dict) -> None:
+def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None:
     """This machine's hardware profile from both single-rank profiles (the SPP and the KVP benchmark's
     models) and the collectives: bench/results/machine_profile_cpu.json, for `plan.hardware=`."""
     from mnemosyne_hpc.perf.machine import from_profiles
 
-    pairs = [(taken / "spp1_1core.profile.json", taken.parent / "llama-8x1024")]
-    pairs.append((taken / "kvp1.profile.json", taken.parent / "llama-kvp-2x256-hd128"))
+    pairs = [(taken / "spp1_1core.profile.json", workdir / "llama-8x1024")]
+    pairs.append((taken / "kvp1.profile.json", workdir / "llama-kvp-2x256-hd128"))
     write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
@@ -97,46 +96,56 @@ def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
     return Simulator(cfg, args, perf_model, num_blocks=blocks).run(arrivals).records
 
 
-def compare(measured: float | list[float], simulated: float, layout_model: float | None = None) -> dict:
-    """The simulated figure against the measured one, or against the mean of repeated measurements
-    (then with each of them, and how far apart they lie: the noise floor of this figure); and, where given,
-    the figure the layout model simulates, against the per-layout profile's."""
-    figure = {"measured": measured, "simulated": simulated}
-    if isinstance(measured, list):
-        figure = {"measured": statistics.fmean(measured), "measured_runs": measured, "simulated": simulated}
-        figure["measured_spread"] = max(measured) / min(measured) - 1
-    figure["error"] = simulated / figure["measured"] - 1
-    if layout_model is not None:
-        figure["layout_model"] = layout_model
-        figure["layout_model_vs_profile"] = layout_model / simulated - 1
+def compare(repeats: list[dict]) -> dict:
+    """One figure over the repeats, each {"measured", "simulated"} and where taken "layout_model" (the layout
+    model's simulation) and "steps_10pct_slower" (the simulation with every step 10% longer): the means, the
+    error of the simulated mean, each repeat's figures and error, and how far apart the repeats lie."""
+    mean = statistics.fmean
+    measured, simulated = [r["measured"] for r in repeats], [r["simulated"] for r in repeats]
+    figure = {"measured": mean(measured), "simulated": mean(simulated)}
+    figure["error"] = figure["simulated"] / figure["measured"] - 1
+    figure |= {"measured_runs": measured, "simulated_runs": simulated}
+    figure["run_errors"] = [s / m - 1 for m, s in zip(measured, simulated)]
+    figure["measured_spread"] = max(measured) / min(measured) - 1
+    figure["simulated_spread"] = max(simulated) / min(simulated) - 1
+    if "layout_model" in repeats[0]:
+        figure["layout_model"] = mean(r["layout_model"] for r in repeats)
+        figure["layout_model_vs_profile"] = figure["layout_model"] / figure["simulated"] - 1
+    if "steps_10pct_slower" in repeats[0]:
+        figure["steps_10pct_slower_moves_it"] = mean(r["steps_10pct_slower"] for r in repeats) / figure["simulated"] - 1
     return figure
 
 
-def spp_scenarios(args, workdir: Path, collectives: dict) -> dict:
+def spp_scenarios(args, taken: Path, collectives: dict) -> dict:
+    """One repeat of the SPP benchmark's layouts: {figure: {"measured", "simulated", "layout_model"}}."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    model_dir = random_llama(workdir / "llama-8x1024", **spp_bench.MODEL)
+    model_dir = random_llama(args.workdir / "llama-8x1024", **spp_bench.MODEL)
     request = {"prompt_token_ids": random_prompt(args.spp_tokens, 0, spp_bench.MODEL["vocab_size"])}
     request.update(max_tokens=1, ignore_eos=True)
     common = long_prompt_overrides(model_dir, args.spp_tokens + 16, args.spp_chunk, 1800)
     figures, arrivals = {}, [Arrival(0.0, args.spp_tokens, 1)]
-    single_rank = workdir / "fidelity" / f"{spp_bench.RUNS[0][0]}.profile.json"
+    single_rank = taken / f"{spp_bench.RUNS[0][0]}.profile.json"
     for name, ranks, threads, bind, layout in spp_bench.RUNS[:3]:
         overrides = common + layout
-        path = workdir / "fidelity" / f"{name}.profile.json"
+        path = taken / f"{name}.profile.json"
         profile(ranks, overrides, path, threads, bind)
-        measured = run_generate(ranks, overrides, [request], workdir / "fidelity" / name, threads, bind)[0]
+        measured = run_generate(ranks, overrides, [request], taken / name, threads, bind)[0]
         simulated = simulate(overrides, path, arrivals)[0]
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
-        figures[f"spp/{name}/ttft_s"] = compare(measured["ttft_s"], simulated["ttft_s"], composed["ttft_s"])
-        print(f"spp {name}: TTFT {figures[f'spp/{name}/ttft_s']}", flush=True)
+        figures[f"spp/{name}/ttft_s"] = {
+            "measured": measured["ttft_s"],
+            "simulated": simulated["ttft_s"],
+            "layout_model": composed["ttft_s"],
+        }
     return figures
 
 
-def kvp_scenarios(args, workdir: Path, collectives: dict) -> dict:
+def kvp_scenarios(args, taken: Path, collectives: dict) -> dict:
+    """One repeat of the KVP benchmark's layouts: {figure: {"measured", "simulated", "layout_model"}}."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    model_dir = random_llama(workdir / "llama-kvp-2x256-hd128", **kvp_bench.MODEL)
+    model_dir = random_llama(args.workdir / "llama-kvp-2x256-hd128", **kvp_bench.MODEL)
     prompt = random_prompt(args.kvp_tokens, 0, kvp_bench.MODEL["vocab_size"])
     request = {"prompt_token_ids": prompt, "max_tokens": args.kvp_decode + 1, "ignore_eos": True}
     max_model_len = args.kvp_tokens + args.kvp_decode + 1
@@ -145,17 +154,20 @@ def kvp_scenarios(args, workdir: Path, collectives: dict) -> dict:
         model_dir, max_model_len, 2048, 3600, block_size=kvp_bench.BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
     )
     figures, arrivals = {}, [Arrival(0.0, args.kvp_tokens, args.kvp_decode + 1)]
-    single_rank = workdir / "fidelity" / "kvp1.profile.json"
+    single_rank = taken / "kvp1.profile.json"
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
-        path = workdir / "fidelity" / f"kvp{kvp}.profile.json"
+        path = taken / f"kvp{kvp}.profile.json"
         profile(kvp, overrides, path, 1, True)
-        measured = run_generate(kvp, overrides, [request], workdir / "fidelity" / f"kvp{kvp}", 1, True)[0]
+        measured = run_generate(kvp, overrides, [request], taken / f"kvp{kvp}", 1, True)[0]
         simulated = simulate(overrides, path, arrivals)[0]
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
-            figures[f"kvp/kvp{kvp}/{key}"] = compare(pick(measured), pick(simulated), pick(composed))
-        print(f"kvp {kvp}: {[figures[f'kvp/kvp{kvp}/{k}'] for k in ('ttft_s', 'tbt_median_s')]}", flush=True)
+            figures[f"kvp/kvp{kvp}/{key}"] = {
+                "measured": pick(measured),
+                "simulated": pick(simulated),
+                "layout_model": pick(composed),
+            }
     return figures
 
 
@@ -176,18 +188,24 @@ def slower(path: Path, factor: float):
     return model
 
 
-def trace_scenarios(args, workdir: Path, collectives: dict) -> dict:
-    """bench/trace_replay.py's replay (one rank, 2 threads, float32), its TBT SLO 4 × the decode-only step,
-    at each arrival rate (`--trace-stretches`: arrival times × each). Each figure is also simulated with every
-    step 10% longer: how far an error of the step time (or a slower spell of the machine) moves it.
-    No layout model here: a hardware profile is taken in bfloat16."""
+def trace_slo_ms(args) -> float:
+    """The replays' TBT SLO, the same in every repeat: 4 × the decode-only step (fixed chunks, FCFS: no
+    profile read), measured once."""
+    base = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, args.workdir / "unused.json")
+    shorts = trace_bench.read_trace(args.trace_requests, 1.0)
+    return 4e3 * trace_bench.decode_only_step(base, shorts, args.workdir / "fidelity" / "trace")
+
+
+def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
+    """One repeat of bench/trace_replay.py's replay (one rank, 2 threads, float32) per policy and arrival rate
+    (`--trace-stretches`: arrival times × each): {figure: {"measured", "simulated", "steps_10pct_slower"}},
+    the last the simulation with every step 10% longer: how far an error of the step time (or a slower
+    spell of the machine) moves the figure. No layout model here: a hardware profile is taken in bfloat16."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    out = workdir / "fidelity" / "trace"
-    path = out / "profile.json"
-    base = trace_bench.engine_overrides(workdir, args.trace_long + 1024, path)
+    out, path = args.workdir / "fidelity" / "trace", taken / "trace.profile.json"
+    base = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, path)
     trace_bench.profile(base, path)
-    decode_step_s = trace_bench.decode_only_step(base, trace_bench.read_trace(args.trace_requests, 1.0), out)
     figures = {}
     for stretch in args.trace_stretches:
         shorts = trace_bench.read_trace(args.trace_requests, stretch)
@@ -199,20 +217,19 @@ def trace_scenarios(args, workdir: Path, collectives: dict) -> dict:
             return trace_bench.summarize({"records": kinds, "long_chunks": []})
 
         for name, policy in TRACE_POLICIES.items():
-            overrides = base + [f"scheduler.{k}={v}" for k, v in policy.items()]
-            overrides.append(f"scheduler.tbt_slo_ms={4e3 * decode_step_s}")
-            measured = [
-                trace_bench.summarize(trace_bench.replay(overrides, requests, out, f"x{stretch:g}-{name}-{i}"))
-                for i in range(args.trace_repeats)
-            ]
+            overrides = (
+                base + [f"scheduler.{k}={v}" for k, v in policy.items()] + [f"scheduler.tbt_slo_ms={args.trace_slo_ms}"]
+            )
+            replayed = trace_bench.replay(overrides, requests, out, f"{taken.name}-x{stretch:g}-{name}")
+            measured = trace_bench.summarize(replayed)
             simulated = summary(simulate(overrides, path, arrivals))
             steps_slower = summary(simulate(overrides, slower(path, 1.1), arrivals))
-            label = f"trace/x{stretch:g}/{name}"
             for key in TRACE_FIGURES:
-                figures[f"{label}/{key}"] = compare([m[key] for m in measured], simulated[key])
-                figures[f"{label}/{key}"]["steps_10pct_slower_moves_it"] = steps_slower[key] / simulated[key] - 1
-            errors = ", ".join(f"{k} {figures[f'{label}/{k}']['error']:+.1%}" for k in TRACE_FIGURES)
-            print(f"{label}: {errors}", flush=True)
+                figures[f"trace/x{stretch:g}/{name}/{key}"] = {
+                    "measured": measured[key],
+                    "simulated": simulated[key],
+                    "steps_10pct_slower": steps_slower[key],
+                }
     return figures
 
 
@@ -226,7 +243,10 @@ def main() -> None:
     parser.add_argument("--trace-long", type=int, default=16384)
     parser.add_argument("--trace-long-at", type=float, default=10.0)
     parser.add_argument(
-        "--trace-repeats", type=int, default=2, help="replays per policy: their spread is the figures' noise floor"
+        "--repeats",
+        type=int,
+        default=2,
+        help="profiles and runs taken this many times in turn: their spread is each figure's noise floor",
     )
     parser.add_argument(
         "--trace-stretches",
@@ -242,22 +262,32 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     args = parser.parse_args()
     scenarios = {"spp": spp_scenarios, "kvp": kvp_scenarios, "trace": trace_scenarios}
-    taken = args.workdir / "fidelity"
-    if not args.reuse_profiles:  # the machine's speed drifts: a profile is compared with runs of its own hour
-        for stale in [*taken.glob("**/*profile.json"), taken / "collectives.json"]:
+    fidelity = args.workdir / "fidelity"
+    if not args.reuse_profiles:  # the machine's speed drifts: a profile is compared with the runs just after it
+        for stale in [*fidelity.glob("**/*profile.json"), fidelity / "collectives.json"]:
             stale.unlink(missing_ok=True)
-    figures, collectives = {}, measure_collectives(taken / "collectives.json")
-    for name in args.only:
-        figures.update(scenarios[name](args, args.workdir, collectives))
+    collectives, samples = measure_collectives(fidelity / "collectives.json"), collections.defaultdict(list)
+    if "trace" in args.only:
+        args.trace_slo_ms = trace_slo_ms(args)
+    for repeat in range(args.repeats):
+        taken = fidelity / f"repeat{repeat}"
+        for name in args.only:
+            for key, figure in scenarios[name](args, taken, collectives).items():
+                samples[key].append(figure)
+                error = figure["simulated"] / figure["measured"] - 1
+                print(f"repeat {repeat} {key}: measured {figure['measured']:.4g}, error {error:+.1%}", flush=True)
+    figures = {key: compare(repeated) for key, repeated in samples.items()}
     errors = [abs(f["error"]) for f in figures.values()]
     summary = {"figures": len(errors), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
-    if spreads := [f["measured_spread"] for f in figures.values() if "measured_spread" in f]:
-        summary["measured_spread"] = {"median": statistics.median(spreads), "max": max(spreads)}
+    run_errors = [abs(e) for f in figures.values() for e in f["run_errors"]]  # each repeat alone
+    summary["run_errors"] = {"median_abs": statistics.median(run_errors), "max_abs": max(run_errors)}
+    spreads = [f["measured_spread"] for f in figures.values()]
+    summary["measured_spread"] = {"median": statistics.median(spreads), "max": max(spreads)}
     if composed := [abs(f["layout_model_vs_profile"]) for f in figures.values() if "layout_model" in f]:
         summary["layout_model_vs_profile"] = {"median_abs": statistics.median(composed), "max_abs": max(composed)}
     print(json.dumps(summary))
     if {"spp", "kvp"} <= set(args.only):
-        write_machine_profile(taken, collectives)
+        write_machine_profile(taken, args.workdir, collectives)  # the last repeat's profiles
     write_results(
         "sim_fidelity.json",
         {

@@ -172,6 +172,8 @@ def decode_only_step(base: list[str], shorts: list[dict], workdir: Path) -> floa
         base + ["scheduler.chunking=fixed", "scheduler.priority=fcfs"], decode_requests, workdir, "decode-only"
     )
     decode_steps = [s["seconds"] for s in decode_run["steps"] if s["decodes"] == s["tokens"] == 16]
+    if not decode_steps:
+        raise ValueError(f"no step decoded 16 requests: replay at least 16 of the trace's (got {len(shorts)})")
     decode_step_s = float(np.median(decode_steps))
     print(
         f"decode-only step {1e3 * decode_step_s:.1f} ms (median of {len(decode_steps)} steps of 16 decodes)", flush=True
