@@ -3,7 +3,7 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 35 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 40 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
@@ -198,14 +198,13 @@ def trace_slo_ms(args) -> float:
 
 def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
     """One repeat of bench/trace_replay.py's replay (one rank, 2 threads, float32) per policy and arrival rate
-    (`--trace-stretches`: arrival times × each): {figure: {"measured", "simulated", "steps_10pct_slower"}},
-    the last the simulation with every step 10% longer: how far an error of the step time (or a slower
-    spell of the machine) moves the figure. No layout model here: a hardware profile is taken in bfloat16."""
+    (`--trace-stretches`: arrival times × each), each replay simulated with a profile taken just before it
+    (a replay takes a minute or two, all of them ten, and this machine's speed moves within that):
+    {figure: {"measured", "simulated", "steps_10pct_slower"}}, the last the simulation with every step 10%
+    longer: how far an error of the step time (or a slower spell of the machine) moves the figure. No layout
+    model here: a hardware profile is taken in bfloat16."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    out, path = args.workdir / "fidelity" / "trace", taken / "trace.profile.json"
-    base = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, path)
-    trace_bench.profile(base, path)
     figures = {}
     for stretch in args.trace_stretches:
         shorts = trace_bench.read_trace(args.trace_requests, stretch)
@@ -217,11 +216,14 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
             return trace_bench.summarize({"records": kinds, "long_chunks": []})
 
         for name, policy in TRACE_POLICIES.items():
-            overrides = (
-                base + [f"scheduler.{k}={v}" for k, v in policy.items()] + [f"scheduler.tbt_slo_ms={args.trace_slo_ms}"]
-            )
-            replayed = trace_bench.replay(overrides, requests, out, f"{taken.name}-x{stretch:g}-{name}")
-            measured = trace_bench.summarize(replayed)
+            run = f"trace-x{stretch:g}-{name}"
+            path = taken / f"{run}.profile.json"
+            overrides = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, path)
+            overrides += [f"scheduler.{k}={v}" for k, v in policy.items()] + [
+                f"scheduler.tbt_slo_ms={args.trace_slo_ms}"
+            ]
+            trace_bench.profile(overrides, path)
+            measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
             simulated = summary(simulate(overrides, path, arrivals))
             steps_slower = summary(simulate(overrides, slower(path, 1.1), arrivals))
             for key in TRACE_FIGURES:

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from mnemosyne_hpc.distributed.mesh import stage_layers
 from mnemosyne_hpc.model.args import ModelArgs
@@ -88,6 +89,12 @@ class Layout:
         return f"TP{self.tp}×SPP{self.spp}×KVP{self.kvp}"
 
 
+class Reference(NamedTuple):
+    name: str  # the measured model's, as the profile lists it
+    shape: dict
+    scale: float  # a layer's weights here over the measured model's
+
+
 @dataclass(frozen=True)
 class LayoutCost:
     """Memory of one GPU of a layout, and its performance model."""
@@ -135,9 +142,8 @@ class LayoutCost:
         return self._collective("send_recv", "inter_node" if across_nodes else "intra_node")
 
     @cached_property
-    def _reference(self) -> tuple[str, dict, float]:
-        """The measured model nearest in size (by a layer's weights), its shape, and the factor scaling its
-        layer to this model's."""
+    def _reference(self) -> Reference:
+        """The measured model nearest in size (by a layer's weights)."""
         references = self.hw["measured"]["linear_layer"]
 
         def weights(shape: dict) -> int:
@@ -148,11 +154,11 @@ class LayoutCost:
         ours = layer_weights(self.args)
         name = min(references, key=lambda m: abs(math.log(weights(references[m]["shape"]) / ours)))
         shape = references[name]["shape"]
-        return name, shape, ours / weights(shape)
+        return Reference(name, shape, ours / weights(shape))
 
     def _table(self, kind: str) -> dict:
         """The reference model's measured `kind` at this TP degree."""
-        name = self._reference[0]
+        name = self._reference.name
         tables = self.hw["measured"][kind][name]["tp"]
         if str(self.layout.tp) not in tables:
             raise ValueError(
@@ -171,7 +177,7 @@ class LayoutCost:
         return measured_curve(table["tokens"], table["ms"])
 
     def linear_s(self, tokens: int) -> float:
-        seconds = self._layer(tokens) * self._reference[2]
+        seconds = self._layer(tokens) * self._reference.scale
         if self.layout.tp > 1:
             all_reduce = self._collective("all_reduce", str(self.layout.tp))
             seconds += 2 * all_reduce(tokens * self.args.hidden_size * BF16)
@@ -180,12 +186,12 @@ class LayoutCost:
     def lm_head_s(self, rows: int) -> float:
         """The measured LM head and sampling where the profile has them, else the layer curve scaled to the
         head's weights."""
-        args, shape = self.args, self._reference[1]
+        args, shape = self.args, self._reference.shape
         if self._measured("lm_head"):
             table = self._table("lm_head")
             scale = args.vocab_size * args.hidden_size / (shape["vocab_size"] * shape["n_embd"])
             return measured_curve(table["rows"], table["ms"])(rows) * scale
-        return self._layer(rows) * self._reference[2] * args.vocab_size * args.hidden_size / layer_weights(args)
+        return self._layer(rows) * self._reference.scale * args.vocab_size * args.hidden_size / layer_weights(args)
 
     def attention(self) -> AttentionFit:
         return self._measured_attention() if self._measured("attention") else self._derived_attention()
@@ -193,7 +199,7 @@ class LayoutCost:
     def _measured_attention(self) -> AttentionFit:
         """The reference's measured curves (as the engine's profile holds them), scaled to this model: a
         decode by the KV it reads (KV heads × head size), a chunk by its query heads × head size."""
-        args, shape, table = self.args, self._reference[1], self._table("attention")
+        args, shape, table = self.args, self._reference.shape, self._table("attention")
         kv = args.num_kv_heads * args.head_dim / (shape["n_kv_head"] * shape["head_dim"])
         queries = args.num_heads * args.head_dim / (shape["n_head"] * shape["head_dim"])
         return AttentionFit(
