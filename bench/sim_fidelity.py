@@ -260,7 +260,9 @@ def main() -> None:
     parser.add_argument(
         "--reuse-profiles", action="store_true", help="keep profiles of an earlier run (else taken again now)"
     )
-    parser.add_argument("--only", nargs="*", default=["spp", "kvp", "trace"])
+    parser.add_argument(
+        "--only", nargs="*", default=["spp", "kvp", "trace"], help="some scenarios: written to sim_fidelity_<them>.json"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnemosyne-bench"))
     args = parser.parse_args()
     scenarios = {"spp": spp_scenarios, "kvp": kvp_scenarios, "trace": trace_scenarios}
@@ -290,8 +292,9 @@ def main() -> None:
     print(json.dumps(summary))
     if {"spp", "kvp"} <= set(args.only):
         write_machine_profile(taken, args.workdir, collectives)  # the last repeat's profiles
+    scenarios_run = "" if set(args.only) == set(scenarios) else "_" + "_".join(args.only)  # a part: its own file
     write_results(
-        "sim_fidelity.json",
+        f"sim_fidelity{scenarios_run}.json",
         {
             "benchmark": "sim_fidelity",
             "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
