@@ -85,13 +85,8 @@ def run_generate(
     workdir.mkdir(parents=True, exist_ok=True)
     prompts, out = workdir / "in.jsonl", workdir / "out.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    mpirun = str(Path(sys.executable).parent / "mpirun")
     command = [
-        mpirun,
-        *(["-bind-to", "core"] if bind else []),
-        "-n",
-        str(ranks),
-        sys.executable,
+        *mpirun(ranks, bind),
         "-m",
         "mnemosyne_hpc.generate",
         *overrides,
@@ -101,6 +96,12 @@ def run_generate(
     ]
     run_checked(command, threads)
     return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def mpirun(ranks: int, bind: bool) -> list[str]:
+    """The start of a command running this Python on `ranks` ranks, each pinned to a core if `bind`."""
+    binding = ["-bind-to", "core"] if bind else []
+    return [str(Path(sys.executable).parent / "mpirun"), *binding, "-n", str(ranks), sys.executable]
 
 
 def run_checked(command: list[str], threads: int) -> None:

@@ -23,33 +23,35 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import kvp as kvp_bench
 import spp as spp_bench
 import trace_replay as trace_bench
-from common import long_prompt_overrides, random_llama, random_prompt, run_checked, run_generate, write_results
+from common import long_prompt_overrides, mpirun, random_llama, random_prompt, run_checked, run_generate, write_results
+from mnemosyne_hpc.perf.model import PerfModel
+
+SPP_MODEL, KVP_MODEL = "llama-8x1024", "llama-kvp-2x256-hd128"  # model directories under --workdir
+# each benchmark's single-rank profile, the reference of its layout model and of this machine's hardware profile
+SPP_REFERENCE, KVP_REFERENCE = f"{spp_bench.RUNS[0][0]}.profile.json", "kvp1.profile.json"
 
 
 def profile(ranks: int, overrides: list[str], path: Path, threads: int, bind: bool) -> None:
     """The layout's performance model, taken as `run_generate` launches the run it models."""
     if path.exists():
         return
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    command = [mpirun, *(["-bind-to", "core"] if bind else []), "-n", str(ranks), sys.executable]
-    run_checked([*command, "-m", "mnemosyne_hpc.profile", *overrides, f"scheduler.profile={path}"], threads)
+    command = [*mpirun(ranks, bind), "-m", "mnemosyne_hpc.profile", *overrides, f"scheduler.profile={path}"]
+    run_checked(command, threads)
 
 
 def measure_collectives(path: Path) -> dict:
     """This machine's SPP hand-over and KVP merge against bytes, two ranks a core each (as the runs)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        mpirun = str(Path(sys.executable).parent / "mpirun")
-        command = [mpirun, "-bind-to", "core", "-n", "2", sys.executable, "-m", "mnemosyne_hpc.perf.collectives"]
-        run_checked([*command, str(path)], threads=1)
+        run_checked([*mpirun(2, bind=True), "-m", "mnemosyne_hpc.perf.collectives", str(path)], threads=1)
     return json.loads(path.read_text())
 
 
@@ -72,27 +74,22 @@ def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None
     models) and the collectives: bench/results/machine_profile_cpu.json, for `plan.hardware=`."""
     from mnemosyne_hpc.perf.machine import from_profiles
 
-    pairs = [(taken / "spp1_1core.profile.json", workdir / "llama-8x1024")]
-    pairs.append((taken / "kvp1.profile.json", workdir / "llama-kvp-2x256-hd128"))
+    pairs = [(taken / SPP_REFERENCE, workdir / SPP_MODEL), (taken / KVP_REFERENCE, workdir / KVP_MODEL)]
     write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
 def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
-    """The requests through the simulator with the engine's config and a performance model (a profile's path,
-    or the model itself)."""
+    """The requests through the simulator with the engine's config and a performance model."""
     import torch
 
     from mnemosyne_hpc.config import compose
     from mnemosyne_hpc.engine.runner import kv_pool_blocks
     from mnemosyne_hpc.model.args import ModelArgs
-    from mnemosyne_hpc.perf.model import PerfModel
     from mnemosyne_hpc.sim.simulator import Simulator
 
     cfg = compose(overrides)
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
-    if isinstance(perf_model, Path):
-        perf_model = PerfModel.load(perf_model)
     return Simulator(cfg, args, perf_model, num_blocks=blocks).run(arrivals).records
 
 
@@ -120,18 +117,18 @@ def spp_scenarios(args, taken: Path, collectives: dict) -> dict:
     """One repeat of the SPP benchmark's layouts: {figure: {"measured", "simulated", "layout_model"}}."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    model_dir = random_llama(args.workdir / "llama-8x1024", **spp_bench.MODEL)
+    model_dir = random_llama(args.workdir / SPP_MODEL, **spp_bench.MODEL)
     request = {"prompt_token_ids": random_prompt(args.spp_tokens, 0, spp_bench.MODEL["vocab_size"])}
     request.update(max_tokens=1, ignore_eos=True)
     common = long_prompt_overrides(model_dir, args.spp_tokens + 16, args.spp_chunk, 1800)
     figures, arrivals = {}, [Arrival(0.0, args.spp_tokens, 1)]
-    single_rank = taken / f"{spp_bench.RUNS[0][0]}.profile.json"
+    single_rank = taken / SPP_REFERENCE
     for name, ranks, threads, bind, layout in spp_bench.RUNS[:3]:
         overrides = common + layout
         path = taken / f"{name}.profile.json"
         profile(ranks, overrides, path, threads, bind)
         measured = run_generate(ranks, overrides, [request], taken / name, threads, bind)[0]
-        simulated = simulate(overrides, path, arrivals)[0]
+        simulated = simulate(overrides, PerfModel.load(path), arrivals)[0]
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         figures[f"spp/{name}/ttft_s"] = {
             "measured": measured["ttft_s"],
@@ -145,7 +142,7 @@ def kvp_scenarios(args, taken: Path, collectives: dict) -> dict:
     """One repeat of the KVP benchmark's layouts: {figure: {"measured", "simulated", "layout_model"}}."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    model_dir = random_llama(args.workdir / "llama-kvp-2x256-hd128", **kvp_bench.MODEL)
+    model_dir = random_llama(args.workdir / KVP_MODEL, **kvp_bench.MODEL)
     prompt = random_prompt(args.kvp_tokens, 0, kvp_bench.MODEL["vocab_size"])
     request = {"prompt_token_ids": prompt, "max_tokens": args.kvp_decode + 1, "ignore_eos": True}
     max_model_len = args.kvp_tokens + args.kvp_decode + 1
@@ -154,13 +151,13 @@ def kvp_scenarios(args, taken: Path, collectives: dict) -> dict:
         model_dir, max_model_len, 2048, 3600, block_size=kvp_bench.BLOCK_SIZE, kv_memory_gib=f"{kv_gib:.3f}"
     )
     figures, arrivals = {}, [Arrival(0.0, args.kvp_tokens, args.kvp_decode + 1)]
-    single_rank = taken / "kvp1.profile.json"
+    single_rank = taken / KVP_REFERENCE
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
         path = taken / f"kvp{kvp}.profile.json"
         profile(kvp, overrides, path, 1, True)
         measured = run_generate(kvp, overrides, [request], taken / f"kvp{kvp}", 1, True)[0]
-        simulated = simulate(overrides, path, arrivals)[0]
+        simulated = simulate(overrides, PerfModel.load(path), arrivals)[0]
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
             figures[f"kvp/kvp{kvp}/{key}"] = {
@@ -178,20 +175,20 @@ TRACE_POLICIES = {
 TRACE_FIGURES = ("short_ttft_p50_s", "short_ttft_p99_s", "short_tbt_p50_s", "short_tbt_p99_s", "long_ttft_s")
 
 
-def slower(path: Path, factor: float):
-    """The profile's performance model with every step `factor` times as long (collectives aside)."""
-    from mnemosyne_hpc.perf.model import PerfModel
-
-    model = PerfModel.load(path)
-    model.weights = {name: factor * weight for name, weight in model.weights.items()}
-    model.overhead_s, model.per_sequence_s = factor * model.overhead_s, factor * model.per_sequence_s
-    return model
+def slower(model, factor: float):
+    """A copy of the performance model with every step `factor` times as long (collectives aside)."""
+    return dataclasses.replace(
+        model,
+        weights={name: factor * weight for name, weight in model.weights.items()},
+        overhead_s=factor * model.overhead_s,
+        per_sequence_s=factor * model.per_sequence_s,
+    )
 
 
 def trace_slo_ms(args) -> float:
     """The replays' TBT SLO, the same in every repeat: 4 × the decode-only step (fixed chunks, FCFS: no
     profile read), measured once."""
-    base = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, args.workdir / "unused.json")
+    base = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024)
     shorts = trace_bench.read_trace(args.trace_requests, 1.0)
     return 4e3 * trace_bench.decode_only_step(base, shorts, args.workdir / "fidelity" / "trace")
 
@@ -224,8 +221,9 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
             ]
             trace_bench.profile(overrides, path)
             measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
-            simulated = summary(simulate(overrides, path, arrivals))
-            steps_slower = summary(simulate(overrides, slower(path, 1.1), arrivals))
+            model = PerfModel.load(path)
+            simulated = summary(simulate(overrides, model, arrivals))
+            steps_slower = summary(simulate(overrides, slower(model, 1.1), arrivals))
             for key in TRACE_FIGURES:
                 figures[f"trace/x{stretch:g}/{name}/{key}"] = {
                     "measured": measured[key],
@@ -291,7 +289,7 @@ def main() -> None:
         summary["layout_model_vs_profile"] = {"median_abs": statistics.median(composed), "max_abs": max(composed)}
     print(json.dumps(summary))
     if {"spp", "kvp"} <= set(args.only):
-        write_machine_profile(taken, args.workdir, collectives)  # the last repeat's profiles
+        write_machine_profile(fidelity / f"repeat{args.repeats - 1}", args.workdir, collectives)  # the latest
     scenarios_run = "" if set(args.only) == set(scenarios) else "_" + "_".join(args.only)  # a part: its own file
     write_results(
         f"sim_fidelity{scenarios_run}.json",

@@ -46,8 +46,9 @@ ADAPTIVE = {
 }
 
 
-def engine_overrides(workdir: Path, max_model_len: int, profile_path: Path) -> list[str]:
-    """The replays' engine: the random MODEL (made once under `workdir`) in float32, its profile at `profile_path`."""
+def engine_overrides(workdir: Path, max_model_len: int, profile_path: Path | None = None) -> list[str]:
+    """The replays' engine: the random MODEL (made once under `workdir`) in float32, its profile at `profile_path`
+    (none: for fixed chunks under FCFS, which read no profile)."""
     model_dir = random_llama(workdir / "llama-trace-2x512", **MODEL)
     return [
         "model=hf",
@@ -57,7 +58,7 @@ def engine_overrides(workdir: Path, max_model_len: int, profile_path: Path) -> l
         "cache.kv_memory_gib=1",
         "scheduler.max_num_batched_tokens=8192",
         "scheduler.max_num_seqs=64",
-        f"scheduler.profile={profile_path}",
+        *([f"scheduler.profile={profile_path}"] if profile_path else []),
         "parallel.timeout_s=3600",
     ]
 

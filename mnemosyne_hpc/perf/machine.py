@@ -45,8 +45,8 @@ def reference(model: PerfModel, args: ModelArgs) -> dict:
     layout = model.report.get("layout", {})
     if any(layout.get(k) != 1 for k in ("tp", "spp", "kvp")):
         raise ValueError(f"a reference profile is taken on one rank (TP 1, SPP 1, KVP 1); this one is {layout}")
-    if model.report.get("dtype") != "bfloat16":
-        dtype = model.report.get("dtype")
+    dtype = model.report.get("dtype")
+    if dtype != "bfloat16":
         raise ValueError(f"a reference profile is taken in bfloat16 (the layout model counts its bytes), not {dtype}")
     attention = model.attention
     return {
