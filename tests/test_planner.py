@@ -159,7 +159,7 @@ def test_this_machines_profile_reproduces_its_single_rank_model_and_adds_each_la
     spp = LayoutCost(hw, args, Layout(1, 2, 1)).perf_model()
     hand_over = Curve(COLLECTIVES["send_recv"]["2"]["bytes"], [ms / 1000 for ms in COLLECTIVES["send_recv"]["2"]["ms"]])
     assert spp.layers == args.num_layers // 2
-    assert spp.terms([SequenceShape(64, 0)], 0)["collectives"] == pytest.approx(
+    assert spp.terms([SequenceShape(64, 0)], 0)["hand_over"] == pytest.approx(
         hand_over(64 * args.hidden_size * 2), rel=1e-9
     )
     # two KVP groups: every layer merges the rows' partial outputs, measured against bytes

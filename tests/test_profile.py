@@ -42,6 +42,11 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     assert model.report["layout"]["kvp"] == ranks and int(printed[2]) == model.report["held_out_steps"] == 24
     assert abs(float(printed[1]) - 100 * model.report["median_abs_error"]) < 0.1
     assert (model.merge is not None) == (ranks > 1)
+    # under KVP some whole steps run sequences whose KV spans both groups (16384 / 2 tokens each), so the
+    # merge's weight is fitted to steps that merge
+    group_tokens = 16384 // ranks
+    spanning = [n for step in model.report["calibration"] for _, n, _ in step["sequences"] if n >= group_tokens]
+    assert bool(spanning) == (ranks > 1) and set(model.weights) >= {"merge", "linear"}
     largest_query = model.attention.queries[-1]
     assert model.attention(largest_query, 12000) > model.attention(largest_query, 0)  # attention grows with context
     assert largest_query == 4096 and json.loads(stored.read_text())["attention"]["contexts"][-1]["x"][-1] > 4096

@@ -30,8 +30,9 @@ from mnemosyne_hpc.engine.executor import Executor
 from mnemosyne_hpc.engine.plan import Chunk, StepPlan
 from mnemosyne_hpc.engine.probes import GREEDY, StepProbes
 from mnemosyne_hpc.engine.runner import ModelRunner
+from mnemosyne_hpc.engine.scheduler import GroupLoad, chunk_shapes
 from mnemosyne_hpc.perf.hardware import hardware_name, profile_path
-from mnemosyne_hpc.perf.model import FITTED_TERMS, AttentionFit, Curve, PerfModel, SequenceShape
+from mnemosyne_hpc.perf.model import FITTED_TERMS, AttentionFit, Curve, PerfModel
 from mnemosyne_hpc.perf.timing import median_time, median_times
 
 
@@ -65,10 +66,14 @@ class Profiler:
         self.cfg, self.runner, self.ctx, self.device = cfg, runner, runner.ctx, runner.ctx.device
         self.probes = StepProbes(runner)
         self.executor = Executor(runner)
-        self.group_tokens = KVPLayout.of(cfg).group_tokens
+        self.layout = KVPLayout.of(cfg)
         self.capacity = runner.num_blocks * cfg.cache.block_size  # slots in this rank's KV pool
         self.max_tokens = min(cfg.scheduler.max_num_batched_tokens, self.capacity // 2)
-        self.max_context = min(self.group_tokens, self.capacity - self.max_tokens)
+        self.max_context = min(self.layout.group_tokens, self.capacity - self.max_tokens)
+        # A whole step's sequence may hold KV in every group, as a long request does, where a group's pool
+        # holds a whole shard: then each group it spans runs it, and every layer merges their outputs.
+        spans = self.max_context == self.layout.group_tokens
+        self.max_sequence_context = self.layout.num_groups * self.max_context - 1 if spans else self.max_context
         self.used_slots = self.max_context + self.max_tokens  # what one sequence's probes read
         self.step_blocks = min(runner.num_blocks, 4 * -(-self.used_slots // cfg.cache.block_size))  # whole steps'
 
@@ -199,37 +204,59 @@ class Profiler:
     def _shapes(self, model: PerfModel, seed: int, count: int, slowest: float) -> list[list[tuple[int, int, bool]]]:
         """Random batches of (query tokens, cached tokens, sampled), each predicted to take at most
         `slowest` seconds: up to 32 decodes and up to two prefill chunks, sizes and contexts log-uniform
-        so that small steps are as common as big ones."""
+        so that small steps are as common as big ones; and, one in four, a long request decoding beside
+        up to three short ones, the steps a long context spends its decode in (and, under KVP, every
+        layer merges). A chunk stops at a KVP group's boundary, as the scheduler's do."""
         rng = random.Random(seed)
 
         def log_uniform(low: int, high: int) -> int:
             return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
 
-        seqs, shapes, attempts = self.cfg.scheduler.max_num_seqs, [], 0
-        while len(shapes) < count:
-            decodes = [(1, log_uniform(1, self.max_context), True) for _ in range(rng.randint(0, min(seqs, 32)))]
-            room = self.max_tokens - len(decodes)
-            chunks = []
+        def mixed() -> list[tuple[int, int, bool]]:
+            seqs = self.cfg.scheduler.max_num_seqs
+            decodes = [
+                (1, log_uniform(1, self.max_sequence_context), True) for _ in range(rng.randint(0, min(seqs, 32)))
+            ]
+            room, chunks = self.max_tokens - len(decodes), []
             for _ in range(rng.randint(0 if decodes else 1, min(2, seqs - len(decodes)))):
                 if room < 1:
                     break
-                q = log_uniform(1, min(room, 2048))
-                # a prompt's last chunk samples, the others do not
-                chunks.append((q, rng.choice([0, log_uniform(1, self.max_context)]), rng.random() < 0.5))
+                n = rng.choice([0, log_uniform(1, self.max_sequence_context)])
+                q = min(log_uniform(1, min(room, 2048)), self.layout.tokens_to_boundary(n))
+                chunks.append((q, n, rng.random() < 0.5))  # a prompt's last chunk samples, the others do not
                 room -= q
-            shape = decodes + chunks
+            return decodes + chunks
+
+        def long_decode() -> list[tuple[int, int, bool]]:
+            others = min(3, self.cfg.scheduler.max_num_seqs - 1)
+            long = (1, log_uniform(self.max_sequence_context // 4, self.max_sequence_context), True)
+            short = min(4096, self.max_context)
+            return [long] + [(1, log_uniform(1, short), True) for _ in range(rng.randint(0, others))]
+
+        shapes, attempts = [], 0
+        while len(shapes) < count:
+            shape = long_decode() if len(shapes) % 4 == 3 else mixed()
             attempts += 1
             if shape and (self._predict(model, shape) <= slowest or attempts > 1000):  # a slow model: take any
                 shapes.append(shape)
         return shapes
 
-    def _groups(self, shape) -> list[tuple[list[SequenceShape], int]]:
-        """Per KVP group: its sequences and sampled rows (sequence i runs on group i mod K)."""
-        mine = [[seq for i, seq in enumerate(shape) if i % self.ctx.kvp_size == g] for g in range(self.ctx.kvp_size)]
-        return [([SequenceShape(q, n) for q, n, _ in seqs], sum(sampled for *_, sampled in seqs)) for seqs in mine]
+    def _first_group(self, index: int, context: int) -> int:
+        """Sequence `index` starts at group index mod K, or as much earlier as its KV needs groups after it."""
+        return min(index % self.layout.num_groups, self.layout.num_groups - 1 - self.layout.shard(context))
+
+    def _groups(self, shape) -> list[GroupLoad]:
+        """What each KVP group runs of this batch, as the scheduler composes it (`chunk_shapes`)."""
+        loads = [GroupLoad(tokens_left=0) for _ in range(self.layout.num_groups)]
+        for i, (q, n, sampled) in enumerate(shape):
+            for g, seq, rows, merged in chunk_shapes(self.layout, self._first_group(i, n), n, q, sampled):
+                loads[g].sequences.append(seq)
+                loads[g].sampled_rows += rows
+                loads[g].merged_rows += merged
+        return [load for load in loads if load.sequences]
 
     def _predict(self, model: PerfModel, shape) -> float:
-        return max(model.batch_time(seqs, sampled) for seqs, sampled in self._groups(shape))
+        return max(model.batch_time(g.sequences, g.sampled_rows, g.merged_rows) for g in self._groups(shape))
 
     def _records(self, model: PerfModel, steps) -> list[dict]:
         return [
@@ -243,17 +270,23 @@ class Profiler:
 
     def _time_step(self, shape) -> float:
         """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps). Each
-        sequence has KV blocks of its own, as in a real step (sequences reading the same blocks would find
-        each other's KV in the CPU's caches), one after another in its group's first `step_blocks`."""
-        kvp, block_size = self.ctx.kvp_size, self.cfg.cache.block_size
-        chunks, tables, next_block = [], {}, [0] * kvp
+        sequence has KV blocks of its own in each group it spans, as in a real step (sequences reading the
+        same blocks would find each other's KV in the CPU's caches), one after another in the group's first
+        `step_blocks`."""
+        layout, block_size = self.layout, self.cfg.cache.block_size
+        chunks, tables, next_block = [], {}, [0] * layout.num_groups
         for i, (q, n, sampled) in enumerate(shape):
-            group, blocks = i % kvp, -(-(n + q) // block_size)
-            chunks.append(Chunk(i, [1] * q, n, range(group, group + 1), sampling=GREEDY if sampled else None))
-            if next_block[group] + blocks > self.step_blocks:  # the blocks run out: start again from the first
-                next_block[group] = 0
-            tables[i] = (group, [list(range(next_block[group], next_block[group] + blocks))])
-            next_block[group] += blocks
+            first = self._first_group(i, n)
+            holders = layout.holders(first, n)
+            chunks.append(Chunk(i, [1] * q, n, holders, sampling=GREEDY if sampled else None))
+            group_tables = []
+            for g in holders:
+                blocks = -(-(layout.cached_tokens(first, n, g) + q * (g == holders[-1])) // block_size)
+                if next_block[g] + blocks > self.step_blocks:  # the blocks run out: start again from the first
+                    next_block[g] = 0
+                group_tables.append(list(range(next_block[g], next_block[g] + blocks)))
+                next_block[g] += blocks
+            tables[i] = (first, group_tables)
         stages = self.ctx.num_stages
         ticks = []
         for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
@@ -267,17 +300,19 @@ class Profiler:
         return statistics.median(ticks[stages : stages + self.reps])
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
-        """Whole step ≈ overhead + per_sequence × sequences + collectives + Σ weight × measured term, by
+        """Whole step ≈ overhead + per_sequence × sequences + hand-over + Σ weight × measured term, by
         non-negative least squares on the relative error (short steps count as much as long ones). The
         probes run their kernels as a step does (their own KV, layers in turn), so each weight is pulled
         towards 1 (`WEIGHT_PRIOR`): a weight moves as far as the steps demand, not as far as the noise of
         a shared machine takes it (weights fitted freely went from 0.7 to 1.3 between two profiles)."""
         features, targets = [], []
         for shape, seconds in steps:
-            seqs, sampled = max(self._groups(shape), key=lambda group: model.batch_time(*group))
-            terms = model.terms(seqs, sampled)
-            features.append([1.0, len(seqs)] + [terms[name] for name in FITTED_TERMS])
-            targets.append((seconds - terms["collectives"]) / seconds)
+            slowest = max(
+                self._groups(shape), key=lambda g: model.batch_time(g.sequences, g.sampled_rows, g.merged_rows)
+            )
+            terms = model.terms(slowest.sequences, slowest.sampled_rows, slowest.merged_rows)
+            features.append([1.0, len(slowest.sequences)] + [terms[name] for name in FITTED_TERMS])
+            targets.append((seconds - terms["hand_over"]) / seconds)
         features = np.array(features) / np.array([seconds for _, seconds in steps])[:, None]
         prior = np.hstack([np.zeros((len(FITTED_TERMS), 2)), np.eye(len(FITTED_TERMS))]) * WEIGHT_PRIOR
         features = np.vstack([features, prior])

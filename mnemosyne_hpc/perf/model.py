@@ -4,14 +4,14 @@ A KVP group's micro-batch on one pipeline stage costs
 
     overhead + per_sequence · S + w_linear · layers · linear(T)
       + layers · (w_decode · attention(1, Σ_{q_i = 1} n_i) + w_prefill · Σ_{q_i > 1} attention(q_i, n_i))
-      + w_lm_head · lm_head(R) + layers · merge(M) + hand_over(T)
+      + w_lm_head · lm_head(R) + w_merge · layers · merge(M) + hand_over(T)
 
 for T tokens in S sequences, sequence i running q_i query tokens over n_i cached tokens, M rows merged
 over KVP groups and R sampled rows (a step's decodes are one kernel call over all their keys; each
 prefill chunk is a call of its own). Every curve is measured on the real kernels by `calibrate.py`
 (`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the
-weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data) are
-fitted to whole engine steps.
+weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data; a
+merge inside a step waits for the slowest group) are fitted to whole engine steps.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class AttentionFit:
         return (1 - share) * curves[i - 1](n) + share * curves[i](n)
 
 
-FITTED_TERMS = ("linear", "decode_attention", "prefill_attention", "lm_head")
+FITTED_TERMS = ("linear", "decode_attention", "prefill_attention", "lm_head", "merge")
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,12 @@ class PerfModel:
     weights: dict = field(default_factory=lambda: dict.fromkeys(FITTED_TERMS, 1.0))  # kernel time in a step / alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
 
+    def __post_init__(self):
+        self.weights = {**dict.fromkeys(FITTED_TERMS, 1.0), **self.weights}  # a term never fitted (older profiles): 1
+
     def terms(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> dict[str, float]:
         """Seconds of each measured term, before the fitted weights."""
         tokens = sum(s.query_tokens for s in sequences)
-        collectives = self.hand_over(tokens) if self.hand_over is not None else 0.0
-        if merged_rows and self.merge is not None:
-            collectives += self.layers * self.merge(merged_rows)
         decoded = [s.cached_tokens for s in sequences if s.query_tokens == 1]  # memory-bound
         prefill = sum(self.attention(s.query_tokens, s.cached_tokens) for s in sequences if s.query_tokens > 1)
         return {
@@ -105,7 +105,8 @@ class PerfModel:
             "decode_attention": self.layers * self.attention(1, sum(decoded)) if decoded else 0.0,
             "prefill_attention": self.layers * prefill,
             "lm_head": self.lm_head(sampled_rows) if sampled_rows else 0.0,
-            "collectives": collectives,
+            "merge": self.layers * self.merge(merged_rows) if merged_rows and self.merge is not None else 0.0,
+            "hand_over": self.hand_over(tokens) if self.hand_over is not None else 0.0,
         }
 
     def batch_time(self, sequences: list[SequenceShape], sampled_rows: int, merged_rows: int = 0) -> float:
@@ -116,7 +117,7 @@ class PerfModel:
         return (
             self.overhead_s
             + self.per_sequence_s * len(sequences)
-            + terms["collectives"]
+            + terms["hand_over"]
             + sum(self.weights[name] * terms[name] for name in FITTED_TERMS)
         )
 
