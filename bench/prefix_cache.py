@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import ROOT, llama, long_prompt_overrides, random_llama, random_prompt, run_in_process, write_results
+from common import (
+    ROOT,
+    llama,
+    long_prompt_overrides,
+    mpirun,
+    random_llama,
+    random_prompt,
+    run_checked,
+    run_in_process,
+    write_results,
+)
 
 MODEL = llama(2, 256, 512, 4, 4, 64, vocab=1024, positions=1 << 20, rope_theta=1e7)
 
@@ -55,20 +63,7 @@ def run(ranks: int, spec: dict, workdir: Path) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "spec.json", workdir / "result.json"
     spec_path.write_text(json.dumps(spec))
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    command = [
-        mpirun,
-        "-bind-to",
-        "core",
-        "-n",
-        str(ranks),
-        sys.executable,
-        __file__,
-        "--worker",
-        str(spec_path),
-        str(result_path),
-    ]
-    subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    run_checked([*mpirun(ranks, bind=True), __file__, "--worker", str(spec_path), str(result_path)], threads=1)
     return json.loads(result_path.read_text())
 
 
@@ -100,7 +95,7 @@ def chat_turns(model_dir: Path, caching: bool, history_tokens: int, turns: int, 
     address = workdir / f"address-{caching}"
     address.unlink(missing_ok=True)
     overrides = long_prompt_overrides(model_dir, 2 * history_tokens, 4096, 3600, prefix_caching=str(caching).lower())
-    command = [str(Path(sys.executable).parent / "mpirun"), "-n", "1", sys.executable, "-m", "mnemosyne_hpc.serve"]
+    command = [*mpirun(1, bind=False), "-m", "mnemosyne_hpc.serve"]
     server = subprocess.Popen([*command, *overrides, "server.port=0", f"server.address_file={address}"], cwd=ROOT)
     try:
         while not (address.exists() and address.read_text().strip()):

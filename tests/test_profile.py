@@ -41,7 +41,7 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     model = PerfModel.load(stored)
     assert model.report["layout"]["kvp"] == ranks and int(printed[2]) == model.report["held_out_steps"] == 24
     assert abs(float(printed[1]) - 100 * model.report["median_abs_error"]) < 0.1
-    assert (model.merge is not None) == (ranks > 1)
+    assert (model.merge is not None) == (ranks > 1) and isinstance(model.report["implausible_weights"], dict)
     # under KVP some whole steps run sequences whose KV spans both groups (16384 / 2 tokens each), so the
     # merge's weight is fitted to steps that merge
     group_tokens = 16384 // ranks
@@ -66,3 +66,21 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     assert chunks[0] >= 4 * chunks[-1], f"chunks did not shrink: {chunks}"
     late, early = chunks[len(chunks) // 2 :], chunks[: len(chunks) // 2]
     assert max(late) <= min(early), f"chunks did not shrink: {chunks}"
+
+
+def test_weights_beyond_the_plausible_are_flagged():
+    """A profile whose kernels were timed in a slow spell fits weights far from 1 to its whole steps: those
+    are named (and the profile taken again); weights within the plausible range, or never fitted, are not."""
+    from mnemosyne_hpc.perf.calibrate import implausible_weights
+    from mnemosyne_hpc.perf.model import AttentionFit, Curve
+
+    def model(**weights):
+        line = Curve([0.0, 1.0], [0.0, 1.0])
+        return PerfModel("m", 2, 1, line, AttentionFit([1.0], [line]), line, weights=weights)
+
+    assert implausible_weights(model(linear=0.7, decode_attention=1.3)) == {}
+    assert implausible_weights(model(linear=0.0, decode_attention=0.316, lm_head=2.5)) == {
+        "linear": 0.0,
+        "decode_attention": 0.316,
+        "lm_head": 2.5,
+    }
