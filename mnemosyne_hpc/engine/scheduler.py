@@ -61,6 +61,14 @@ class GroupLoad:
     merged_rows: int = 0
     has_prefill: bool = False
 
+    def add(self, shape: SequenceShape, sampled: int, merged: int) -> None:
+        self.sequences.append(shape)
+        self.sampled_rows += sampled
+        self.merged_rows += merged
+
+    def time(self, perf_model: PerfModel) -> float:
+        return perf_model.batch_time(self.sequences, self.sampled_rows, self.merged_rows)
+
     def time_with(self, perf_model: PerfModel, shape: SequenceShape, sampled: int, merged: int) -> float:
         return perf_model.batch_time(self.sequences + [shape], self.sampled_rows + sampled, self.merged_rows + merged)
 
@@ -225,9 +233,7 @@ class Scheduler:
         for g, shape, sampled, merged in self._shapes(request, size):
             load = loads[g]
             load.tokens_left -= size
-            load.sequences.append(shape)
-            load.sampled_rows += sampled
-            load.merged_rows += merged
+            load.add(shape, sampled, merged)
             load.has_prefill |= request.in_prefill
         groups = self._groups(request)
         start = request.num_scheduled

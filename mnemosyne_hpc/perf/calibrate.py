@@ -275,13 +275,11 @@ class Profiler:
         loads = [GroupLoad(tokens_left=0) for _ in range(self.layout.num_groups)]
         for i, (q, n, sampled) in enumerate(shape):
             for g, seq, rows, merged in chunk_shapes(self.layout, self._first_group(i, n), n, q, sampled):
-                loads[g].sequences.append(seq)
-                loads[g].sampled_rows += rows
-                loads[g].merged_rows += merged
+                loads[g].add(seq, rows, merged)
         return [load for load in loads if load.sequences]
 
     def _predict(self, model: PerfModel, shape) -> float:
-        return max(model.batch_time(g.sequences, g.sampled_rows, g.merged_rows) for g in self._groups(shape))
+        return max(load.time(model) for load in self._groups(shape))
 
     def _records(self, model: PerfModel, steps) -> list[dict]:
         return [
@@ -332,9 +330,7 @@ class Profiler:
         a shared machine takes it (weights fitted freely went from 0.7 to 1.3 between two profiles)."""
         features, targets = [], []
         for shape, seconds in steps:
-            slowest = max(
-                self._groups(shape), key=lambda g: model.batch_time(g.sequences, g.sampled_rows, g.merged_rows)
-            )
+            slowest = max(self._groups(shape), key=lambda load: load.time(model))
             terms = model.terms(slowest.sequences, slowest.sampled_rows, slowest.merged_rows)
             features.append([1.0, len(slowest.sequences)] + [terms[name] for name in FITTED_TERMS])
             targets.append((seconds - terms["hand_over"]) / seconds)

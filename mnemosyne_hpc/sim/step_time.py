@@ -45,17 +45,8 @@ class PipelineTicks:
             for g, shape, sampled, merged in chunk_shapes(
                 self.layout, c.first_group, c.start_pos, len(c.token_ids), c.sampling is not None
             ):
-                load = loads.setdefault(g, GroupLoad(tokens_left=0))
-                load.sequences.append(shape)
-                load.sampled_rows += sampled if samples else 0
-                load.merged_rows += merged
-        return max(
-            (
-                self.perf_model.batch_time(load.sequences, load.sampled_rows, load.merged_rows)
-                for load in loads.values()
-            ),
-            default=0.0,
-        )
+                loads.setdefault(g, GroupLoad(tokens_left=0)).add(shape, sampled if samples else 0, merged)
+        return max((load.time(self.perf_model) for load in loads.values()), default=0.0)
 
 
 class RecordedSteps:
