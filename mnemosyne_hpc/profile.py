@@ -20,7 +20,8 @@ def report(model: PerfModel) -> None:
     r = model.report
     print(
         f"profile {model.key}: {r['hardware']}, {r['dtype']}, layout {r['layout']}; held-out median "
-        f"|error| {r['median_abs_error']:.1%} (p90 {r['p90_abs_error']:.1%}) over {r['held_out_steps']} shapes"
+        f"|error| {r['median_abs_error']:.1%} (p90 {r['p90_abs_error']:.1%}) over {r['held_out_steps']} shapes; "
+        f"a step after {model.wake_after_s:g} s idle takes {model.wake:.2f}× as long"
     )
 
 

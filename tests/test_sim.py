@@ -3,6 +3,7 @@ with that run's measured step times, gets the same chunks, in the same order, at
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -89,3 +90,22 @@ def test_replay_of_a_real_run_makes_the_same_decisions(layout, tmp_path):
         assert all(r["finish_reason"] == "length" for r in result.records)
         if policy["chunking"] == "adaptive":  # the test is only as strong as the decisions it compares
             assert len(set(prefills[0])) > 2, prefills
+
+
+def test_a_step_after_an_idle_spell_takes_the_wake_factor(tmp_path):
+    """Each request arrives at an idle engine: its prefill step runs `wake` times as long where the idle
+    spell reached `wake_after_s`, and its decodes, back to back, as long as ever."""
+    model_dir = make_tiny_model("llama", tmp_path / "llama")
+    cfg, args = compose(tiny_overrides(model_dir)), ModelArgs.from_dir(model_dir)
+    arrivals = [Arrival(0.0, 40, 6), Arrival(10.0, 40, 6)]  # the first is long done when the second arrives
+
+    def records(**wake) -> list[dict]:
+        return Simulator(cfg, args, dataclasses.replace(STEEP, **wake)).run(arrivals).records
+
+    awake, woken = records(), records(wake=2.0)
+    late = records(wake=2.0, wake_after_s=20.0)  # only the first step, after an unbounded idle spell
+    assert all(r["ttft_s"] > 0 and len(r["tbt_s"]) == 5 for r in awake)
+    assert [r["ttft_s"] for r in woken] == pytest.approx([2 * r["ttft_s"] for r in awake])
+    assert late[0]["ttft_s"] == pytest.approx(2 * awake[0]["ttft_s"])
+    assert late[1]["ttft_s"] == pytest.approx(awake[1]["ttft_s"])
+    assert [t for r in woken for t in r["tbt_s"]] == pytest.approx([t for r in awake for t in r["tbt_s"]])

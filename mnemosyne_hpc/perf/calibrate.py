@@ -7,7 +7,8 @@
    sample of each median.
 2. Rank 0 fits the terms of `PerfModel` and then times whole engine steps (plan broadcast and
    every rank executing it) on random batch shapes: one set fits the per-step overhead, a
-   held-out set measures the prediction error, which is printed and stored with the profile.
+   held-out set measures the prediction error, which is printed and stored with the profile. A few
+   shapes are timed again, back to back and after the engine sat idle: their ratio is `wake`.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ class Profiler:
             (shape, self._time_step(shape))
             for shape in tqdm(calibration + held_out, desc="whole steps", file=sys.stderr, leave=False)
         ]
+        wake_steps = self._wake_steps(model, calibration[: 4 if quick else 8])
         self.executor.shutdown()
         self._fit_overhead(model, steps[: len(calibration)])
+        model.wake = statistics.median(after / back for back, after in wake_steps)
         errors = [abs(self._predict(model, shape) - seconds) / seconds for shape, seconds in steps[len(calibration) :]]
         model.report = {
             "hardware": hardware_name(self.device),
@@ -137,6 +140,7 @@ class Profiler:
             # every whole step timed, so that the fit can be examined and redone without the hardware
             "calibration": self._records(model, steps[: len(calibration)]),
             "held_out": self._records(model, steps[len(calibration) :]),
+            "wake_steps": [{"back_to_back_s": back, "after_idle_s": after} for back, after in wake_steps],
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
         print(
@@ -291,8 +295,18 @@ class Profiler:
             for shape, seconds in steps
         ]
 
-    def _time_step(self, shape) -> float:
-        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps). Each
+    def _wake_steps(self, model: PerfModel, shapes) -> list[tuple[float, float]]:
+        """Each shape's tick back to back and after the engine sat idle for `model.wake_after_s`, one
+        right after the other (the machine's speed drifts)."""
+        idle = model.wake_after_s
+        return [
+            (self._time_step(shape), self._time_step(shape, idle))
+            for shape in tqdm(shapes, desc="steps after idle", file=sys.stderr, leave=False)
+        ]
+
+    def _time_step(self, shape, idle_s: float = 0.0) -> float:
+        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps), each
+        measured tick `idle_s` after the one before it. Each
         sequence has KV blocks of its own in each group it spans, as in a real step (sequences reading the
         same blocks would find each other's KV in the CPU's caches), one after another in the group's first
         `step_blocks`."""
@@ -317,6 +331,8 @@ class Profiler:
                 stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else [] for s in range(stages)],
                 block_tables=tables if tick == 0 else {},
             )
+            if idle_s and stages <= tick < stages + self.reps:
+                time.sleep(idle_s)
             start = time.perf_counter()
             self.executor.run(plan)
             ticks.append(time.perf_counter() - start)

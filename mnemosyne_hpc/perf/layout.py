@@ -18,8 +18,8 @@ simulator use, for one pipeline stage of one KVP group:
   or across nodes);
 - SPP hand-over: a stage's hidden states to the next stage (point-to-point);
 - LM head: measured with sampling where the profile has it, else the layer curve scaled to the head's weights;
-- per step: the overhead, cost per sequence and kernel weights fitted to whole steps where the profile
-  has them, else its stated overhead.
+- per step: the overhead, cost per sequence, kernel weights and wake after idle fitted to whole steps
+  where the profile has them, else its stated overhead.
 """
 
 from __future__ import annotations
@@ -232,13 +232,20 @@ class LayoutCost:
         p2p = self._p2p(layout.tp * layout.kvp > self.hw["gpus_per_node"])  # TP innermost, then KVP
         return (layout.kvp - 1) * p2p(rows * row)
 
-    def _step(self) -> tuple[float, float, dict | None]:
-        """Seconds of a step's fixed overhead and per sequence, and the kernels' fitted weights: fitted to
-        whole steps where the profile has them, else its stated overhead."""
-        if self._measured("step"):
-            step = self._table("step")
-            return step["overhead_ms"] / 1000, step["per_sequence_ms"] / 1000, step["weights"]
-        return self.hw["step_overhead_ms"] / 1000, 0.0, None
+    def _step(self) -> dict:
+        """The performance model's per-step terms: overhead, cost per sequence, the kernels' weights and
+        the wake after idle as fitted to whole steps where the profile has them, else its stated overhead."""
+        if not self._measured("step"):
+            return {"overhead_s": self.hw["step_overhead_ms"] / 1000}
+        step = self._table("step")
+        terms = {
+            "overhead_s": step["overhead_ms"] / 1000,
+            "per_sequence_s": step["per_sequence_ms"] / 1000,
+            "weights": dict(step["weights"]),
+        }
+        if "wake" in step:
+            terms |= {"wake": step["wake"], "wake_after_s": step["wake_after_ms"] / 1000}
+        return terms
 
     def perf_model(self) -> PerfModel:
         layout, args, per_node = self.layout, self.args, self.hw["gpus_per_node"]
@@ -248,7 +255,6 @@ class LayoutCost:
         if layout.spp > 1:  # the next stage is tp × kvp ranks away
             p2p = self._p2p(layout.tp * layout.kvp >= per_node)
             hand_over = Curve(POWERS_OF_TWO, [p2p(t * args.hidden_size * BF16) for t in POWERS_OF_TWO])
-        overhead_s, per_sequence_s, weights = self._step()
         return PerfModel(
             key=f"{self.hw['name']}: {layout}",
             layers=self.stage_layers,
@@ -258,7 +264,5 @@ class LayoutCost:
             lm_head=Curve(POWERS_OF_TWO, [self.lm_head_s(r) for r in POWERS_OF_TWO]),
             merge=merge,
             hand_over=hand_over,
-            overhead_s=overhead_s,
-            per_sequence_s=per_sequence_s,
-            **({"weights": dict(weights)} if weights else {}),
+            **self._step(),
         )

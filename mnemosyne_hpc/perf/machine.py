@@ -7,8 +7,8 @@ mnemosyne_hpc.profile`, one per reference model) and the collectives between ran
 
 Per reference model (under its model directory's name): one layer's linear part against tokens, its
 attention against query tokens × cached tokens, the LM head with sampling against rows, and the step's
-overhead, per-sequence cost and kernel weights fitted to whole steps; all at TP 1, the layout the
-profile was taken at. Between ranks: the SPP hand-over (send/receive) and the KVP merge, against bytes.
+overhead, per-sequence cost, kernel weights and wake after idle fitted to whole steps; all at TP 1, the
+layout the profile was taken at. Between ranks: the SPP hand-over (send/receive) and the KVP merge, against bytes.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def reference(model: PerfModel, args: ModelArgs) -> dict:
             "overhead_ms": 1000 * model.overhead_s,
             "per_sequence_ms": 1000 * model.per_sequence_s,
             "weights": model.weights,
+            "wake": model.wake,
+            "wake_after_ms": 1000 * model.wake_after_s,
         },
         "source": f"python -m mnemosyne_hpc.profile, profile {model.key} taken {model.report.get('date')}, "
         f"held-out median |error| {model.report.get('median_abs_error', float('nan')):.1%}",

@@ -12,6 +12,10 @@ prefill chunk is a call of its own). Every curve is measured on the real kernels
 (`python -m mnemosyne_hpc.profile`, or at start-up when no profile is stored); the overheads and the
 weights w (a kernel runs faster or slower inside a whole step than alone, as caches hold other data; a
 merge inside a step waits for the slowest group) are fitted to whole engine steps.
+
+A step that starts after the engine sat idle for `wake_after_s` or longer takes `wake` times as long
+(processors sleep, clocks drop and caches go cold while nothing runs), measured on whole steps timed
+after a pause of that length and back to back.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class PerfModel:
     hand_over: Curve | None = None  # SPP send/receive of hidden states, against tokens
     overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
     per_sequence_s: float = 0.0
+    wake: float = 1.0  # a step after an idle spell of wake_after_s or longer over the same step back to back
+    wake_after_s: float = 0.1
     weights: dict = field(default_factory=lambda: dict.fromkeys(FITTED_TERMS, 1.0))  # kernel time in a step / alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
 
@@ -134,6 +140,10 @@ class PerfModel:
             sums.append(sums[-1] + self.batch_time([SequenceShape(chunk, (len(sums) - 1) * chunk)], 0))
         ticks = sums[whole] + self.batch_time([SequenceShape(tokens - whole * chunk, whole * chunk)], 0)
         return ticks + (self.stages - 1) * self.batch_time([SequenceShape(min(chunk, tokens), 0)], 0)
+
+    def after_idle(self, seconds: float, idle_s: float) -> float:
+        """A step's `seconds` when it starts `idle_s` after the one before it ended."""
+        return self.wake * seconds if idle_s >= self.wake_after_s else seconds
 
     def __hash__(self) -> int:  # for lru_cache: one model object, one cache
         return id(self)

@@ -5,6 +5,7 @@ priorities, preemption, the pipeline's in-flight micro-batches, `num_computed`) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,15 +33,18 @@ class VirtualRunner:
 
 
 class SimulatedExecutor:
-    """`run(plan)` takes `step_time(plan)` seconds of the virtual clock. Every sampled token is `token`,
-    which is neither an end-of-sequence nor a stop token, so requests end by their length, as in a
-    benchmark run with `ignore_eos`."""
+    """`run(plan)` takes `step_time(plan, idle_s)` seconds of the virtual clock, `idle_s` the time since the
+    last step ended (unbounded before the first). Every sampled token is `token`, which is neither an
+    end-of-sequence nor a stop token, so requests end by their length, as in a benchmark run with
+    `ignore_eos`."""
 
-    def __init__(self, clock: VirtualClock, step_time: Callable[[StepPlan], float], token: int):
+    def __init__(self, clock: VirtualClock, step_time: Callable[[StepPlan, float], float], token: int):
         self.clock, self.step_time, self.token = clock, step_time, token
+        self.last_end = -math.inf
 
     def run(self, plan: StepPlan) -> dict[int, Sampled]:
-        self.clock.advance(self.step_time(plan))
+        self.clock.advance(self.step_time(plan, self.clock.now - self.last_end))
+        self.last_end = self.clock.now
         return {c.request_id: Sampled(self.token) for c in plan.sampled}
 
     def keep_alive(self) -> None:

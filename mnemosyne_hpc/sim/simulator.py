@@ -54,7 +54,7 @@ class Simulator:
         args: ModelArgs,
         perf_model: PerfModel | None,
         num_blocks: int | None = None,
-        step_time: Callable[[StepPlan], float] | None = None,
+        step_time: Callable[[StepPlan, float], float] | None = None,
         start: float = 0.0,
     ):
         # A stream gives prompt lengths, not their tokens: every simulated prompt is the same token

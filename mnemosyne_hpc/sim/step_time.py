@@ -5,7 +5,8 @@ its micro-batch at the same time, so the tick lasts as long as the slowest stage
 KVP group runs the chunks that read its KV shard at the same time as the others, so a stage lasts as
 long as its slowest group. The per-group time, TP collectives and KVP merge included, is the
 performance model's `batch_time` of that group's part of the micro-batch, composed by the same
-`chunk_shapes` the scheduler predicts with. `RecordedSteps` replays a real run's measured durations.
+`chunk_shapes` the scheduler predicts with, and a tick that starts after the engine sat idle takes the
+model's `wake` times as long. `RecordedSteps` replays a real run's measured durations.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ class PipelineTicks:
         self.perf_model, self.layout = perf_model, layout
         self._times: dict[tuple[int, bool], tuple[MicroBatch, float]] = {}  # the last tick's stages, by identity
 
-    def __call__(self, plan: StepPlan) -> float:
-        """A micro-batch moves one stage on per tick, the same list object: its time is computed once for
-        the stages before the last (which alone samples), not once per stage."""
+    def __call__(self, plan: StepPlan, idle_s: float = 0.0) -> float:
+        """The tick of `plan`, `idle_s` after the one before it ended. A micro-batch moves one stage on per
+        tick, the same list object: its time is computed once for the stages before the last (which alone
+        samples), not once per stage."""
         last, times = len(plan.stages) - 1, {}
         for s, batch in enumerate(plan.stages):
             key = (id(batch), s == last)
@@ -36,7 +38,7 @@ class PipelineTicks:
                 known = batch, self.stage_time(batch, s == last)
             times[key] = known
         self._times = times
-        return max(t for _, t in times.values()) or EMPTY_TICK_S
+        return self.perf_model.after_idle(max(t for _, t in times.values()) or EMPTY_TICK_S, idle_s)
 
     def stage_time(self, batch: MicroBatch, samples: bool) -> float:
         """Seconds a stage needs for `batch`: its slowest KVP group. Only the last stage samples."""
@@ -57,7 +59,7 @@ class RecordedSteps:
     def __init__(self, durations: list[float]):
         self._durations = iter(durations)
 
-    def __call__(self, plan: StepPlan) -> float:
+    def __call__(self, plan: StepPlan, idle_s: float = 0.0) -> float:
         try:
             return next(self._durations)
         except StopIteration:
