@@ -3,7 +3,7 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 40 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 50 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
@@ -16,7 +16,7 @@ times in turn (every scenario's profile, then its runs; then all again): each ru
 profile taken just before it, and the spread between repeats is each figure's noise floor.
 
 Writes bench/results/sim_fidelity.json: every figure measured and simulated in each repeat, its error
-(mean simulated / mean measured − 1), and the median and largest |error|.
+(mean simulated / mean measured − 1), the median and largest |error|, and every profile's fitted terms.
 """
 
 from __future__ import annotations
@@ -91,6 +91,21 @@ def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
     return Simulator(cfg, args, perf_model, num_blocks=blocks).run(arrivals).records
+
+
+def fitted_terms(fidelity: Path) -> dict:
+    """Every profile the runs were simulated with: its fitted terms and held-out error, by repeat and run."""
+    profiles = {}
+    for path in sorted(fidelity.glob("repeat*/*.profile.json")):
+        model = PerfModel.load(path)
+        profiles[f"{path.parent.name}/{path.name.removesuffix('.profile.json')}"] = {
+            "overhead_ms": 1e3 * model.overhead_s,
+            "per_sequence_ms": 1e3 * model.per_sequence_s,
+            "weights": model.weights,
+            "wake": model.wake,
+            "held_out_median_abs_error": model.report["median_abs_error"],
+        }
+    return profiles
 
 
 def compare(repeats: list[dict]) -> dict:
@@ -245,7 +260,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=2,
+        default=3,
         help="profiles and runs taken this many times in turn: their spread is each figure's noise floor",
     )
     parser.add_argument(
@@ -298,6 +313,7 @@ def main() -> None:
             "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
             **summary,
             "figures": figures,
+            "profiles": fitted_terms(fidelity),
         },
     )
 
