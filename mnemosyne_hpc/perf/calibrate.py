@@ -8,7 +8,7 @@
 2. Rank 0 fits the terms of `PerfModel` and then times whole engine steps (plan broadcast and
    every rank executing it) on random batch shapes: one set fits the per-step overhead, a
    held-out set measures the prediction error, which is printed and stored with the profile. A few
-   shapes are timed again, back to back and after the engine sat idle: their ratio is `wake`.
+   shapes run again in turn, back to back and each after a pause (the engine idle): the ratio is `wake`.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Profiler:
             (shape, self._time_step(shape))
             for shape in tqdm(calibration + held_out, desc="whole steps", file=sys.stderr, leave=False)
         ]
-        wake_steps = self._wake_steps(model, calibration[: 4 if quick else 8])
+        wake_steps = self._wake_ticks(model, calibration[: 4 if quick else 8])
         self.executor.shutdown()
         self._fit_overhead(model, steps[: len(calibration)])
         model.wake = statistics.median(after / back for back, after in wake_steps)
@@ -295,35 +295,32 @@ class Profiler:
             for shape, seconds in steps
         ]
 
-    def _wake_steps(self, model: PerfModel, shapes) -> list[tuple[float, float]]:
-        """Each shape's tick back to back and after the engine sat idle for `model.wake_after_s`, one
-        right after the other (the machine's speed drifts)."""
-        idle = model.wake_after_s
-        return [
-            (self._time_step(shape), self._time_step(shape, idle))
-            for shape in tqdm(shapes, desc="steps after idle", file=sys.stderr, leave=False)
-        ]
-
-    def _time_step(self, shape, idle_s: float = 0.0) -> float:
-        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps), each
-        measured tick `idle_s` after the one before it. Each
+    def _micro_batches(self, shapes) -> tuple[list[list[Chunk]], dict]:
+        """Each shape as a micro-batch, and the block tables of all of them (request ids apart). Each
         sequence has KV blocks of its own in each group it spans, as in a real step (sequences reading the
         same blocks would find each other's KV in the CPU's caches), one after another in the group's first
         `step_blocks`."""
         layout, block_size = self.layout, self.cfg.cache.block_size
-        chunks, tables, next_block = [], {}, [0] * layout.num_groups
-        for i, (q, n, sampled) in enumerate(shape):
-            first = self._first_group(i, n)
-            holders = layout.holders(first, n)
-            chunks.append(Chunk(i, [1] * q, n, holders, sampling=GREEDY if sampled else None))
-            group_tables = []
-            for g in holders:
-                blocks = -(-(layout.cached_tokens(first, n, g) + q * (g == holders[-1])) // block_size)
-                if next_block[g] + blocks > self.step_blocks:  # the blocks run out: start again from the first
-                    next_block[g] = 0
-                group_tables.append(list(range(next_block[g], next_block[g] + blocks)))
-                next_block[g] += blocks
-            tables[i] = (first, group_tables)
+        batches, tables, next_block = [], {}, [0] * layout.num_groups
+        for shape in shapes:
+            batches.append([])
+            for q, n, sampled in shape:
+                i, first = len(tables), self._first_group(len(batches[-1]), n)
+                holders = layout.holders(first, n)
+                batches[-1].append(Chunk(i, [1] * q, n, holders, sampling=GREEDY if sampled else None))
+                group_tables = []
+                for g in holders:
+                    blocks = -(-(layout.cached_tokens(first, n, g) + q * (g == holders[-1])) // block_size)
+                    if next_block[g] + blocks > self.step_blocks:  # the blocks run out: start again from the first
+                        next_block[g] = 0
+                    group_tables.append(list(range(next_block[g], next_block[g] + blocks)))
+                    next_block[g] += blocks
+                tables[i] = (first, group_tables)
+        return batches, tables
+
+    def _time_step(self, shape) -> float:
+        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
+        (chunks,), tables = self._micro_batches([shape])
         stages = self.ctx.num_stages
         ticks = []
         for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
@@ -331,12 +328,36 @@ class Profiler:
                 stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else [] for s in range(stages)],
                 block_tables=tables if tick == 0 else {},
             )
-            if idle_s and stages <= tick < stages + self.reps:
-                time.sleep(idle_s)
             start = time.perf_counter()
             self.executor.run(plan)
             ticks.append(time.perf_counter() - start)
         return statistics.median(ticks[stages : stages + self.reps])
+
+    def _wake_ticks(self, model: PerfModel, shapes) -> list[tuple[float, float]]:
+        """These micro-batches through the pipeline in turn, a different one entering each tick as in
+        serving, in passes over all of them: back to back, then each tick after a pause of
+        `model.wake_after_s` (the engine idle), reps times. Per micro-batch entering, the median tick of
+        each kind: [(back to back, after the pause)]."""
+        batches, tables = self._micro_batches(shapes)
+        stages, count = self.ctx.num_stages, len(batches)
+        empty = [[] for _ in range(stages)]
+        self.executor.run(StepPlan(stages=empty, block_tables=tables))
+        fill, passes = stages - 1, 2 * self.reps
+        end = fill + passes * count  # ticks that take a micro-batch in
+        entering = lambda tick: batches[tick % count] if 0 <= tick < end else []  # noqa: E731
+        ticks = {(paused, i): [] for paused in (False, True) for i in range(count)}
+        for tick in tqdm(range(end + fill), desc="ticks after idle", file=sys.stderr, leave=False):
+            measured = fill <= tick < end
+            paused = measured and (tick - fill) // count % 2 == 1
+            if paused:
+                time.sleep(model.wake_after_s)
+            start = time.perf_counter()
+            self.executor.run(StepPlan(stages=[entering(tick - s) for s in range(stages)]))
+            if measured:
+                ticks[paused, tick % count].append(time.perf_counter() - start)
+        self.executor.run(StepPlan(stages=empty, released=list(tables)))
+        median = statistics.median
+        return [(median(ticks[False, i]), median(ticks[True, i])) for i in range(count)]
 
     def _fit_overhead(self, model: PerfModel, steps) -> None:
         """Whole step ≈ overhead + per_sequence × sequences + hand-over + Σ weight × measured term, by

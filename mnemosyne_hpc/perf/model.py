@@ -14,8 +14,8 @@ weights w (a kernel runs faster or slower inside a whole step than alone, as cac
 merge inside a step waits for the slowest group) are fitted to whole engine steps.
 
 A step that starts after the engine sat idle for `wake_after_s` or longer takes `wake` times as long
-(processors sleep, clocks drop and caches go cold while nothing runs), measured on whole steps timed
-after a pause of that length and back to back.
+(processors sleep, clocks drop and caches go cold while nothing runs), measured on whole steps run in
+turn, back to back and each after a pause of that length.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class PerfModel:
     overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
     per_sequence_s: float = 0.0
     wake: float = 1.0  # a step after an idle spell of wake_after_s or longer over the same step back to back
-    wake_after_s: float = 0.1
+    wake_after_s: float = 0.5
     weights: dict = field(default_factory=lambda: dict.fromkeys(FITTED_TERMS, 1.0))  # kernel time in a step / alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
 
