@@ -93,7 +93,7 @@ class PerfModel:
     hand_over: Curve | None = None  # SPP send/receive of hidden states, against tokens
     overhead_s: float = 0.0  # per step: plan broadcast, metadata, embedding, Python
     per_sequence_s: float = 0.0
-    wake: float = 1.0  # a step after an idle spell of wake_after_s or longer over the same step back to back
+    wake: float = 1.0  # a step after an idle spell of wake_after_s or longer over one back to back
     wake_after_s: float = 0.5
     weights: dict = field(default_factory=lambda: dict.fromkeys(FITTED_TERMS, 1.0))  # kernel time in a step / alone
     report: dict = field(default_factory=dict)  # how the profile was taken and its held-out error
