@@ -318,20 +318,38 @@ class Profiler:
                 tables[i] = (first, group_tables)
         return batches, tables
 
-    def _time_step(self, shape) -> float:
-        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps)."""
-        (chunks,), tables = self._micro_batches([shape])
-        stages = self.ctx.num_stages
-        ticks = []
-        for tick in range(2 * (stages - 1) + self.reps + 1):  # fill, measure, drain
+    def _ticks(self, batches: list[list[Chunk]], tables: dict, pauses: list[float], desc: str = "") -> list[float]:
+        """Rank 0's seconds of `len(pauses)` pipeline ticks, the micro-batches `batches` entering in turn
+        and the i-th measured tick `pauses[i]` seconds after the one before it: timed once the pipeline is
+        full, which the first ticks fill (the first also sends the block tables) and the last drain; with a
+        progress bar where `desc` names it."""
+        stages, count = self.ctx.num_stages, len(batches)
+        fill = stages - 1
+        end = fill + len(pauses)  # ticks that take a micro-batch in
+
+        def entering(tick: int) -> list[Chunk]:
+            return batches[tick % count] if 0 <= tick < end else []
+
+        times = []
+        for tick in tqdm(range(end + fill), desc=desc, file=sys.stderr, leave=False, disable=not desc):
+            measured = fill <= tick < end
+            if measured and pauses[tick - fill]:
+                time.sleep(pauses[tick - fill])
             plan = StepPlan(
-                stages=[chunks if 0 <= tick - s < stages - 1 + self.reps + 1 else [] for s in range(stages)],
-                block_tables=tables if tick == 0 else {},
+                stages=[entering(tick - s) for s in range(stages)], block_tables=tables if tick == 0 else {}
             )
             start = time.perf_counter()
             self.executor.run(plan)
-            ticks.append(time.perf_counter() - start)
-        return statistics.median(ticks[stages : stages + self.reps])
+            if measured:
+                times.append(time.perf_counter() - start)
+        self.executor.run(StepPlan(stages=[[] for _ in range(stages)], released=list(tables)))
+        return times
+
+    def _time_step(self, shape) -> float:
+        """Rank 0's seconds per pipeline tick with this micro-batch in every stage (median of reps, after
+        one unmeasured tick with the pipeline full)."""
+        (chunks,), tables = self._micro_batches([shape])
+        return statistics.median(self._ticks([chunks], tables, [0.0] * (self.reps + 1))[1:])
 
     def _wake_ticks(self, model: PerfModel, shapes) -> list[tuple[float, float]]:
         """These micro-batches through the pipeline in turn, a different one entering each tick as in
@@ -339,23 +357,11 @@ class Profiler:
         `model.wake_after_s` (the engine idle), reps times. Per micro-batch entering, the median tick of
         each kind: [(back to back, after the pause)]."""
         batches, tables = self._micro_batches(shapes)
-        stages, count = self.ctx.num_stages, len(batches)
-        empty = [[] for _ in range(stages)]
-        self.executor.run(StepPlan(stages=empty, block_tables=tables))
-        fill, passes = stages - 1, 2 * self.reps
-        end = fill + passes * count  # ticks that take a micro-batch in
-        entering = lambda tick: batches[tick % count] if 0 <= tick < end else []  # noqa: E731
+        count, fill = len(batches), self.ctx.num_stages - 1
+        pauses = ([0.0] * count + [model.wake_after_s] * count) * self.reps
         ticks = {(paused, i): [] for paused in (False, True) for i in range(count)}
-        for tick in tqdm(range(end + fill), desc="ticks after idle", file=sys.stderr, leave=False):
-            measured = fill <= tick < end
-            paused = measured and (tick - fill) // count % 2 == 1
-            if paused:
-                time.sleep(model.wake_after_s)
-            start = time.perf_counter()
-            self.executor.run(StepPlan(stages=[entering(tick - s) for s in range(stages)]))
-            if measured:
-                ticks[paused, tick % count].append(time.perf_counter() - start)
-        self.executor.run(StepPlan(stages=empty, released=list(tables)))
+        for j, seconds in enumerate(self._ticks(batches, tables, pauses, desc="ticks after idle")):
+            ticks[pauses[j] > 0, (fill + j) % count].append(seconds)
         median = statistics.median
         return [(median(ticks[False, i]), median(ticks[True, i])) for i in range(count)]
 
