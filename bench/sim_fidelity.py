@@ -3,7 +3,7 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 50 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 90 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
@@ -11,12 +11,16 @@ Scenarios (smaller than the benchmarks they come from, so that all of them fit o
 - bench/trace_replay.py: the Azure conversation trace's first requests with a long prompt injected, under fixed
   chunks (FCFS) and adaptive chunks (FCFS, LARS): short requests' TTFT and TBT p50/p99, long TTFT.
 
-This shared machine's speed drifts by tens of percent within minutes, so everything is taken `--repeats`
-times in turn (every scenario's profile, then its runs; then all again): each run is simulated with the
-profile taken just before it, and the spread between repeats is each figure's noise floor.
+This shared machine's speed drifts by tens of percent within minutes, so every run lies between two profiles
+of its layout, one taken just before it (which the engine runs with) and one just after, and is simulated
+with each (the scheduler deciding with the first, as the engine did): the simulated figure is the mean of
+the two, and how far the machine's speed moved across the run (the same batch shapes timed in both
+profiles) is stored beside it. Everything is taken `--repeats` times in turn (every scenario's profiles and
+runs; then all again), and the spread between repeats is each figure's noise floor.
 
 Writes bench/results/sim_fidelity.json: every figure measured and simulated in each repeat, its error
-(mean simulated / mean measured − 1), the median and largest |error|, and every profile's fitted terms.
+(mean simulated / mean measured − 1) and its error with either profile alone, the median and largest
+|error|, and every profile's fitted terms.
 """
 
 from __future__ import annotations
@@ -78,19 +82,43 @@ def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None
     write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
-def simulate(overrides: list[str], perf_model, arrivals: list) -> list[dict]:
-    """The requests through the simulator with the engine's config and a performance model."""
+def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> list[dict]:
+    """The requests through the simulator with the engine's config and a performance model, which the
+    scheduler decides with and, unless another model is given as `timing`, times every step with."""
     import torch
 
     from mnemosyne_hpc.config import compose
+    from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
     from mnemosyne_hpc.engine.runner import kv_pool_blocks
     from mnemosyne_hpc.model.args import ModelArgs
     from mnemosyne_hpc.sim.simulator import Simulator
+    from mnemosyne_hpc.sim.step_time import PipelineTicks
 
     cfg = compose(overrides)
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
-    return Simulator(cfg, args, perf_model, num_blocks=blocks).run(arrivals).records
+    ticks = PipelineTicks(timing, KVPLayout.of(cfg)) if timing else None
+    return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=ticks).run(arrivals).records
+
+
+def bracketed(overrides: list[str], before: Path, after: Path, arrivals: list) -> tuple[list[dict], list[dict]]:
+    """The requests simulated as the engine ran them, deciding with the profile taken before the run, every
+    step timed once by that profile and once by the same layout's profile taken after the run: the
+    machine's speed at both ends of it."""
+    decided = PerfModel.load(before)
+    return simulate(overrides, decided, arrivals), simulate(overrides, decided, arrivals, PerfModel.load(after))
+
+
+def speed_change(before: Path, after: Path) -> float:
+    """How much longer the whole steps of the profile taken after a run took than the same batch shapes in
+    the profile taken before it (median ratio): how far the machine's speed moved across the run."""
+
+    def steps(path: Path) -> dict[str, float]:
+        report = PerfModel.load(path).report
+        return {json.dumps(r["sequences"]): r["measured_s"] for r in report["calibration"] + report["held_out"]}
+
+    first, second = steps(before), steps(after)
+    return statistics.median(second[shape] / seconds for shape, seconds in first.items() if shape in second)
 
 
 def fitted_terms(fidelity: Path) -> dict:
@@ -108,23 +136,43 @@ def fitted_terms(fidelity: Path) -> dict:
     return profiles
 
 
+def side_by_side(measured: float, before: float, after: float, speed: float, **more) -> dict:
+    """One figure of one run: measured, and simulated with the profiles taken before and after it (`bracketed`)
+    and as their mean; `speed` the run's `speed_change`; `more` other simulations of it."""
+    return {
+        "measured": measured,
+        "simulated": (before + after) / 2,
+        "simulated_profile_before": before,
+        "simulated_profile_after": after,
+        "speed_change": speed,
+        **more,
+    }
+
+
 def compare(repeats: list[dict]) -> dict:
-    """One figure over the repeats, each {"measured", "simulated"} and where taken "layout_model" (the layout
-    model's simulation) and "steps_10pct_slower" (the simulation with every step 10% longer): the means, the
-    error of the simulated mean, each repeat's figures and error, and how far apart the repeats lie."""
+    """One figure over the repeats, each from `side_by_side`, where taken with "layout_model" (the layout
+    model's simulation, from the single-rank profile taken before the run) and "steps_10pct_slower" (the
+    simulation with every step of the profile before 10% longer): the means, the error of the simulated
+    mean and of the simulation with the profile before alone, each repeat's figures and error, and how far
+    apart the repeats lie."""
     mean = statistics.fmean
     measured, simulated = [r["measured"] for r in repeats], [r["simulated"] for r in repeats]
     figure = {"measured": mean(measured), "simulated": mean(simulated)}
     figure["error"] = figure["simulated"] / figure["measured"] - 1
+    for end in ("before", "after"):
+        figure[f"simulated_profile_{end}"] = mean(r[f"simulated_profile_{end}"] for r in repeats)
+        figure[f"error_profile_{end}"] = figure[f"simulated_profile_{end}"] / figure["measured"] - 1
     figure |= {"measured_runs": measured, "simulated_runs": simulated}
     figure["run_errors"] = [s / m - 1 for m, s in zip(measured, simulated)]
+    figure["speed_changes"] = [r["speed_change"] for r in repeats]
     figure["measured_spread"] = max(measured) / min(measured) - 1
     figure["simulated_spread"] = max(simulated) / min(simulated) - 1
+    before = figure["simulated_profile_before"]
     if "layout_model" in repeats[0]:
         figure["layout_model"] = mean(r["layout_model"] for r in repeats)
-        figure["layout_model_vs_profile"] = figure["layout_model"] / figure["simulated"] - 1
+        figure["layout_model_vs_profile"] = figure["layout_model"] / before - 1
     if "steps_10pct_slower" in repeats[0]:
-        figure["steps_10pct_slower_moves_it"] = mean(r["steps_10pct_slower"] for r in repeats) / figure["simulated"] - 1
+        figure["steps_10pct_slower_moves_it"] = mean(r["steps_10pct_slower"] for r in repeats) / before - 1
     return figure
 
 
@@ -140,16 +188,19 @@ def spp_scenarios(args, taken: Path, collectives: dict) -> dict:
     single_rank = taken / SPP_REFERENCE
     for name, ranks, threads, bind, layout in spp_bench.RUNS[:3]:
         overrides = common + layout
-        path = taken / f"{name}.profile.json"
-        profile(ranks, overrides, path, threads, bind)
+        before, after = taken / f"{name}.profile.json", taken / f"{name}.after.profile.json"
+        profile(ranks, overrides, before, threads, bind)
         measured = run_generate(ranks, overrides, [request], taken / name, threads, bind)[0]
-        simulated = simulate(overrides, PerfModel.load(path), arrivals)[0]
+        profile(ranks, overrides, after, threads, bind)
+        on_before, on_after = (records[0] for records in bracketed(overrides, before, after, arrivals))
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
-        figures[f"spp/{name}/ttft_s"] = {
-            "measured": measured["ttft_s"],
-            "simulated": simulated["ttft_s"],
-            "layout_model": composed["ttft_s"],
-        }
+        figures[f"spp/{name}/ttft_s"] = side_by_side(
+            measured["ttft_s"],
+            on_before["ttft_s"],
+            on_after["ttft_s"],
+            speed_change(before, after),
+            layout_model=composed["ttft_s"],
+        )
     return figures
 
 
@@ -169,17 +220,17 @@ def kvp_scenarios(args, taken: Path, collectives: dict) -> dict:
     single_rank = taken / KVP_REFERENCE
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
-        path = taken / f"kvp{kvp}.profile.json"
-        profile(kvp, overrides, path, 1, True)
+        before, after = taken / f"kvp{kvp}.profile.json", taken / f"kvp{kvp}.after.profile.json"
+        profile(kvp, overrides, before, 1, True)
         measured = run_generate(kvp, overrides, [request], taken / f"kvp{kvp}", 1, True)[0]
-        simulated = simulate(overrides, PerfModel.load(path), arrivals)[0]
+        profile(kvp, overrides, after, 1, True)
+        on_before, on_after = (records[0] for records in bracketed(overrides, before, after, arrivals))
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
+        speed = speed_change(before, after)
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
-            figures[f"kvp/kvp{kvp}/{key}"] = {
-                "measured": pick(measured),
-                "simulated": pick(simulated),
-                "layout_model": pick(composed),
-            }
+            figures[f"kvp/kvp{kvp}/{key}"] = side_by_side(
+                pick(measured), pick(on_before), pick(on_after), speed, layout_model=pick(composed)
+            )
     return figures
 
 
@@ -209,16 +260,19 @@ def trace_slo_ms(args) -> float:
 
 
 def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
-    """One repeat of bench/trace_replay.py's replay (one rank, 2 threads, float32) per policy and arrival rate
-    (`--trace-stretches`: arrival times × each), each replay simulated with a profile taken just before it
-    (a replay takes a minute or two, all of them ten, and this machine's speed moves within that):
-    {figure: {"measured", "simulated", "steps_10pct_slower"}}, the last the simulation with every step 10%
-    longer: how far an error of the step time (or a slower spell of the machine) moves the figure. No layout
-    model here: a hardware profile is taken in bfloat16."""
+    """One repeat of bench/trace_replay.py's replay (one rank, 2 threads, float32) per arrival rate
+    (`--trace-stretches`: arrival times × each) and policy, each replay between two profiles of the engine
+    (the same for every policy: the one after a replay is the one before the next), simulated with both
+    (`bracketed`), and with every step of the profile before 10% longer (how far an error of the step time,
+    or a slower spell of the machine, moves a figure): {figure: `side_by_side`}. No layout model here: a
+    hardware profile is taken in bfloat16."""
     from mnemosyne_hpc.sim.simulator import Arrival
 
-    figures = {}
-    for stretch in args.trace_stretches:
+    figures, runs = {}, [(stretch, name) for stretch in args.trace_stretches for name in TRACE_POLICIES]
+    profiles = [taken / f"trace-{i}.profile.json" for i in range(len(runs) + 1)]  # replay i between i and i + 1
+    max_model_len = args.trace_long + 1024
+    trace_bench.profile(trace_bench.engine_overrides(args.workdir, max_model_len, profiles[0]), profiles[0])
+    for (stretch, name), before, after in zip(runs, profiles, profiles[1:]):
         shorts = trace_bench.read_trace(args.trace_requests, stretch)
         requests = shorts + [trace_bench.long_request(args.trace_long, args.trace_long_at * stretch)]
         arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
@@ -227,24 +281,19 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
             kinds = [{**r, "kind": q["kind"]} for r, q in zip(records, requests)]
             return trace_bench.summarize({"records": kinds, "long_chunks": []})
 
-        for name, policy in TRACE_POLICIES.items():
-            run = f"trace-x{stretch:g}-{name}"
-            path = taken / f"{run}.profile.json"
-            overrides = trace_bench.engine_overrides(args.workdir, args.trace_long + 1024, path)
-            overrides += [f"scheduler.{k}={v}" for k, v in policy.items()] + [
-                f"scheduler.tbt_slo_ms={args.trace_slo_ms}"
-            ]
-            trace_bench.profile(overrides, path)
-            measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
-            model = PerfModel.load(path)
-            simulated = summary(simulate(overrides, model, arrivals))
-            steps_slower = summary(simulate(overrides, slower(model, 1.1), arrivals))
-            for key in TRACE_FIGURES:
-                figures[f"trace/x{stretch:g}/{name}/{key}"] = {
-                    "measured": measured[key],
-                    "simulated": simulated[key],
-                    "steps_10pct_slower": steps_slower[key],
-                }
+        run = f"trace-x{stretch:g}-{name}"
+        overrides = trace_bench.engine_overrides(args.workdir, max_model_len, before)
+        overrides += [f"scheduler.{k}={v}" for k, v in TRACE_POLICIES[name].items()]
+        overrides += [f"scheduler.tbt_slo_ms={args.trace_slo_ms}"]
+        measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
+        trace_bench.profile(trace_bench.engine_overrides(args.workdir, max_model_len, after), after)
+        on_before, on_after = (summary(records) for records in bracketed(overrides, before, after, arrivals))
+        steps_slower = summary(simulate(overrides, slower(PerfModel.load(before), 1.1), arrivals))
+        speed = speed_change(before, after)
+        for key in TRACE_FIGURES:
+            figures[f"trace/x{stretch:g}/{name}/{key}"] = side_by_side(
+                measured[key], on_before[key], on_after[key], speed, steps_10pct_slower=steps_slower[key]
+            )
     return figures
 
 
@@ -298,6 +347,11 @@ def main() -> None:
     summary = {"figures": len(errors), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
     run_errors = [abs(e) for f in figures.values() for e in f["run_errors"]]  # each repeat alone
     summary["run_errors"] = {"median_abs": statistics.median(run_errors), "max_abs": max(run_errors)}
+    for end in ("before", "after"):  # simulated with one of the two profiles alone
+        alone = [abs(f[f"error_profile_{end}"]) for f in figures.values()]
+        summary[f"profile_{end}_alone"] = {"median_abs_error": statistics.median(alone), "max_abs_error": max(alone)}
+    speeds = [abs(s - 1) for f in figures.values() for s in f["speed_changes"]]
+    summary["speed_change_across_a_run"] = {"median_abs": statistics.median(speeds), "max_abs": max(speeds)}
     spreads = [f["measured_spread"] for f in figures.values()]
     summary["measured_spread"] = {"median": statistics.median(spreads), "max": max(spreads)}
     if composed := [abs(f["layout_model_vs_profile"]) for f in figures.values() if "layout_model" in f]:
