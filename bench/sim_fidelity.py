@@ -3,7 +3,7 @@
 for real, and simulated (`mnemosyne_hpc/sim/`: the engine's own scheduler on a virtual clock, each tick
 timed by the profile's performance model through `PipelineTicks`) with the same requests.
 
-    .venv/bin/python bench/sim_fidelity.py              # about 90 minutes on 2 cores
+    .venv/bin/python bench/sim_fidelity.py              # about 80 minutes on 2 cores
 
 Scenarios (smaller than the benchmarks they come from, so that all of them fit one run):
 - bench/spp.py: TTFT of one long prompt at SPP=1 (one core), SPP=2 and plain PP=2 (two ranks, a core each);
