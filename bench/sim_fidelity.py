@@ -101,20 +101,19 @@ def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> l
     return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=ticks).run(arrivals).records
 
 
-def bracketed(overrides: list[str], before: Path, after: Path, arrivals: list) -> tuple[list[dict], list[dict]]:
+def bracketed(overrides: list[str], before: PerfModel, after: PerfModel, arrivals: list) -> tuple[list, list]:
     """The requests simulated as the engine ran them, deciding with the profile taken before the run, every
     step timed once by that profile and once by the same layout's profile taken after the run: the
     machine's speed at both ends of it."""
-    decided = PerfModel.load(before)
-    return simulate(overrides, decided, arrivals), simulate(overrides, decided, arrivals, PerfModel.load(after))
+    return simulate(overrides, before, arrivals), simulate(overrides, before, arrivals, after)
 
 
-def speed_change(before: Path, after: Path) -> float:
+def speed_change(before: PerfModel, after: PerfModel) -> float:
     """How much longer the whole steps of the profile taken after a run took than the same batch shapes in
     the profile taken before it (median ratio): how far the machine's speed moved across the run."""
 
-    def steps(path: Path) -> dict[str, float]:
-        report = PerfModel.load(path).report
+    def steps(model: PerfModel) -> dict[str, float]:
+        report = model.report
         return {json.dumps(r["sequences"]): r["measured_s"] for r in report["calibration"] + report["held_out"]}
 
     first, second = steps(before), steps(after)
@@ -134,6 +133,20 @@ def fitted_terms(fidelity: Path) -> dict:
             "held_out_median_abs_error": model.report["median_abs_error"],
         }
     return profiles
+
+
+def run_between_profiles(
+    ranks: int, overrides: list[str], taken: Path, name: str, request: dict, arrivals: list, threads: int, bind: bool
+) -> tuple[dict, dict, dict, float]:
+    """The layout profiled, `request` run for real (`run_generate`), the layout profiled again: the run's
+    record, its simulations with either profile (`bracketed`) and how far the machine's speed moved."""
+    paths = taken / f"{name}.profile.json", taken / f"{name}.after.profile.json"
+    profile(ranks, overrides, paths[0], threads, bind)
+    measured = run_generate(ranks, overrides, [request], taken / name, threads, bind)[0]
+    profile(ranks, overrides, paths[1], threads, bind)
+    before, after = map(PerfModel.load, paths)
+    on_before, on_after = (records[0] for records in bracketed(overrides, before, after, arrivals))
+    return measured, on_before, on_after, speed_change(before, after)
 
 
 def side_by_side(measured: float, before: float, after: float, speed: float, **more) -> dict:
@@ -188,18 +201,12 @@ def spp_scenarios(args, taken: Path, collectives: dict) -> dict:
     single_rank = taken / SPP_REFERENCE
     for name, ranks, threads, bind, layout in spp_bench.RUNS[:3]:
         overrides = common + layout
-        before, after = taken / f"{name}.profile.json", taken / f"{name}.after.profile.json"
-        profile(ranks, overrides, before, threads, bind)
-        measured = run_generate(ranks, overrides, [request], taken / name, threads, bind)[0]
-        profile(ranks, overrides, after, threads, bind)
-        on_before, on_after = (records[0] for records in bracketed(overrides, before, after, arrivals))
+        measured, on_before, on_after, speed = run_between_profiles(
+            ranks, overrides, taken, name, request, arrivals, threads, bind
+        )
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
         figures[f"spp/{name}/ttft_s"] = side_by_side(
-            measured["ttft_s"],
-            on_before["ttft_s"],
-            on_after["ttft_s"],
-            speed_change(before, after),
-            layout_model=composed["ttft_s"],
+            measured["ttft_s"], on_before["ttft_s"], on_after["ttft_s"], speed, layout_model=composed["ttft_s"]
         )
     return figures
 
@@ -220,13 +227,10 @@ def kvp_scenarios(args, taken: Path, collectives: dict) -> dict:
     single_rank = taken / KVP_REFERENCE
     for kvp in (1, 2):
         overrides = common + [f"parallel.kvp={kvp}"]
-        before, after = taken / f"kvp{kvp}.profile.json", taken / f"kvp{kvp}.after.profile.json"
-        profile(kvp, overrides, before, 1, True)
-        measured = run_generate(kvp, overrides, [request], taken / f"kvp{kvp}", 1, True)[0]
-        profile(kvp, overrides, after, 1, True)
-        on_before, on_after = (records[0] for records in bracketed(overrides, before, after, arrivals))
+        measured, on_before, on_after, speed = run_between_profiles(
+            kvp, overrides, taken, f"kvp{kvp}", request, arrivals, 1, True
+        )
         composed = simulate(overrides, layout_model(overrides, single_rank, collectives), arrivals)[0]
-        speed = speed_change(before, after)
         for key, pick in (("ttft_s", lambda r: r["ttft_s"]), ("tbt_median_s", lambda r: statistics.median(r["tbt_s"]))):
             figures[f"kvp/kvp{kvp}/{key}"] = side_by_side(
                 pick(measured), pick(on_before), pick(on_after), speed, layout_model=pick(composed)
@@ -286,10 +290,11 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
         overrides += [f"scheduler.{k}={v}" for k, v in TRACE_POLICIES[name].items()]
         overrides += [f"scheduler.tbt_slo_ms={args.trace_slo_ms}"]
         measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
-        trace_bench.profile(trace_bench.engine_overrides(args.workdir, max_model_len, after), after)
-        on_before, on_after = (summary(records) for records in bracketed(overrides, before, after, arrivals))
-        steps_slower = summary(simulate(overrides, slower(PerfModel.load(before), 1.1), arrivals))
-        speed = speed_change(before, after)
+        timed_after = trace_bench.profile(trace_bench.engine_overrides(args.workdir, max_model_len, after), after)
+        decided = PerfModel.load(before)
+        on_before, on_after = (summary(records) for records in bracketed(overrides, decided, timed_after, arrivals))
+        steps_slower = summary(simulate(overrides, slower(decided, 1.1), arrivals))
+        speed = speed_change(decided, timed_after)
         for key in TRACE_FIGURES:
             figures[f"trace/x{stretch:g}/{name}/{key}"] = side_by_side(
                 measured[key], on_before[key], on_after[key], speed, steps_10pct_slower=steps_slower[key]
