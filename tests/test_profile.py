@@ -52,6 +52,10 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     group_tokens = 16384 // ranks
     spanning = [n for step in model.report["calibration"] for _, n, _ in step["sequences"] if n >= group_tokens]
     assert bool(spanning) == (ranks > 1) and set(model.weights) >= {"merge", "linear"}
+    # every token count a small batch can have (tiles make the time uneven between powers of two), then
+    # powers of two up to the largest step; the LM head's rows up to max_num_seqs (16)
+    assert model.linear.x[:64] == list(range(1, 65)) and model.linear.x[64:] == [128, 256, 512, 1024, 2048, 4096]
+    assert model.lm_head.x == list(range(1, 17))
     largest_query = model.attention.queries[-1]
     assert model.attention(largest_query, 12000) > model.attention(largest_query, 0)  # attention grows with context
     assert largest_query == 4096 and json.loads(stored.read_text())["attention"]["contexts"][-1]["x"][-1] > 4096

@@ -80,6 +80,7 @@ def calibrate(cfg: Config, runner: ModelRunner, quick: bool = False) -> PerfMode
 # a weight beyond these means its kernels were timed in a slow or fast spell of a shared machine.
 PLAUSIBLE_WEIGHTS = (0.5, 2.0)
 RETAKES = 2  # profiles taken again when their weights are implausible
+DENSE_TOKENS = 64  # the full grid's linear and LM head curves take every token count up to here
 
 
 def implausible_weights(model: PerfModel) -> dict[str, float]:
@@ -158,14 +159,17 @@ class Profiler:
         and a curve extended beyond its last point misses what changes there (caches overflowing). A
         grid point within a factor of two of the largest is left out: the slope between two near points
         is mostly noise, and the curves are extended along it (a step's decodes read the sum of their
-        contexts, far beyond the longest)."""
-        tokens = [
-            t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if 2 * t <= self.max_tokens
-        ]
+        contexts, far beyond the longest). The full grid also takes every token count a decode batch can
+        have (up to `max_num_seqs`, and at least `DENSE_TOKENS`): matrix kernels work in tiles of rows,
+        so a batch a few rows past a tile's end costs nearly a tile more, and between powers of two the
+        time is far from a straight line (on a CPU, 15 rows took twice as long as 16)."""
+        powers = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+        dense = () if quick else range(1, max(self.cfg.scheduler.max_num_seqs, DENSE_TOKENS) + 1)
+        tokens = sorted(t for t in {*powers[:: 2 if quick else 1], *dense} if 2 * t <= self.max_tokens)
         queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if 2 * q <= self.max_tokens]
         contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if 2 * n <= self.max_context]
         if quick:
-            tokens, queries = tokens[::2], queries[::2]
+            queries = queries[::2]
         return tokens + [self.max_tokens], queries + [self.max_tokens], contexts + [self.max_context]
 
     def _components(self, quick: bool) -> dict:
