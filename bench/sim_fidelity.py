@@ -82,23 +82,31 @@ def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None
     write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
-def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> list[dict]:
-    """The requests through the simulator with the engine's config and a performance model, which the
-    scheduler decides with and, unless another model is given as `timing`, times every step with."""
+def simulator(overrides: list[str], perf_model, step_time=None):
+    """A `Simulator` of the engine these overrides configure, its scheduler deciding with `perf_model` and
+    every step taking `step_time(plan, idle_s)` (by default that model's `PipelineTicks`)."""
     import torch
 
     from mnemosyne_hpc.config import compose
-    from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
     from mnemosyne_hpc.engine.runner import kv_pool_blocks
     from mnemosyne_hpc.model.args import ModelArgs
     from mnemosyne_hpc.sim.simulator import Simulator
-    from mnemosyne_hpc.sim.step_time import PipelineTicks
 
     cfg = compose(overrides)
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
-    ticks = PipelineTicks(timing, KVPLayout.of(cfg)) if timing else None
-    return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=ticks).run(arrivals).records
+    return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=step_time)
+
+
+def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> list[dict]:
+    """The requests through the simulator with the engine's config and a performance model, which the
+    scheduler decides with and, unless another model is given as `timing`, times every step with."""
+    from mnemosyne_hpc.config import compose
+    from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
+    from mnemosyne_hpc.sim.step_time import PipelineTicks
+
+    ticks = PipelineTicks(timing, KVPLayout.of(compose(overrides))) if timing else None
+    return simulator(overrides, perf_model, ticks).run(arrivals).records
 
 
 def bracketed(overrides: list[str], before: PerfModel, after: PerfModel, arrivals: list) -> tuple[list, list]:
