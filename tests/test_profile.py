@@ -56,6 +56,7 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     # powers of two up to the largest step; the LM head's rows up to max_num_seqs (16)
     assert model.linear.x[:64] == list(range(1, 65)) and model.linear.x[64:] == [128, 256, 512, 1024, 2048, 4096]
     assert model.lm_head.x == list(range(1, 17))
+    assert ranks == 1 or model.merge.x == [2**i for i in range(12)] + [4096]  # collectives: powers of two
     largest_query = model.attention.queries[-1]
     assert model.attention(largest_query, 12000) > model.attention(largest_query, 0)  # attention grows with context
     assert largest_query == 4096 and json.loads(stored.read_text())["attention"]["contexts"][-1]["x"][-1] > 4096

@@ -187,8 +187,10 @@ class Profiler:
         if self.ctx.last_stage:
             points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs]
         # Collectives are timed back to back: each rank reaches one when it has done its own work before it.
-        collectives = [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
-        collectives += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
+        # They have no tiles of rows: powers of two (every count would add only the network's noise).
+        coarse = [t for t in tokens if t & (t - 1) == 0 or t == tokens[-1]]
+        collectives = [("merge", t) for t in coarse] if self.ctx.kvp_size > 1 else []
+        collectives += [("hand_over", t) for t in coarse] if self.ctx.num_stages > 1 else []
         with tqdm(
             total=self.reps * len(points) + len(collectives), desc="kernels", file=sys.stderr, leave=False,
             disable=self.ctx.rank != 0,
