@@ -82,17 +82,15 @@ def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None
     write_results("machine_profile_cpu.json", from_profiles(pairs, collectives))
 
 
-def simulator(overrides: list[str], perf_model, step_time=None):
-    """A `Simulator` of the engine these overrides configure, its scheduler deciding with `perf_model` and
-    every step taking `step_time(plan, idle_s)` (by default that model's `PipelineTicks`)."""
+def simulator(cfg, perf_model, step_time=None):
+    """A `Simulator` of the engine `cfg` configures, its scheduler deciding with `perf_model` and every step
+    taking `step_time(plan, idle_s)` (by default that model's `PipelineTicks`)."""
     import torch
 
-    from mnemosyne_hpc.config import compose
     from mnemosyne_hpc.engine.runner import kv_pool_blocks
     from mnemosyne_hpc.model.args import ModelArgs
     from mnemosyne_hpc.sim.simulator import Simulator
 
-    cfg = compose(overrides)
     args = ModelArgs.from_dir(Path(cfg.model.path))
     blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
     return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=step_time)
@@ -105,8 +103,9 @@ def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> l
     from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
     from mnemosyne_hpc.sim.step_time import PipelineTicks
 
-    ticks = PipelineTicks(timing, KVPLayout.of(compose(overrides))) if timing else None
-    return simulator(overrides, perf_model, ticks).run(arrivals).records
+    cfg = compose(overrides)
+    ticks = PipelineTicks(timing, KVPLayout.of(cfg)) if timing else None
+    return simulator(cfg, perf_model, ticks).run(arrivals).records
 
 
 def bracketed(overrides: list[str], before: PerfModel, after: PerfModel, arrivals: list) -> tuple[list, list]:
@@ -278,8 +277,6 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
     (`bracketed`), and with every step of the profile before 10% longer (how far an error of the step time,
     or a slower spell of the machine, moves a figure): {figure: `side_by_side`}. No layout model here: a
     hardware profile is taken in bfloat16."""
-    from mnemosyne_hpc.sim.simulator import Arrival
-
     figures, runs = {}, [(stretch, name) for stretch in args.trace_stretches for name in TRACE_POLICIES]
     profiles = [taken / f"trace-{i}.profile.json" for i in range(len(runs) + 1)]  # replay i between i and i + 1
     max_model_len = args.trace_long + 1024
@@ -287,12 +284,7 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
     for (stretch, name), before, after in zip(runs, profiles, profiles[1:]):
         shorts = trace_bench.read_trace(args.trace_requests, stretch)
         requests = shorts + [trace_bench.long_request(args.trace_long, args.trace_long_at * stretch)]
-        arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
-
-        def summary(records: list[dict]) -> dict:
-            kinds = [{**r, "kind": q["kind"]} for r, q in zip(records, requests)]
-            return trace_bench.summarize({"records": kinds, "long_chunks": []})
-
+        arrivals = trace_bench.as_arrivals(requests)
         run = f"trace-x{stretch:g}-{name}"
         overrides = trace_bench.engine_overrides(args.workdir, max_model_len, before)
         overrides += [f"scheduler.{k}={v}" for k, v in TRACE_POLICIES[name].items()]
@@ -300,8 +292,11 @@ def trace_scenarios(args, taken: Path, collectives: dict) -> dict:
         measured = trace_bench.summarize(trace_bench.replay(overrides, requests, taken, run))
         timed_after = trace_bench.profile(trace_bench.engine_overrides(args.workdir, max_model_len, after), after)
         decided = PerfModel.load(before)
-        on_before, on_after = (summary(records) for records in bracketed(overrides, decided, timed_after, arrivals))
-        steps_slower = summary(simulate(overrides, slower(decided, 1.1), arrivals))
+        simulated = [
+            *bracketed(overrides, decided, timed_after, arrivals),
+            simulate(overrides, slower(decided, 1.1), arrivals),
+        ]
+        on_before, on_after, steps_slower = (trace_bench.summarize_simulated(r, requests) for r in simulated)
         speed = speed_change(decided, timed_after)
         for key in TRACE_FIGURES:
             figures[f"trace/x{stretch:g}/{name}/{key}"] = side_by_side(

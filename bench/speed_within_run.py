@@ -1,7 +1,7 @@
 """How much of the simulator's error on bench/sim_fidelity.py's trace replays comes from the machine's
 speed changing within a run, which neither the profile taken before the run nor the one after it sees.
 
-    .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about a minute
+    .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about 10 seconds
 
 For every trace replay that sim_fidelity left in its work directory:
 1. The run's own step times, replayed through the simulator (`RecordedSteps`: the engine's decisions
@@ -34,11 +34,10 @@ import numpy as np
 import sim_fidelity
 import trace_replay as trace_bench
 from common import write_results
-from mnemosyne_hpc.config import compose
+from mnemosyne_hpc.config import Config, compose
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.perf.model import PerfModel
-from mnemosyne_hpc.sim.simulator import Arrival
-from mnemosyne_hpc.sim.step_time import PipelineTicks
+from mnemosyne_hpc.sim.step_time import PipelineTicks, RecordedSteps
 
 
 def recorded_durations(steps: list[dict]) -> list[float]:
@@ -49,19 +48,16 @@ def recorded_durations(steps: list[dict]) -> list[float]:
     return [n - s["start_s"] if n - e < 2e-3 else s["seconds"] for s, e, n in zip(steps, ends, nexts)]
 
 
-def speed_along_run(overrides: list[str], model: PerfModel, arrivals: list, steps: list[dict], window: float):
+def speed_along_run(cfg: Config, model: PerfModel, arrivals: list, steps: list[dict], window: float):
     """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times."""
-    durations, ratios = recorded_durations(steps), []
-    ticks = PipelineTicks(model, KVPLayout.of(compose(overrides)))
+    recorded, ticks, ratios = RecordedSteps(recorded_durations(steps)), PipelineTicks(model, KVPLayout.of(cfg)), []
 
     def replayed(plan, idle_s: float) -> float:
-        step = steps[min(len(ratios), len(steps) - 1)]  # a replay a few steps longer than the run: its last
-        ratios.append(step["seconds"] / ticks(plan, idle_s))
-        return durations[min(len(ratios), len(steps)) - 1]
+        ratios.append(steps[len(ratios)]["seconds"] / ticks(plan, idle_s))
+        return recorded(plan, idle_s)
 
-    sim_fidelity.simulator(overrides, model, replayed).run(arrivals)
-    times = [s["start_s"] for s in steps][: len(ratios)]
-    ratios = ratios[: len(times)]
+    sim_fidelity.simulator(cfg, model, replayed).run(arrivals)
+    times = [s["start_s"] for s in steps[: len(ratios)]]
     speeds = []
     for t in times:
         lo, hi = bisect.bisect_left(times, t - window), bisect.bisect_right(times, t + window)
@@ -69,14 +65,14 @@ def speed_along_run(overrides: list[str], model: PerfModel, arrivals: list, step
     return times, speeds
 
 
-def at_speed(overrides: list[str], model: PerfModel, arrivals: list, times: list[float], speeds: list[float]):
+def at_speed(cfg: Config, model: PerfModel, arrivals: list, times: list[float], speeds: list[float]):
     """The requests simulated with every step `model` predicts scaled by the speed at its virtual time."""
-    ticks = PipelineTicks(model, KVPLayout.of(compose(overrides)))
+    ticks = PipelineTicks(model, KVPLayout.of(cfg))
 
     def paced(plan, idle_s: float) -> float:
         return ticks(plan, idle_s) * speeds[max(0, bisect.bisect(times, sim.clock.now) - 1)]
 
-    sim = sim_fidelity.simulator(overrides, model, paced)
+    sim = sim_fidelity.simulator(cfg, model, paced)
     return sim.run(arrivals).records
 
 
@@ -96,19 +92,12 @@ def main() -> None:
     for taken, run in replays(args.workdir / "fidelity"):
         spec = json.loads((taken / f"{run}.spec.json").read_text())
         out = json.loads((taken / f"{run}.out.json").read_text())
-        overrides, requests = spec["overrides"], spec["requests"]
-        profile = next(o.split("=", 1)[1] for o in overrides if o.startswith("scheduler.profile="))
-        model = PerfModel.load(Path(profile))
-        arrivals = [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
-
-        def summary(records: list[dict]) -> dict:
-            kinds = [{**r, "kind": q["kind"]} for r, q in zip(records, requests)]
-            return trace_bench.summarize({"records": kinds, "long_chunks": []})
-
-        times, speeds = speed_along_run(overrides, model, arrivals, out["steps"], args.window)
+        cfg, requests = compose(spec["overrides"]), spec["requests"]
+        model, arrivals = PerfModel.load(Path(cfg.scheduler.profile)), trace_bench.as_arrivals(requests)
+        times, speeds = speed_along_run(cfg, model, arrivals, out["steps"], args.window)
         measured = trace_bench.summarize(out)
-        alone = summary(sim_fidelity.simulate(overrides, model, arrivals))
-        paced = summary(at_speed(overrides, model, arrivals, times, speeds))
+        alone = trace_bench.summarize_simulated(sim_fidelity.simulator(cfg, model).run(arrivals).records, requests)
+        paced = trace_bench.summarize_simulated(at_speed(cfg, model, arrivals, times, speeds), requests)
         figures = {}
         for key in sim_fidelity.TRACE_FIGURES:
             figures[key] = {

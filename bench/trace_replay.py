@@ -90,6 +90,13 @@ def as_requests(arrivals, longs=()) -> list[dict]:
     ]
 
 
+def as_arrivals(requests: list[dict]) -> list:
+    """Replay requests as the simulator's stream (`mnemosyne_hpc/sim/simulator.py`)."""
+    from mnemosyne_hpc.sim.simulator import Arrival
+
+    return [Arrival(r["arrival_s"], len(r["prompt_token_ids"]), r["max_tokens"]) for r in requests]
+
+
 def read_trace(count: int, stretch: float) -> list[dict]:
     """The trace's first `count` requests, arrival times × `stretch`."""
     return as_requests([dataclasses.replace(a, time=a.time * stretch) for a in azure_trace(TRACE)[:count]])
@@ -220,6 +227,12 @@ def summarize(run: dict) -> dict:
             "by_prefix": [[start, size] for start, size in chunks[:: max(1, len(chunks) // 24)]],
         },
     }
+
+
+def summarize_simulated(records: list[dict], requests: list[dict]) -> dict:
+    """`summarize` of a simulation of `requests` (`as_arrivals`): its records, in their order, of their kinds."""
+    kinds = [{**r, "kind": q["kind"]} for r, q in zip(records, requests)]
+    return summarize({"records": kinds, "long_chunks": []})
 
 
 def main() -> None:

@@ -159,25 +159,33 @@ class Profiler:
         and a curve extended beyond its last point misses what changes there (caches overflowing). A
         grid point within a factor of two of the largest is left out: the slope between two near points
         is mostly noise, and the curves are extended along it (a step's decodes read the sum of their
-        contexts, far beyond the longest). The full grid also takes every token count a decode batch can
-        have (up to `max_num_seqs`, and at least `DENSE_TOKENS`): matrix kernels work in tiles of rows,
-        so a batch a few rows past a tile's end costs nearly a tile more, and between powers of two the
-        time is far from a straight line (on a CPU, 15 rows took twice as long as 16)."""
-        powers = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-        dense = () if quick else range(1, max(self.cfg.scheduler.max_num_seqs, DENSE_TOKENS) + 1)
-        tokens = sorted(t for t in {*powers[:: 2 if quick else 1], *dense} if 2 * t <= self.max_tokens)
+        contexts, far beyond the longest)."""
+        tokens = [
+            t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if 2 * t <= self.max_tokens
+        ]
         queries = [q for q in (1, 8, 32, 128, 512, 2048, 8192) if 2 * q <= self.max_tokens]
         contexts = [n for n in (0, 256, 1024, 4096, 16384, 65536, 262144) if 2 * n <= self.max_context]
         if quick:
-            queries = queries[::2]
+            tokens, queries = tokens[::2], queries[::2]
         return tokens + [self.max_tokens], queries + [self.max_tokens], contexts + [self.max_context]
+
+    def _rows(self, tokens: list[int], quick: bool) -> list[int]:
+        """Token counts of the linear part and the LM head: the grid's, and in a full profile every count a
+        decode batch can have (up to `max_num_seqs`, and at least `DENSE_TOKENS`). Matrix kernels work in
+        tiles of rows, so a batch a few rows past a tile's end costs nearly a tile more, and between powers
+        of two the time is far from a straight line (on a CPU, 15 rows took twice as long as 16)."""
+        if quick:
+            return tokens
+        dense = min(max(self.cfg.scheduler.max_num_seqs, DENSE_TOKENS), self.max_tokens // 2)
+        return sorted({*tokens, *range(1, dense + 1)})
 
     def _components(self, quick: bool) -> dict:
         tokens, queries, contexts = self._grids(quick)
         heads, d = self.probes.num_heads, self.runner.args.head_dim
         flop_cap = 2e10 if quick else 1e11  # skip attention points slower than about a second
         measured = {"linear": {}, "attention": {}, "lm_head": {}, "merge": {}, "hand_over": {}}
-        points = [("linear", t) for t in tokens]
+        rows = self._rows(tokens, quick)
+        points = [("linear", t) for t in rows]
         points += [
             ("attention", (q, n))
             for q in queries
@@ -185,12 +193,11 @@ class Profiler:
             if i < 2 or 4 * q * n * heads * d <= flop_cap
         ]
         if self.ctx.last_stage:
-            points += [("lm_head", r) for r in tokens if r <= self.cfg.scheduler.max_num_seqs]
+            points += [("lm_head", r) for r in rows if r <= self.cfg.scheduler.max_num_seqs]
         # Collectives are timed back to back: each rank reaches one when it has done its own work before it.
-        # They have no tiles of rows: powers of two (every count would add only the network's noise).
-        coarse = [t for t in tokens if t & (t - 1) == 0 or t == tokens[-1]]
-        collectives = [("merge", t) for t in coarse] if self.ctx.kvp_size > 1 else []
-        collectives += [("hand_over", t) for t in coarse] if self.ctx.num_stages > 1 else []
+        # They have no tiles of rows: the grid's token counts (every count would add only the network's noise).
+        collectives = [("merge", t) for t in tokens] if self.ctx.kvp_size > 1 else []
+        collectives += [("hand_over", t) for t in tokens] if self.ctx.num_stages > 1 else []
         with tqdm(
             total=self.reps * len(points) + len(collectives), desc="kernels", file=sys.stderr, leave=False,
             disable=self.ctx.rank != 0,
