@@ -85,15 +85,10 @@ def write_machine_profile(taken: Path, workdir: Path, collectives: dict) -> None
 def simulator(cfg, perf_model, step_time=None):
     """A `Simulator` of the engine `cfg` configures, its scheduler deciding with `perf_model` and every step
     taking `step_time(plan, idle_s)` (by default that model's `PipelineTicks`)."""
-    import torch
-
-    from mnemosyne_hpc.engine.runner import kv_pool_blocks
     from mnemosyne_hpc.model.args import ModelArgs
     from mnemosyne_hpc.sim.simulator import Simulator
 
-    args = ModelArgs.from_dir(Path(cfg.model.path))
-    blocks = kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
-    return Simulator(cfg, args, perf_model, num_blocks=blocks, step_time=step_time)
+    return Simulator(cfg, ModelArgs.from_dir(Path(cfg.model.path)), perf_model, step_time=step_time)
 
 
 def simulate(overrides: list[str], perf_model, arrivals: list, timing=None) -> list[dict]:

@@ -4,10 +4,10 @@ speed changing within a run, which neither the profile taken before the run nor 
     .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about 10 seconds
 
 For every trace replay that sim_fidelity left in its work directory:
-1. The run's own step times, replayed through the simulator (`RecordedSteps`: the engine's decisions
-   again), give every step's batch. The profile taken before the run predicts each of those steps; the
-   measured over predicted time, median over the steps within `--window` seconds of each, is the machine's
-   speed along the run relative to that profile.
+1. The run's own step times, replayed through the simulator (the engine's decisions again, as in
+   tests/test_sim.py), give every step's batch. The profile taken before the run predicts each of those
+   steps; the measured over predicted time, median over the steps within `--window` seconds of each, is
+   the machine's speed along the run relative to that profile.
 2. The run is simulated once as sim_fidelity does with that profile alone, and once with every step's
    prediction scaled by that speed at the step's time on the virtual clock. The scheduler decides with
    the profile in both, as the engine did.
@@ -37,27 +37,38 @@ from common import write_results
 from mnemosyne_hpc.config import Config, compose
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.perf.model import PerfModel
-from mnemosyne_hpc.sim.step_time import PipelineTicks, RecordedSteps
+from mnemosyne_hpc.sim.step_time import PipelineTicks
 
 
-def recorded_durations(steps: list[dict]) -> list[float]:
-    """Each measured step's time until the next began, or its own time where the engine then sat idle (the
-    simulator jumps idle spells to the next arrival)."""
-    ends = [s["start_s"] + s["seconds"] for s in steps]
-    nexts = [s["start_s"] for s in steps[1:]] + [ends[-1]]
-    return [n - s["start_s"] if n - e < 2e-3 else s["seconds"] for s, e, n in zip(steps, ends, nexts)]
+def recorded_durations(steps: list[dict], first_arrival: float) -> list[float]:
+    """Each measured step's time until the next began, the loop around the engine and any idle spell
+    included, so that the replay's clock reads the run's whenever the scheduler decides; the first from the
+    first arrival, where the simulator's clock starts it."""
+    starts = [s["start_s"] for s in steps]
+    durations = [b - a for a, b in zip(starts, starts[1:])] + [steps[-1]["seconds"]]
+    durations[0] += starts[0] - first_arrival
+    return durations
 
 
 def speed_along_run(cfg: Config, model: PerfModel, arrivals: list, steps: list[dict], window: float):
-    """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times."""
-    recorded, ticks, ratios = RecordedSteps(recorded_durations(steps)), PipelineTicks(model, KVPLayout.of(cfg)), []
+    """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times.
+    The run admitted a request when its loop came round, a little before the step began, where the replay
+    admits it when the step begins: where one arrives in between, the replay takes it a step early, and
+    from there on may take a step or so more or fewer than the run (the last is then taken again)."""
+    durations, ticks, ratios = (
+        recorded_durations(steps, min(a.time for a in arrivals)),
+        PipelineTicks(model, KVPLayout.of(cfg)),
+        [],
+    )
 
     def replayed(plan, idle_s: float) -> float:
-        ratios.append(steps[len(ratios)]["seconds"] / ticks(plan, idle_s))
-        return recorded(plan, idle_s)
+        step = min(len(ratios), len(steps) - 1)
+        ratios.append(steps[step]["seconds"] / ticks(plan, idle_s))
+        return durations[step]
 
     sim_fidelity.simulator(cfg, model, replayed).run(arrivals)
-    times = [s["start_s"] for s in steps[: len(ratios)]]
+    times = [s["start_s"] for s in steps][: len(ratios)]
+    ratios = ratios[: len(times)]
     speeds = []
     for t in times:
         lo, hi = bisect.bisect_left(times, t - window), bisect.bisect_right(times, t + window)

@@ -109,3 +109,27 @@ def test_a_step_after_an_idle_spell_takes_the_wake_factor(tmp_path):
     assert late[0]["ttft_s"] == pytest.approx(2 * awake[0]["ttft_s"])
     assert late[1]["ttft_s"] == pytest.approx(awake[1]["ttft_s"])
     assert [t for r in woken for t in r["tbt_s"]] == pytest.approx([t for r in awake for t in r["tbt_s"]])
+
+
+def test_the_kv_pool_is_sized_as_the_engine_sizes_it(tmp_path):
+    """Without cache.num_blocks the simulated pool holds what cache.kv_memory_gib holds in model.dtype, as
+    a real engine's does: a request that fits it runs, one that does not is refused as the engine refuses
+    it; with model.dtype=auto (the checkpoint's) the size is unknown, and said so."""
+    model_dir = make_tiny_model("llama", tmp_path / "llama")
+    args = ModelArgs.from_dir(model_dir)
+    per_block = 2 * args.num_layers * args.num_kv_heads * args.head_dim * 16 * 4  # K and V, float32, 16 tokens
+
+    def simulator(*overrides) -> Simulator:
+        sized = [o for o in tiny_overrides(model_dir) if not o.startswith("cache.num_blocks")]
+        return Simulator(compose([*sized, "cache.num_blocks=0", *overrides]), args, STEEP)
+
+    five_blocks = f"cache.kv_memory_gib={5 * per_block / 2**30!r}"
+    sim = simulator(five_blocks, "model.dtype=float32")
+    assert sim.engine.runner.num_blocks == 5
+    (record,) = sim.run([Arrival(0.0, 70, 4)]).records  # 74 tokens: 5 blocks of 16
+    assert record["finish_reason"] == "length" and len(record["tbt_s"]) == 3
+    with pytest.raises(Exception, match="kv_memory_gib"):
+        simulator(five_blocks, "model.dtype=float32").run([Arrival(0.0, 90, 4)])  # 6 blocks
+    assert simulator(five_blocks, "model.dtype=bfloat16").engine.runner.num_blocks == 10
+    with pytest.raises(ValueError, match="model.dtype"):
+        simulator(five_blocks)

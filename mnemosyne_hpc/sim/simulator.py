@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from mnemosyne_hpc.auto_config import model_len
 from mnemosyne_hpc.config import Config
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
@@ -16,6 +18,7 @@ from mnemosyne_hpc.engine.engine import Engine
 from mnemosyne_hpc.engine.metrics import request_record, summarize
 from mnemosyne_hpc.engine.plan import StepPlan
 from mnemosyne_hpc.engine.request import SamplingParams
+from mnemosyne_hpc.engine.runner import kv_pool_blocks
 from mnemosyne_hpc.model.args import ModelArgs
 from mnemosyne_hpc.perf.model import PerfModel
 from mnemosyne_hpc.sim.clock import VirtualClock
@@ -44,9 +47,23 @@ class SimResult:
         return [n for step in self.steps for i, _, n in step if i == index]
 
 
+def pool_blocks(cfg: Config, args: ModelArgs) -> int:
+    """KV blocks per rank as the engine sizes its pool: cache.num_blocks, or what cache.kv_memory_gib holds
+    in model.dtype."""
+    if cfg.cache.num_blocks:
+        return cfg.cache.num_blocks
+    if cfg.model.dtype == "auto":
+        raise ValueError(
+            "the simulated KV pool needs cache.num_blocks, or model.dtype (float32, bfloat16 or float16) "
+            "to size cache.kv_memory_gib in: model.dtype=auto is the checkpoint's, and a simulation has none"
+        )
+    return kv_pool_blocks(cfg.cache, args, cfg.parallel.tp, cfg.parallel.spp, getattr(torch, cfg.model.dtype))
+
+
 class Simulator:
     """One simulated deployment: `cfg` (parallel layout, cache, scheduler), a model shape, the performance
-    model the scheduler decides with, and the step times (by default that model's pipeline ticks)."""
+    model the scheduler decides with, and the step times (by default that model's pipeline ticks); the KV
+    pool holds `num_blocks` blocks per rank, or as many as the engine would (`pool_blocks`)."""
 
     def __init__(
         self,
@@ -60,7 +77,7 @@ class Simulator:
         # A stream gives prompt lengths, not their tokens: every simulated prompt is the same token
         # repeated, which a prefix cache would take for one shared prefix.
         # cache.max_model_len = 0 is the model's window, as a real run settles it (`auto_config.py`).
-        num_blocks = num_blocks or cfg.cache.num_blocks
+        num_blocks = num_blocks or pool_blocks(cfg, args)
         max_model_len = cfg.cache.max_model_len or model_len(cfg, args, num_blocks)[0]
         cfg = dataclasses.replace(
             cfg, cache=dataclasses.replace(cfg.cache, prefix_caching=False, max_model_len=max_model_len)
