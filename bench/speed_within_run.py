@@ -41,10 +41,11 @@ from mnemosyne_hpc.sim.step_time import PipelineTicks
 
 
 def recorded_durations(steps: list[dict], first_arrival: float) -> list[float]:
-    """Each measured step's time until the next began, the loop around the engine and any idle spell
-    included, so that the replay's clock reads the run's whenever the scheduler decides; the first from the
-    first arrival, where the simulator's clock starts it."""
-    starts = [s["start_s"] for s in steps]
+    """Each measured step's time from when the run's loop took arrivals in before it until it did so before
+    the next (the loop around the engine and any idle spell included), so that the replay's clock reads
+    the run's whenever the scheduler admits requests and decides; the first from the first arrival, where
+    the simulator's clock starts it. Replays recorded before `admitted_s` was: from step start to start."""
+    starts = [s.get("admitted_s", s["start_s"]) for s in steps]
     durations = [b - a for a, b in zip(starts, starts[1:])] + [steps[-1]["seconds"]]
     durations[0] += starts[0] - first_arrival
     return durations
@@ -52,9 +53,9 @@ def recorded_durations(steps: list[dict], first_arrival: float) -> list[float]:
 
 def speed_along_run(cfg: Config, model: PerfModel, arrivals: list, steps: list[dict], window: float):
     """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times.
-    The run admitted a request when its loop came round, a little before the step began, where the replay
-    admits it when the step begins: where one arrives in between, the replay takes it a step early, and
-    from there on may take a step or so more or fewer than the run (the last is then taken again)."""
+    A replay that takes a request in a step earlier or later than the run did (replays recorded before
+    `admitted_s`, where one arrived between the loop taking arrivals in and the step beginning) may take a
+    step or so more or fewer than the run from there on: the last is then taken again."""
     durations, ticks, ratios = (
         recorded_durations(steps, min(a.time for a in arrivals)),
         PipelineTicks(model, KVPLayout.of(cfg)),

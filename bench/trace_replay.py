@@ -144,6 +144,7 @@ def worker(spec_path: str) -> None:
             entering = engine.last_plan.entering
             steps.append(
                 {
+                    "admitted_s": now,  # when the loop last took arrivals in, before this step
                     "start_s": step_start - start,
                     "seconds": time.perf_counter() - step_start,
                     "predicted_s": engine.scheduler.predicted_time(),
