@@ -1,7 +1,7 @@
 """How much of the simulator's error on bench/sim_fidelity.py's trace replays comes from the machine's
 speed changing within a run, which neither the profile taken before the run nor the one after it sees.
 
-    .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about 10 seconds
+    .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about 15 seconds
 
 For every trace replay that sim_fidelity left in its work directory:
 1. The run's own step times, replayed through the simulator (the engine's decisions again, as in
