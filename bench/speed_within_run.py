@@ -4,8 +4,8 @@ speed changing within a run, which neither the profile taken before the run nor 
     .venv/bin/python bench/speed_within_run.py      # reads sim_fidelity's work directory; about 15 seconds
 
 For every trace replay that sim_fidelity left in its work directory:
-1. The run's own step times, replayed through the simulator (the engine's decisions again, as in
-   tests/test_sim.py), give every step's batch. The profile taken before the run predicts each of those
+1. The run's own step times, replayed through the simulator (`RecordedSteps`: the engine's decisions
+   again, as in tests/test_sim.py), give every step's batch. The profile taken before the run predicts each of those
    steps; the measured over predicted time, median over the steps within `--window` seconds of each, is
    the machine's speed along the run relative to that profile.
 2. The run is simulated once as sim_fidelity does with that profile alone, and once with every step's
@@ -37,39 +37,32 @@ from common import write_results
 from mnemosyne_hpc.config import Config, compose
 from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
 from mnemosyne_hpc.perf.model import PerfModel
-from mnemosyne_hpc.sim.step_time import PipelineTicks
+from mnemosyne_hpc.sim.step_time import PipelineTicks, RecordedSteps
 
 
 def recorded_durations(steps: list[dict], first_arrival: float) -> list[float]:
-    """Each measured step's time from when the run's loop took arrivals in before it until it did so before
-    the next (the loop around the engine and any idle spell included), so that the replay's clock reads
-    the run's whenever the scheduler admits requests and decides; the first from the first arrival, where
-    the simulator's clock starts it. Replays recorded before `admitted_s` was: from step start to start."""
-    starts = [s.get("admitted_s", s["start_s"]) for s in steps]
-    durations = [b - a for a, b in zip(starts, starts[1:])] + [steps[-1]["seconds"]]
-    durations[0] += starts[0] - first_arrival
+    """Each measured step's time from when the run's loop took arrivals in before it (`admitted_s`) until it
+    did so before the next, the loop around the engine and any idle spell included, so that the replay's
+    clock reads the run's whenever the scheduler admits requests and decides; the first from the first
+    arrival, where the simulator's clock starts it."""
+    admitted = [s["admitted_s"] for s in steps]
+    durations = [b - a for a, b in zip(admitted, admitted[1:])] + [steps[-1]["seconds"]]
+    durations[0] += admitted[0] - first_arrival
     return durations
 
 
 def speed_along_run(cfg: Config, model: PerfModel, arrivals: list, steps: list[dict], window: float):
-    """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times.
-    A replay that takes a request in a step earlier or later than the run did (replays recorded before
-    `admitted_s`, where one arrived between the loop taking arrivals in and the step beginning) may take a
-    step or so more or fewer than the run from there on: the last is then taken again."""
-    durations, ticks, ratios = (
-        recorded_durations(steps, min(a.time for a in arrivals)),
-        PipelineTicks(model, KVPLayout.of(cfg)),
-        [],
-    )
+    """(step start times, the machine's speed there over `model`'s): the run replayed with its own step times."""
+    recorded = RecordedSteps(recorded_durations(steps, min(a.time for a in arrivals)))
+    ticks, ratios = PipelineTicks(model, KVPLayout.of(cfg)), []
 
     def replayed(plan, idle_s: float) -> float:
-        step = min(len(ratios), len(steps) - 1)
-        ratios.append(steps[step]["seconds"] / ticks(plan, idle_s))
-        return durations[step]
+        seconds = recorded(plan, idle_s)  # first: it says so where the replay outruns the run
+        ratios.append(steps[len(ratios)]["seconds"] / ticks(plan, idle_s))
+        return seconds
 
     sim_fidelity.simulator(cfg, model, replayed).run(arrivals)
-    times = [s["start_s"] for s in steps][: len(ratios)]
-    ratios = ratios[: len(times)]
+    times = [s["start_s"] for s in steps[: len(ratios)]]
     speeds = []
     for t in times:
         lo, hi = bisect.bisect_left(times, t - window), bisect.bisect_right(times, t + window)
@@ -104,6 +97,8 @@ def main() -> None:
     for taken, run in replays(args.workdir / "fidelity"):
         spec = json.loads((taken / f"{run}.spec.json").read_text())
         out = json.loads((taken / f"{run}.out.json").read_text())
+        if "admitted_s" not in out["steps"][0]:
+            raise SystemExit(f"{taken / run}: recorded without admitted_s; run bench/sim_fidelity.py again")
         cfg, requests = compose(spec["overrides"]), spec["requests"]
         model, arrivals = PerfModel.load(Path(cfg.scheduler.profile)), trace_bench.as_arrivals(requests)
         times, speeds = speed_along_run(cfg, model, arrivals, out["steps"], args.window)
