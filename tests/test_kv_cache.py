@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache
+from mnemosyne_hpc.distributed.kvp_layout import KVPLayout
+from mnemosyne_hpc.engine.kv_cache import BlockAllocator, KVCache, KVPlacement
 
 
 def test_block_pool_reserves_and_frees():
@@ -28,6 +29,39 @@ def test_block_pool_hands_out_consecutive_blocks_where_it_can():
     assert pool.reserve(16, after=2) == [0]  # block 3 is taken: the first free one
     assert pool.reserve(80) == [1, 8, 9, 10, 11]  # no run of 5 is left: the lowest free blocks
     assert pool.num_free == 0 and b == [2]
+
+
+def test_room_to_grow_is_held_open_until_nothing_else_fits():
+    pool = BlockAllocator(num_blocks=8, block_size=16)
+    a, b = pool.take(2, room=2), pool.take(1, room=1)  # 2, 3 held open for a, 5 for b
+    assert (a, b) == ([0, 1], [4])
+    assert pool.take(1, after=a[-1]) == [2]  # a grows into its room
+    assert pool.take(2) == [6, 7]  # the first blocks nobody's growth holds
+    assert pool.take(1) == [3]  # only held blocks are left: they go
+    assert pool.take(1, after=b[-1]) == [5]
+
+
+def test_freeing_a_sequence_opens_the_room_held_for_it():
+    pool = BlockAllocator(num_blocks=6, block_size=16)
+    a = pool.take(1, room=2)  # [0], 1 and 2 held open
+    assert pool.take(1) == [3]
+    pool.free(a, room=2)
+    assert pool.take(2) == [0, 1]
+
+
+def test_interleaved_requests_grow_in_one_run_each():
+    """Two requests admitted one after the other, then decoding in turn: each one's KV stays one run, so
+    decode attention reads it in place."""
+    placement = KVPlacement(KVPLayout(num_groups=1, group_tokens=1024), num_blocks=16, block_size=16)
+    requests = [(placement.reserve(20, 100), 100), (placement.reserve(40, 90), 90)]
+    for position in range(40, 100):
+        for (first, tables, _), max_len in requests:
+            if position < max_len and not placement.covers(tables, position):
+                assert placement.extend(first, tables, position)
+    requests = [placed for placed, _ in requests]
+    for _, (table,), _ in requests:
+        assert table == list(range(table[0], table[0] + len(table)))
+    assert [len(t) for _, (t,), _ in requests] == [7, 6]
 
 
 def test_slots_follow_the_block_table():

@@ -16,7 +16,10 @@ from mnemosyne_hpc.engine.prefix_cache import BlockGrid
 class BlockAllocator:
     """Rank 0's book of one KVP group's blocks. It hands out consecutive blocks where it can: decode
     attention reads every run of consecutive blocks in place, and prefill attention reads a prefix in
-    place only when it is one run (else it gathers it).
+    place only when it is one run (else it gathers it). A sequence placed with `room` to grow finds the
+    free blocks after its own held open for it: others take them only when no other free block fits
+    (where decode attention copies a sequence's runs together or reads each in a call of its own, as in
+    float32 on a CPU, a decode whose KV lay in two runs took 19-135 µs more per layer: `bench/split_kv.py`).
 
     With prefix caching, a complete block whose KV is computed may be registered under its identity
     (`prefix_cache`): requests with the same prefix then share it (reference-counted), and when no
@@ -26,6 +29,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self._is_free = np.ones(num_blocks, dtype=bool)  # unreferenced and holding no cached KV
+        self._held_open = np.zeros(num_blocks, dtype=bool)  # free, and left for the sequence before to grow into
         self._refs = np.zeros(num_blocks, dtype=np.int32)
         self._block_of: dict[bytes, int] = {}  # identity → block holding that KV
         self._identity_of: dict[int, bytes] = {}
@@ -43,8 +47,11 @@ class BlockAllocator:
         the first run of free blocks long enough, else the lowest free blocks."""
         return self.take(self.blocks_for(num_tokens), after)
 
-    def take(self, n: int, after: int | None = None) -> list[int]:
-        """`n` blocks, as `reserve` picks them, evicting cached ones where the free ones do not suffice."""
+    def take(self, n: int, after: int | None = None, room: int = 0) -> list[int]:
+        """`n` blocks, as `reserve` picks them, evicting cached ones where the free ones do not suffice;
+        elsewhere than right after `after`, the first run of free blocks with `room` more after it that
+        no growth holds open (then held open for this sequence), else one without that room, else any run
+        long enough (every hold dropped), else the lowest free blocks."""
         if n == 0:
             return []
         if n > self.num_free:
@@ -52,19 +59,29 @@ class BlockAllocator:
         for _ in range(n - (self.num_free - len(self._evictable))):
             self._evict()
         if after is not None and after + 1 + n <= self.num_blocks and self._is_free[after + 1 : after + 1 + n].all():
-            blocks = np.arange(after + 1, after + 1 + n)
+            start = after + 1
         else:
-            free_before = np.concatenate(([0], np.cumsum(self._is_free)))
-            runs = np.flatnonzero(free_before[n:] - free_before[:-n] == n)
-            blocks = np.arange(runs[0], runs[0] + n) if len(runs) else np.flatnonzero(self._is_free)[:n]
-        self._is_free[blocks] = False
+            unclaimed = self._is_free & ~self._held_open
+            start = first_run(unclaimed, n + room)
+            if start is not None:
+                self._held_open[start + n : start + n + room] = True
+            else:
+                start = first_run(unclaimed, n)
+            if start is None:  # only blocks held open for growth fit: holding is a preference, dropped here
+                self._held_open[:] = False
+                start = first_run(self._is_free, n)
+        blocks = np.arange(start, start + n) if start is not None else np.flatnonzero(self._is_free)[:n]
+        self._is_free[blocks] = self._held_open[blocks] = False
         self._refs[blocks] = 1
         self.num_free -= n
         return blocks.tolist()
 
-    def free(self, block_ids: list[int]) -> None:
-        """Drop one reference to each block; a cached block nobody references becomes evictable, the
-        last block of a sequence first (its prefix is the likelier to be asked for again)."""
+    def free(self, block_ids: list[int], room: int = 0) -> None:
+        """Drop one reference to each block, and open the `room` blocks after the last that were held for
+        its growth; a cached block nobody references becomes evictable, the last block of a sequence first
+        (its prefix is the likelier to be asked for again)."""
+        if block_ids:
+            self._held_open[block_ids[-1] + 1 : block_ids[-1] + 1 + room] = False
         blocks = np.asarray(block_ids, dtype=np.int64)
         self._refs[blocks] -= 1
         released = blocks[self._refs[blocks] == 0]
@@ -104,6 +121,13 @@ class BlockAllocator:
         block, _ = self._evictable.popitem(last=False)
         del self._block_of[self._identity_of.pop(block)]
         self._is_free[block] = True
+
+
+def first_run(mask: np.ndarray, n: int) -> int | None:
+    """Index of the first run of `n` True entries in `mask`, or None."""
+    true_before = np.concatenate(([0], np.cumsum(mask)))
+    runs = np.flatnonzero(true_before[n:] - true_before[:-n] == n)
+    return int(runs[0]) if len(runs) else None
 
 
 class Placed(NamedTuple):
@@ -168,13 +192,18 @@ class KVPlacement:
             return None
         first, hits, cached = best
         tables = []
-        for i, (n, hit) in enumerate(zip(shards, hits)):
+        for i, (n, hit, grown) in enumerate(zip(shards, hits, self._shard_blocks(max_len))):
             group = self.allocators[first + i]
             for block in hit:
                 group.share(block)
-            tables.append(hit + group.take(group.blocks_for(n) - len(hit), after=hit[-1] if hit else None))
+            blocks = group.blocks_for(n)
+            tables.append(hit + group.take(blocks - len(hit), after=hit[-1] if hit else None, room=grown - blocks))
         self._promise(first, tables, max_len, +1)
         return Placed(first, tables, cached)
+
+    def _shard_blocks(self, max_len: int) -> list[int]:
+        """Blocks of each shard of a request grown to `max_len`."""
+        return [self.allocators[0].blocks_for(n) for n in self.layout.shard_tokens(max_len)]
 
     def _hits(self, first: int, identities: list[bytes], num_tokens: int) -> list[list[int]]:
         """Per shard of a request placed from group `first`, its cached blocks that lead its first
@@ -213,9 +242,9 @@ class KVPlacement:
         return self.allocators[group].num_free - self.promised[group]
 
     def _promise(self, first_group: int, tables: list[list[int]], max_len: int, sign: int) -> None:
-        for i, n in enumerate(self.layout.shard_tokens(max_len)):
+        for i, grown in enumerate(self._shard_blocks(max_len)):
             held = len(tables[i]) if i < len(tables) else 0
-            self.promised[first_group + i] += sign * (self.allocators[0].blocks_for(n) - held)
+            self.promised[first_group + i] += sign * (grown - held)
 
     def covers(self, tables: list[list[int]], position: int) -> bool:
         shard = self.layout.shard(position)
@@ -236,8 +265,8 @@ class KVPlacement:
     def free(self, first_group: int, tables: list[list[int]], max_len: int) -> None:
         """Return a request's blocks, and its claim on the blocks it did not take."""
         self._promise(first_group, tables, max_len, -1)
-        for i, table in enumerate(tables):
-            self.allocators[first_group + i].free(table)
+        for i, (table, grown) in enumerate(zip(tables, self._shard_blocks(max_len))):
+            self.allocators[first_group + i].free(table, room=grown - len(table))
 
 
 class KVCache:
