@@ -109,6 +109,14 @@ def long_request(tokens: int, at: float) -> dict:
     return {"kind": "long", "arrival_s": at, "max_tokens": 16, "prompt_token_ids": prompt}
 
 
+def is_split(request, tokens: int, block_size: int) -> bool:
+    """Whether the KV of a request's first `tokens` positions lies in more than one run of consecutive
+    blocks (one KVP group)."""
+    (table,) = request.block_tables
+    blocks = table[: -(-tokens // block_size)]
+    return blocks != list(range(blocks[0], blocks[0] + len(blocks)))
+
+
 def worker(spec_path: str) -> None:
     """One replay in this process (rank 0 of a one-rank job): requests join at their arrival times."""
     from mnemosyne_hpc.config import compose
@@ -120,6 +128,7 @@ def worker(spec_path: str) -> None:
 
     def leader(engine) -> None:
         pending = sorted(spec["requests"], key=lambda r: r["arrival_s"])
+        block_size = cfg.cache.block_size
         kinds, indices, records, long_chunks, steps = {}, {}, [], [], []
         start = time.perf_counter()
         while pending or engine.has_unfinished:
@@ -137,11 +146,13 @@ def worker(spec_path: str) -> None:
                 time.sleep(min(pending[0]["arrival_s"] - now, 0.05))
                 continue
             step_start = time.perf_counter()
-            for request in engine.step().finished:
+            finished = engine.step().finished
+            for request in finished:
                 records.append(
                     {"kind": kinds[request.id], "index": indices[request.id], **request_record(request, start)}
                 )
             entering = engine.last_plan.entering
+            requests = {**engine.requests, **{r.id: r for r in finished}}
             steps.append(
                 {
                     "admitted_s": now,  # when the loop last took arrivals in, before this step
@@ -150,6 +161,10 @@ def worker(spec_path: str) -> None:
                     "predicted_s": engine.scheduler.predicted_time(),
                     "decodes": sum(kinds[c.request_id] == "short" and len(c.token_ids) == 1 for c in entering),
                     "tokens": sum(len(c.token_ids) for c in entering),
+                    "split_decodes": sum(
+                        len(c.token_ids) == 1 and is_split(requests[c.request_id], c.start_pos + 1, block_size)
+                        for c in entering
+                    ),
                 }
             )
             long_chunks += [[c.start_pos, len(c.token_ids)] for c in entering if kinds[c.request_id] == "long"]
