@@ -44,7 +44,8 @@ class BlockAllocator:
 
     def reserve(self, num_tokens: int, after: int | None = None) -> list[int]:
         """Blocks for `num_tokens` tokens: the ones right after block `after` if they are free, else
-        the first run of free blocks long enough, else the lowest free blocks."""
+        the first run of free blocks long enough (one no growth holds open, if any), else the lowest
+        free blocks."""
         return self.take(self.blocks_for(num_tokens), after)
 
     def take(self, n: int, after: int | None = None, room: int = 0) -> list[int]:
