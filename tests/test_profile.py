@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from mnemosyne_hpc.model.backend import FEW_ROWS
 from mnemosyne_hpc.perf.model import PerfModel
 from models import make_tiny_model
 from ranks import run_ranks, tiny_overrides
@@ -52,9 +53,10 @@ def test_profile_of_this_machine_drives_adaptive_chunking(layout, long_context_m
     group_tokens = 16384 // ranks
     spanning = [n for step in model.report["calibration"] for _, n, _ in step["sequences"] if n >= group_tokens]
     assert bool(spanning) == (ranks > 1) and set(model.weights) >= {"merge", "linear"}
-    # every token count a small batch can have (tiles make the time uneven between powers of two), then
+    # every token count the few-row kernels take (tiles make the time uneven between powers of two), then
     # powers of two up to the largest step; the LM head's rows up to max_num_seqs (16)
-    assert model.linear.x[:64] == list(range(1, 65)) and model.linear.x[64:] == [128, 256, 512, 1024, 2048, 4096]
+    assert model.linear.x[:FEW_ROWS] == list(range(1, FEW_ROWS + 1))
+    assert model.linear.x[FEW_ROWS:] == [512, 1024, 2048, 4096]
     assert model.lm_head.x == list(range(1, 17))
     assert ranks == 1 or model.merge.x == [2**i for i in range(12)] + [4096]  # collectives: powers of two
     largest_query = model.attention.queries[-1]
