@@ -81,8 +81,6 @@ def calibrate(cfg: Config, runner: ModelRunner, quick: bool = False) -> PerfMode
 # a weight beyond these means its kernels were timed in a slow or fast spell of a shared machine.
 PLAUSIBLE_WEIGHTS = (0.5, 2.0)
 RETAKES = 2  # profiles taken again when their weights are implausible
-# The full grid's linear and LM head curves take every token count up to here: a few-row product's kernel.
-DENSE_TOKENS = FEW_ROWS
 
 
 def implausible_weights(model: PerfModel) -> dict[str, float]:
@@ -172,15 +170,15 @@ class Profiler:
         return tokens + [self.max_tokens], queries + [self.max_tokens], contexts + [self.max_context]
 
     def _rows(self, tokens: list[int], quick: bool) -> list[int]:
-        """Token counts of the linear part and the LM head: the grid's, and in a full profile every count
-        up to `DENSE_TOKENS` (and `max_num_seqs`, every count a decode batch can have). Few-row matrix
-        kernels work in tiles of rows, so a batch a few rows past a tile's end costs nearly a tile more, and
-        between powers of two the time is far from a straight line, which passes through the counts that
-        fill their tiles: on a CPU in float32, 15 rows took twice as long as 16, and 250 rows 1.2× the line
-        from 128 to 256. Where the kernel changes (`FEW_ROWS`), the time becomes a straight line again."""
+        """Token counts of the linear part and the LM head: the grid's, and in a full profile every count up
+        to `FEW_ROWS` (and to `max_num_seqs`, every count a decode batch can have). Few-row matrix kernels
+        work in tiles of rows, so a batch a few rows past a tile's end costs nearly a tile more, and between
+        powers of two the time is far from the straight line through them, the counts that fill their
+        tiles: on a CPU in float32, 15 rows took twice as long as 16, and 250 rows 1.2× the line from 128 to
+        256. Past `FEW_ROWS`, where the kernel changes, the time is a straight line again."""
         if quick:
             return tokens
-        dense = min(max(self.cfg.scheduler.max_num_seqs, DENSE_TOKENS), self.max_tokens // 2)
+        dense = min(max(self.cfg.scheduler.max_num_seqs, FEW_ROWS), self.max_tokens // 2)
         return sorted({*tokens, *range(1, dense + 1)})
 
     def _components(self, quick: bool) -> dict:
