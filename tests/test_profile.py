@@ -96,3 +96,16 @@ def test_weights_beyond_the_plausible_are_flagged():
         "decode_attention": 0.316,
         "lm_head": 2.5,
     }
+
+
+def test_each_kernel_is_timed_after_the_caches_are_evicted():
+    """The profiler's kernels are timed in turn, each after `before` (the probes' cache eviction) has run:
+    never two timed calls back to back, where the second would find the first one's data cached."""
+    from mnemosyne_hpc.perf.timing import median_times
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("linear", "lm_head")}
+    median_times(fns, repeats=3, before=lambda: calls.append("evict"))
+    warm_up, timed = calls[:2], calls[2:]
+    assert warm_up == ["linear", "lm_head"]
+    assert timed == ["evict", "linear", "evict", "lm_head"] * 3

@@ -205,7 +205,8 @@ class Profiler:
             disable=self.ctx.rank != 0,
         ) as bar:  # fmt: skip
             fns = {(kind, point): self._probe(kind, point) for kind, point in points}
-            for (kind, point), seconds in median_times(fns, self.reps, self.device, bar.update).items():
+            timed = median_times(fns, self.reps, self.device, bar.update, before=self.probes.evict_caches)
+            for (kind, point), seconds in timed.items():
                 measured[kind][point] = seconds
             del fns
             for kind, point in collectives:

@@ -18,11 +18,16 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device | s
 
 
 def median_times(
-    fns: dict[K, Callable[[], object]], repeats: int, device: torch.device | str = "cpu", progress=None
+    fns: dict[K, Callable[[], object]],
+    repeats: int,
+    device: torch.device | str = "cpu",
+    progress=None,
+    before: Callable[[], object] | None = None,
 ) -> dict[K, float]:
     """`median_time` of each of `fns`, in `repeats` passes that call every one in turn (after a warm-up
     call each): a slow spell of a shared machine then costs each piece of work one sample of its
-    median, not every sample of the pieces timed during it. `progress(n)` is told of every n calls."""
+    median, not every sample of the pieces timed during it. `progress(n)` is told of every n calls;
+    `before()`, where given, runs untimed before every timed call."""
     on_gpu = torch.device(device).type == "cuda"
 
     def timed(fn) -> float:
@@ -39,6 +44,8 @@ def median_times(
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            if before is not None:
+                before()
             times[key].append(timed(fn))
             if progress is not None:
                 progress(1)
